@@ -1,0 +1,128 @@
+"""Build the pieces of the tiny embedded DiffusionGemma: tokenizer, image processor, config.
+
+The tiny model is a real `DiffusionGemmaForBlockDiffusion`, only small; it goes through
+exactly the same input path as a released checkpoint (tokenizer placeholders + the
+family's `Gemma4ImageProcessorPil`). Nothing here touches files: saving is the caller's
+job (`tasks/train_tiny.py`).
+
+Why these sizes (STACK.md, measured on this machine): with a 2-layer vision tower a
+briefly trained tiny ViT keeps no locality and every CAM is at chance; with **0 vision
+layers** (patch embedding + 2-D position table only) the image tokens stay local and
+Grad-CAM localises. Pooling must be ≥ 2 (pooling 1 drops every image feature in
+transformers 5.24).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    DiffusionGemmaConfig,
+    Gemma4ImageProcessorPil,
+    Gemma4VisionConfig,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>", "<boi>", "<eoi>")
+PAD, EOS, BOS, UNK, IMAGE, BOI, EOI = SPECIAL_TOKENS
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Architecture of the tiny model. Saved with the checkpoint (`diffcam_tiny.json`)."""
+
+    image_size: int = 64
+    patch_size: int = 4
+    pooling_kernel_size: int = 2
+    max_soft_tokens: int = 70  # smallest value Gemma4ImageProcessor accepts; 64x64 -> 8x8 = 64 tokens
+    vision_hidden: int = 64
+    vision_layers: int = 0
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate: int = 256
+    num_experts: int = 2
+    moe_intermediate: int = 64
+    canvas_length: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: one token per whitespace-separated word.
+
+    The image placeholders are registered as the named special tokens the Gemma 4
+    processor convention expects (`image_token`, `boi_token`, `eoi_token`), so code that
+    builds prompts reads them from the tokenizer, never from constants.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(set(words)):
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
+    )
+
+
+def build_image_processor(spec: TinyModelSpec) -> Gemma4ImageProcessorPil:
+    """The family's own image processor (PIL backend: the torchvision one would pull a CUDA torch)."""
+    return Gemma4ImageProcessorPil(
+        patch_size=spec.patch_size,
+        pooling_kernel_size=spec.pooling_kernel_size,
+        max_soft_tokens=spec.max_soft_tokens,
+    )
+
+
+def build_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> DiffusionGemmaConfig:
+    layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.text_layers)]
+    layer_types[-1] = "full_attention"
+    text = DiffusionGemmaTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        head_dim=spec.head_dim,
+        global_head_dim=spec.head_dim,
+        layer_types=layer_types,
+        sliding_window=256,
+        num_experts=spec.num_experts,
+        top_k_experts=1,
+        moe_intermediate_size=spec.moe_intermediate,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=512,
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=spec.vision_hidden // 2,
+        patch_size=spec.patch_size,
+        pooling_kernel_size=spec.pooling_kernel_size,
+        position_embedding_size=max(64, spec.image_size // spec.patch_size),
+    )
+    return DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.image_token_id,
+        boi_token_id=tokenizer.convert_tokens_to_ids(BOI),
+        eoi_token_id=tokenizer.convert_tokens_to_ids(EOI),
+        canvas_length=spec.canvas_length,
+    )

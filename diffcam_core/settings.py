@@ -1,0 +1,68 @@
+"""Typed settings for generation and attribution, saved with every run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+DISTRACTOR_MODES = ("previous", "others-mean", "none")
+ATTRIBUTION_STEPS = ("commit", "final")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The family's denoising loop parameters (DiffusionGemma defaults unless a checkpoint overrides).
+
+    `max_new_tokens` is capped at one canvas: diffcam explains the first block of a
+    block-diffusion answer (captions fit one 256-token canvas on released checkpoints).
+    """
+
+    seed: int = 0
+    max_denoising_steps: int = 16
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    """What Diffusion-CAM computes for each word (METHOD.md §2–§4).
+
+    `layer`: a name from `adapter.layer_names()` (`projector` = image features entering
+    the LM, `encoder.<i>` = output of prompt-encoder layer i). `None` uses the adapter's
+    default, chosen by the layer sweep in `benchmarks/bench_method.py`.
+    """
+
+    layer: str | None = None
+    distractor: str = "previous"
+    attribution_step: str = "commit"
+    refine_preset: str = "full"
+    methods: tuple[str, ...] = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm")
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        if self.distractor not in DISTRACTOR_MODES:
+            raise ValueError(f"distractor {self.distractor!r} is not one of {DISTRACTOR_MODES}")
+        if self.attribution_step not in ATTRIBUTION_STEPS:
+            raise ValueError(f"attribution_step {self.attribution_step!r} is not one of {ATTRIBUTION_STEPS}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CamSettings:
+        d = dict(d)
+        gen = GenerationSettings(**d.pop("generation", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown CamSettings fields: {sorted(unknown)}")
+        if "methods" in d:
+            d["methods"] = tuple(d["methods"])
+        return cls(generation=gen, **d)
+
+    def with_(self, **kw) -> CamSettings:
+        return replace(self, **kw)

@@ -1,0 +1,665 @@
+"""Synthetic grounded samples: coloured shapes on a dark background, with exact masks.
+
+Every sample is an RGB image with 1..3 flat-coloured objects (circle / square / triangle),
+a prompt, and a reference answer that names every object LEFT-TO-RIGHT by mask centroid,
+e.g. ``"a red circle and a blue square"``. Both the colour word and the shape word of an
+object ground to that object's mask (`object_words`), so every content word of the answer
+has a ground-truth region.
+
+An optional spurious *cue* (`CueSpec`) — a small solid square at a fixed position — is
+drawn with probability ``p`` when the answer contains the cue's word and never otherwise.
+A dataset generated with a cue is the planted-bias fixture for the spurious-correlation
+analysis: a model trained on it may learn to look at the cue instead of the object.
+
+Pure: arrays only, no files, no globals mutated, deterministic by seed. Sample ``i`` of
+``make_samples(n, seed, settings)`` is drawn from its own generator
+``default_rng(SeedSequence([seed, i]))``, so any sample can be regenerated alone and a
+longer run has the shorter one as a prefix.
+
+Geometry conventions: pixel ``(row y, col x)``; a pixel belongs to a shape when its
+centre ``(x + 0.5, y + 0.5)`` lies inside the continuous shape; ``bbox`` is
+``(x0, y0, x1, y1)`` half-open, computed from the mask itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SHAPES",
+    "COLORS",
+    "CUE_COLORS",
+    "CUE_CORNERS",
+    "CueSpec",
+    "SynthSettings",
+    "SynthObject",
+    "SynthSample",
+    "make_sample",
+    "make_samples",
+    "sample_rng",
+    "vocabulary",
+    "object_words",
+    "answer_groundings",
+    "cue_region",
+]
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+# Object palette. Chosen far apart in RGB and in hue; purple and orange are available but
+# not in the default `SynthSettings.colors` (a tiny model learns 4 colours much faster,
+# and orange sits between red and yellow).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (150, 50, 210),
+    "orange": (250, 140, 20),
+}
+
+# Colours a cue may be given by name: the object palette plus a few that no object uses.
+CUE_COLORS: dict[str, tuple[int, int, int]] = {
+    **COLORS,
+    "white": (255, 255, 255),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 230, 230),
+    "black": (0, 0, 0),
+}
+
+CUE_CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+ANSWER_ARTICLE = "a"
+ANSWER_JOIN = "and"
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "describe the image",
+    "what is in the image ?",
+    "what shapes do you see ?",
+    "name the objects",
+)
+
+_WORD_RE = re.compile(r"^[a-z?]+$")
+# CLI form: split on a comma that is followed by `key=` (so `pos=3,4` and
+# `color=1,2,3` keep their inner commas).
+_CUE_SPLIT_RE = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+_CUE_KEYS = ("word", "pos", "size", "color", "p")
+
+
+def _rgb(value: Any, what: str) -> tuple[int, int, int]:
+    """Validate an RGB triple of ints in 0..255 (list or tuple)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+        raise ValueError(f"{what} must be 3 integers 0..255, got {value!r}")
+    out = []
+    for c in value:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= 255:
+            raise ValueError(f"{what} must be 3 integers 0..255, got {value!r}")
+        out.append(int(c))
+    return (out[0], out[1], out[2])
+
+
+# --------------------------------------------------------------------------- cue
+
+
+@dataclass(frozen=True)
+class CueSpec:
+    """A spurious cue: a solid ``size``×``size`` square drawn at ``pos`` in ``color``.
+
+    Drawn with probability ``p`` when the sample's answer contains ``word`` (a colour or
+    shape word); never drawn otherwise. ``pos`` is a corner name (the square sits
+    ``SynthSettings.cue_margin`` px from both edges) or ``(x, y)``: the pixel of the
+    square's top-left corner. ``color`` is a `CUE_COLORS` name or an RGB triple.
+    """
+
+    word: str
+    pos: str | tuple[int, int] = "top-left"
+    size: int = 6
+    color: str | tuple[int, int, int] = "white"
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.word, str) or self.word.strip().lower() not in (*COLORS, *SHAPES):
+            raise ValueError(
+                f"cue word must be a colour {sorted(COLORS)} or shape {list(SHAPES)}, got {self.word!r}"
+            )
+        object.__setattr__(self, "word", self.word.strip().lower())
+        pos = self.pos
+        if isinstance(pos, str):
+            if pos.strip().lower() not in CUE_CORNERS:
+                raise ValueError(f"cue pos must be one of {list(CUE_CORNERS)} or (x, y), got {pos!r}")
+            pos = pos.strip().lower()
+        else:
+            if not hasattr(pos, "__len__") or len(pos) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0 for v in pos
+            ):
+                raise ValueError(f"cue pos (x, y) must be 2 non-negative integers, got {pos!r}")
+            pos = (int(pos[0]), int(pos[1]))
+        object.__setattr__(self, "pos", pos)
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            raise ValueError(f"cue size must be a positive integer, got {self.size!r}")
+        object.__setattr__(self, "size", int(self.size))
+        color = self.color
+        if isinstance(color, str):
+            if color.strip().lower() not in CUE_COLORS:
+                raise ValueError(f"cue color must be one of {sorted(CUE_COLORS)} or R,G,B, got {color!r}")
+            color = color.strip().lower()
+        else:
+            color = _rgb(color, "cue color")
+        object.__setattr__(self, "color", color)
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float, np.floating, np.integer)):
+            raise ValueError(f"cue p must be a number in [0, 1], got {self.p!r}")
+        if not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"cue p must be in [0, 1], got {self.p!r}")
+        object.__setattr__(self, "p", float(self.p))
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return CUE_COLORS[self.color] if isinstance(self.color, str) else self.color
+
+    @classmethod
+    def parse(cls, text: str) -> CueSpec:
+        """Parse the CLI form ``word=W,pos=top-left|...|X,Y,size=PX,color=NAME|R,G,B,p=P``.
+
+        Raises ValueError naming the offending field (unknown, repeated, missing or bad value).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("cue spec is empty; expected word=W,pos=...,size=PX,color=...,p=P")
+        values: dict[str, str] = {}
+        for part in _CUE_SPLIT_RE.split(text.strip()):
+            key, sep, val = part.partition("=")
+            key = key.strip().lower()
+            if not sep:
+                raise ValueError(f"cue spec part {part!r} is not key=value (in {text!r})")
+            if key not in _CUE_KEYS:
+                raise ValueError(f"cue spec has unknown field {key!r}; fields are {list(_CUE_KEYS)}")
+            if key in values:
+                raise ValueError(f"cue spec field {key!r} given twice (in {text!r})")
+            if not val.strip():
+                raise ValueError(f"cue spec field {key!r} is empty (in {text!r})")
+            values[key] = val.strip()
+        if "word" not in values:
+            raise ValueError(f"cue spec field 'word' is missing (in {text!r})")
+        kwargs: dict[str, Any] = {"word": values["word"]}
+        if "pos" in values:
+            kwargs["pos"] = _parse_pos(values["pos"])
+        if "size" in values:
+            try:
+                kwargs["size"] = int(values["size"])
+            except ValueError:
+                raise ValueError(f"cue spec field 'size' must be an integer, got {values['size']!r}") from None
+        if "color" in values:
+            kwargs["color"] = _parse_color(values["color"])
+        if "p" in values:
+            try:
+                kwargs["p"] = float(values["p"])
+            except ValueError:
+                raise ValueError(f"cue spec field 'p' must be a number, got {values['p']!r}") from None
+        return cls(**kwargs)
+
+    def to_cli(self) -> str:
+        """The CLI form; ``CueSpec.parse(spec.to_cli()) == spec``."""
+        pos = self.pos if isinstance(self.pos, str) else f"{self.pos[0]},{self.pos[1]}"
+        color = self.color if isinstance(self.color, str) else ",".join(str(c) for c in self.color)
+        return f"word={self.word},pos={pos},size={self.size},color={color},p={self.p!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {
+            "word": self.word,
+            "pos": self.pos if isinstance(self.pos, str) else list(self.pos),
+            "size": self.size,
+            "color": self.color if isinstance(self.color, str) else list(self.color),
+            "p": self.p,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CueSpec:
+        unknown = set(d) - set(_CUE_KEYS)
+        if unknown:
+            raise ValueError(f"cue dict has unknown fields {sorted(unknown)}")
+        if "word" not in d:
+            raise ValueError("cue dict field 'word' is missing")
+        kw = dict(d)
+        if isinstance(kw.get("pos"), list):
+            kw["pos"] = tuple(kw["pos"])
+        if isinstance(kw.get("color"), list):
+            kw["color"] = tuple(kw["color"])
+        return cls(**kw)
+
+
+def _parse_pos(val: str) -> str | tuple[int, int]:
+    if "," not in val:
+        if val.strip().lower() not in CUE_CORNERS:
+            raise ValueError(f"cue spec field 'pos' must be one of {list(CUE_CORNERS)} or X,Y, got {val!r}")
+        return val.strip().lower()
+    parts = val.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise ValueError(f"cue spec field 'pos' X,Y must be two integers, got {val!r}") from None
+
+
+def _parse_color(val: str) -> str | tuple[int, int, int]:
+    if "," not in val:
+        if val.strip().lower() not in CUE_COLORS:
+            raise ValueError(f"cue spec field 'color' must be one of {sorted(CUE_COLORS)} or R,G,B, got {val!r}")
+        return val.strip().lower()
+    parts = val.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return _rgb(tuple(int(p) for p in parts), "color")
+    except ValueError:
+        raise ValueError(f"cue spec field 'color' R,G,B must be three integers 0..255, got {val!r}") from None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """Everything that shapes a synthetic sample; saved with every generated dataset.
+
+    - ``count_probs[k]``: probability of ``k + 1`` objects (must sum to 1).
+    - ``size_range``: inclusive range of an object's bounding-box side in px (circle
+      diameter, square side, triangle base and height). Default 16–24 so an object
+      covers several cells of an 8-px patch grid at 64×64.
+    - ``background`` + ``background_noise``: dark grey with Gaussian grey noise (std, in
+      intensity levels) on background pixels only; objects are flat colour.
+    - ``clutter``: probability that a background pixel seeds a small grey dot
+      (``clutter_dot`` px square, intensity in ``clutter_gray``). Dots never touch an
+      object or the cue region (they stay ``min_gap`` px away).
+    - ``min_gap``: objects (and the cue region) are at least this many background pixels
+      apart (Chebyshev distance between masks > ``min_gap``).
+    - ``min_dx``: centroids of two objects differ by at least this many px in x, so the
+      left-to-right answer order is unambiguous from the image.
+    - ``edge_margin``: objects keep this many px from the image border.
+    - ``cue`` / ``cue_margin``: optional spurious cue and its distance from the edges for
+      corner positions. When a cue is set its region is reserved in EVERY sample (objects
+      avoid it whether or not the cue is drawn), so cue pixels are the only difference.
+    - ``max_attempts``: placement retries per object; ``max_layouts``: full layout
+      restarts before giving up with ValueError (settings too crowded).
+    """
+
+    image_size: int = 64
+    count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)
+    size_range: tuple[int, int] = (16, 24)
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    shapes: tuple[str, ...] = SHAPES
+    background: tuple[int, int, int] = (40, 40, 40)
+    background_noise: float = 4.0
+    clutter: float = 0.01
+    clutter_dot: tuple[int, int] = (1, 2)
+    clutter_gray: tuple[int, int] = (70, 130)
+    min_gap: int = 2
+    min_dx: float = 4.0
+    edge_margin: int = 1
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    cue: CueSpec | None = None
+    cue_margin: int = 2
+    max_attempts: int = 100
+    max_layouts: int = 50
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        def int_(name: str, lo: int) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            set_(name, int(v))
+            return int(v)
+
+        size = int_("image_size", 8)
+        int_("min_gap", 0)
+        int_("edge_margin", 0)
+        int_("cue_margin", 0)
+        int_("max_attempts", 1)
+        int_("max_layouts", 1)
+
+        colors = tuple(self.colors)
+        if not colors or len(set(colors)) != len(colors) or any(c not in COLORS for c in colors):
+            raise ValueError(f"colors must be distinct names from {sorted(COLORS)}, got {self.colors!r}")
+        set_("colors", colors)
+        shapes = tuple(self.shapes)
+        if not shapes or len(set(shapes)) != len(shapes) or any(s not in SHAPES for s in shapes):
+            raise ValueError(f"shapes must be distinct names from {list(SHAPES)}, got {self.shapes!r}")
+        set_("shapes", shapes)
+
+        probs = tuple(float(p) for p in self.count_probs)
+        if not probs or any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"count_probs must be non-negative and sum to 1, got {self.count_probs!r}")
+        max_count = max(k + 1 for k, p in enumerate(probs) if p > 0)
+        if max_count > len(colors) * len(shapes):
+            raise ValueError(
+                f"count_probs allows {max_count} objects but only {len(colors) * len(shapes)} "
+                "distinct (colour, shape) pairs exist"
+            )
+        set_("count_probs", probs)
+
+        lo, hi = (int(v) for v in self.size_range)
+        if not 2 <= lo <= hi <= size - 2 * self.edge_margin:
+            raise ValueError(
+                f"size_range must satisfy 2 <= lo <= hi <= image_size - 2*edge_margin "
+                f"({size - 2 * self.edge_margin}), got {self.size_range!r}"
+            )
+        set_("size_range", (lo, hi))
+        set_("background", _rgb(self.background, "background"))
+
+        if not float(self.background_noise) >= 0:
+            raise ValueError(f"background_noise must be >= 0, got {self.background_noise!r}")
+        set_("background_noise", float(self.background_noise))
+        if not 0.0 <= float(self.clutter) <= 1.0:
+            raise ValueError(f"clutter must be in [0, 1], got {self.clutter!r}")
+        set_("clutter", float(self.clutter))
+        dlo, dhi = (int(v) for v in self.clutter_dot)
+        if not 1 <= dlo <= dhi:
+            raise ValueError(f"clutter_dot must satisfy 1 <= lo <= hi, got {self.clutter_dot!r}")
+        set_("clutter_dot", (dlo, dhi))
+        glo, ghi = (int(v) for v in self.clutter_gray)
+        if not 0 <= glo <= ghi <= 255:
+            raise ValueError(f"clutter_gray must satisfy 0 <= lo <= hi <= 255, got {self.clutter_gray!r}")
+        set_("clutter_gray", (glo, ghi))
+        if not float(self.min_dx) >= 0:
+            raise ValueError(f"min_dx must be >= 0, got {self.min_dx!r}")
+        set_("min_dx", float(self.min_dx))
+
+        prompts = tuple(self.prompts)
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        for p in prompts:
+            words = p.split(" ") if isinstance(p, str) else []
+            if not words or any(not _WORD_RE.match(w) for w in words):
+                raise ValueError(
+                    f"prompt {p!r} must be lower-case words (a-z or '?') separated by single spaces"
+                )
+        set_("prompts", prompts)
+
+        if self.cue is not None:
+            if not isinstance(self.cue, CueSpec):
+                raise ValueError(f"cue must be a CueSpec or None, got {self.cue!r}")
+            if self.cue.word not in (*colors, *shapes):
+                raise ValueError(
+                    f"cue word {self.cue.word!r} never appears in an answer: "
+                    f"colors are {list(colors)}, shapes are {list(shapes)}"
+                )
+            x0, y0, x1, y1 = cue_region(self)
+            if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
+                raise ValueError(
+                    f"cue square {(x0, y0, x1, y1)} does not fit in a {size}x{size} image"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists; the cue becomes its own dict or None)."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["cue"] = None if self.cue is None else self.cue.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SynthSettings:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"SynthSettings dict has unknown fields {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k == "cue":
+                kw[k] = None if v is None else (v if isinstance(v, CueSpec) else CueSpec.from_dict(v))
+            elif isinstance(v, list):
+                kw[k] = tuple(v)
+            else:
+                kw[k] = v
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True, eq=False)
+class SynthObject:
+    """One drawn object: its words, its exclusive mask (bool H×W) and half-open bbox."""
+
+    color: str
+    shape: str
+    mask: np.ndarray
+    bbox: tuple[int, int, int, int]
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        """(x, y) of the mask's pixel centres."""
+        ys, xs = np.nonzero(self.mask)
+        return (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
+
+
+@dataclass(frozen=True, eq=False)
+class SynthSample:
+    """One synthetic sample. ``objects`` are in answer order (left to right)."""
+
+    image: np.ndarray
+    objects: tuple[SynthObject, ...]
+    prompt: str
+    answer: str
+    cue_present: bool
+    cue_mask: np.ndarray | None
+
+
+def object_words(obj: SynthObject) -> tuple[str, str]:
+    """The answer words that ground to ``obj.mask``: its colour word and its shape word."""
+    return (obj.color, obj.shape)
+
+
+def answer_groundings(sample: SynthSample) -> tuple[tuple[str, np.ndarray | None], ...]:
+    """Per word of ``sample.answer.split()``: (word, mask) for colour/shape words, (word, None)
+    for the function words ("a", "and")."""
+    out: list[tuple[str, np.ndarray | None]] = []
+    for i, obj in enumerate(sample.objects):
+        if i:
+            out.append((ANSWER_JOIN, None))
+        out.append((ANSWER_ARTICLE, None))
+        out.extend((w, obj.mask) for w in object_words(obj))
+    return tuple(out)
+
+
+def vocabulary(settings: SynthSettings) -> list[str]:
+    """Every word that can appear in a prompt or an answer under ``settings`` (sorted)."""
+    words = {ANSWER_ARTICLE, ANSWER_JOIN, *settings.colors, *settings.shapes}
+    for p in settings.prompts:
+        words.update(p.split(" "))
+    return sorted(words)
+
+
+def cue_region(settings: SynthSettings) -> tuple[int, int, int, int]:
+    """Half-open (x0, y0, x1, y1) of the cue square; ValueError when ``settings.cue`` is None."""
+    cue = settings.cue
+    if cue is None:
+        raise ValueError("settings have no cue")
+    n, s, m = settings.image_size, cue.size, settings.cue_margin
+    if isinstance(cue.pos, str):
+        x0 = m if cue.pos.endswith("left") else n - m - s
+        y0 = m if cue.pos.startswith("top") else n - m - s
+    else:
+        x0, y0 = cue.pos
+    return (x0, y0, x0 + s, y0 + s)
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for sample ``index`` of a dataset with ``seed`` (both >= 0)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def make_samples(
+    n: int, seed: int, settings: SynthSettings | None = None, *, start: int = 0
+) -> Iterator[SynthSample]:
+    """Samples ``start .. start+n-1`` of the dataset defined by (``seed``, ``settings``)."""
+    settings = settings or SynthSettings()
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    for i in range(start, start + n):
+        yield make_sample(sample_rng(seed, i), settings)
+
+
+def _shape_mask(shape: str, x0: int, y0: int, s: int, n: int) -> np.ndarray:
+    """Pixel-centre rasterisation of a shape whose bounding box is (x0, y0, x0+s, y0+s)."""
+    yc = np.arange(n, dtype=np.float64)[:, None] + 0.5
+    xc = np.arange(n, dtype=np.float64)[None, :] + 0.5
+    if shape == "square":
+        return (xc >= x0) & (xc < x0 + s) & (yc >= y0) & (yc < y0 + s)
+    if shape == "circle":
+        r = s / 2.0
+        return (xc - (x0 + r)) ** 2 + (yc - (y0 + r)) ** 2 <= r * r
+    if shape == "triangle":
+        # Apex at (x0 + s/2, y0), base from (x0, y0+s) to (x0+s, y0+s): half width at depth d is d/2.
+        d = yc - y0
+        return (d >= 0) & (d <= s) & (np.abs(xc - (x0 + s / 2.0)) <= d / 2.0)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)×(2r+1) square (Chebyshev radius r); returns a new array."""
+    out = mask.copy()
+    if r <= 0:
+        return out
+    h, w = mask.shape
+    tmp = out.copy()
+    for k in range(1, r + 1):  # along x
+        tmp[:, k:] |= out[:, : w - k]
+        tmp[:, : w - k] |= out[:, k:]
+    out = tmp.copy()
+    for k in range(1, r + 1):  # along y
+        out[k:, :] |= tmp[: h - k, :]
+        out[: h - k, :] |= tmp[k:, :]
+    return out
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def _layout(
+    rng: np.random.Generator, settings: SynthSettings, pairs: list[tuple[str, str]], reserved: np.ndarray
+) -> list[tuple[str, str, np.ndarray]] | None:
+    """Place each (colour, shape) once; None when some object found no free spot."""
+    n = settings.image_size
+    lo, hi = settings.size_range
+    m = settings.edge_margin
+    occupied = reserved.copy()  # already dilated by min_gap
+    placed: list[tuple[str, str, np.ndarray]] = []
+    centroids_x: list[float] = []
+    sizes = rng.integers(lo, hi + 1, size=len(pairs))
+    for (color, shape), s in zip(pairs, sizes):
+        s = int(s)
+        for _ in range(settings.max_attempts):
+            x0 = int(rng.integers(m, n - m - s + 1))
+            y0 = int(rng.integers(m, n - m - s + 1))
+            mask = _shape_mask(shape, x0, y0, s, n)
+            if not mask.any() or (mask & occupied).any():
+                continue
+            cx = float(np.nonzero(mask)[1].mean())
+            if any(abs(cx - c) < settings.min_dx for c in centroids_x):
+                continue
+            placed.append((color, shape, mask))
+            centroids_x.append(cx)
+            occupied |= _dilate(mask, settings.min_gap)
+            break
+        else:
+            return None
+    return placed
+
+
+def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None) -> SynthSample:
+    """Draw one sample from ``rng`` (the generator is advanced; nothing else is touched)."""
+    settings = settings or SynthSettings()
+    n = settings.image_size
+
+    count = int(rng.choice(len(settings.count_probs), p=np.asarray(settings.count_probs))) + 1
+    all_pairs = [(c, s) for c in settings.colors for s in settings.shapes]
+    pick = rng.choice(len(all_pairs), size=count, replace=False)
+    pairs = [all_pairs[int(i)] for i in pick]
+
+    reserved = np.zeros((n, n), dtype=bool)
+    cue_box = None
+    if settings.cue is not None:
+        cue_box = cue_region(settings)
+        x0, y0, x1, y1 = cue_box
+        reserved[y0:y1, x0:x1] = True
+        reserved = _dilate(reserved, settings.min_gap)
+
+    for _ in range(settings.max_layouts):
+        placed = _layout(rng, settings, pairs, reserved)
+        if placed is not None:
+            break
+    else:
+        raise ValueError(
+            f"could not place {count} objects of size {settings.size_range} in a {n}x{n} image "
+            f"with min_gap={settings.min_gap}, min_dx={settings.min_dx} after "
+            f"{settings.max_layouts} layouts x {settings.max_attempts} attempts; "
+            "reduce object sizes or counts"
+        )
+
+    # Left to right by centroid x; ties (only possible with min_dx == 0) by y, then names.
+    def key(item: tuple[str, str, np.ndarray]) -> tuple[float, float, str, str]:
+        ys, xs = np.nonzero(item[2])
+        return (float(xs.mean()), float(ys.mean()), item[0], item[1])
+
+    placed.sort(key=key)
+    objects = tuple(SynthObject(c, s, mask, _bbox(mask)) for c, s, mask in placed)
+    answer = f" {ANSWER_JOIN} ".join(f"{ANSWER_ARTICLE} {o.color} {o.shape}" for o in objects)
+    prompt = settings.prompts[int(rng.integers(len(settings.prompts)))]
+
+    cue_coin = float(rng.random()) if settings.cue is not None else 1.0  # always drawn: stable stream
+    cue_present = bool(settings.cue is not None and settings.cue.word in answer.split(" ")
+                       and cue_coin < settings.cue.p)
+
+    # Background: grey + grey noise.
+    noise = rng.normal(0.0, settings.background_noise, size=(n, n, 1)) if settings.background_noise else 0.0
+    image = np.clip(np.asarray(settings.background, dtype=np.float64)[None, None, :] + noise, 0, 255)
+    image = np.rint(image).astype(np.uint8)
+    if image.shape != (n, n, 3):
+        image = np.broadcast_to(image, (n, n, 3)).copy()
+
+    # Clutter: small grey dots away from objects and the cue region.
+    if settings.clutter > 0:
+        keep_out = reserved.copy()
+        for o in objects:
+            keep_out |= _dilate(o.mask, settings.min_gap)
+        seeds = np.argwhere(rng.random((n, n)) < settings.clutter)
+        dlo, dhi = settings.clutter_dot
+        glo, ghi = settings.clutter_gray
+        sizes = rng.integers(dlo, dhi + 1, size=len(seeds))
+        grays = rng.integers(glo, ghi + 1, size=len(seeds))
+        for (y, x), d, g in zip(seeds, sizes, grays):
+            if not keep_out[y : y + d, x : x + d].any():
+                image[y : y + d, x : x + d] = g
+
+    for o in objects:
+        image[o.mask] = COLORS[o.color]
+
+    cue_mask = None
+    if cue_present:
+        assert settings.cue is not None and cue_box is not None
+        x0, y0, x1, y1 = cue_box
+        cue_mask = np.zeros((n, n), dtype=bool)
+        cue_mask[y0:y1, x0:x1] = True
+        image[cue_mask] = settings.cue.rgb
+
+    return SynthSample(
+        image=image,
+        objects=objects,
+        prompt=prompt,
+        answer=answer,
+        cue_present=cue_present,
+        cue_mask=cue_mask,
+    )

@@ -1,0 +1,213 @@
+"""Train the tiny embedded DiffusionGemma on a synthetic grounded dataset.
+
+The objective is the family's own: uniform-noise diffusion on the answer canvas (each
+canvas token replaced by a uniformly random token with probability t ~ U(0, 1)), with
+self-conditioning on half of the batches (a first no-grad decoder pass whose
+temperature-scaled logits feed the second pass), cross-entropy on every canvas position.
+Training is a fixed number of steps from a fixed seed on CPU, so the command that made
+a shipped checkpoint makes it again (`--minutes` only caps wall time and is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+from diffcam_core.models.diffusion_gemma import DiffusionGemmaAdapter
+from diffcam_core.models.tiny import TinyModelSpec, build_config, build_image_processor, build_tokenizer
+from diffcam_core.settings import GenerationSettings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 2400
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    self_cond_prob: float = 0.5
+    seed: int = 0
+    threads: int = 2
+    minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    image: np.ndarray  # H×W×3 uint8
+    prompt: str
+    answer: str
+
+
+def examples_sha256(examples: Sequence[TrainExample]) -> str:
+    """Fingerprint of the training data in order: proves two runs trained on the same examples."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.ascontiguousarray(ex.image).tobytes())
+        h.update(ex.prompt.encode() + b"\0" + ex.answer.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _encode_examples(adapter: DiffusionGemmaAdapter, examples: Sequence[TrainExample], canvas_length: int):
+    """Run every example through the adapter's own input path once; group by prompt length."""
+    from PIL import Image
+
+    tok = adapter.tokenizer
+    groups: dict[int, dict[str, list]] = {}
+    for ex in examples:
+        inputs = adapter.prepare(Image.fromarray(ex.image), ex.prompt)
+        answer_ids = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(answer_ids) > canvas_length:
+            raise ValueError(f"answer {ex.answer!r} needs {len(answer_ids)} tokens > canvas {canvas_length}")
+        if tok.unk_token_id in answer_ids:
+            raise ValueError(f"answer {ex.answer!r} has words outside the tokenizer vocabulary")
+        target = answer_ids + [tok.pad_token_id] * (canvas_length - len(answer_ids))
+        g = groups.setdefault(inputs["input_ids"].shape[1], {k: [] for k in ("ids", "pix", "pos", "mm", "tgt")})
+        g["ids"].append(inputs["input_ids"][0])
+        g["pix"].append(inputs["pixel_values"][0])
+        g["pos"].append(inputs["image_position_ids"][0])
+        g["mm"].append(inputs["mm_token_type_ids"][0])
+        g["tgt"].append(torch.tensor(target))
+    return [{k: torch.stack(v) for k, v in g.items()} for _, g in sorted(groups.items())]
+
+
+def _batches(groups, batch_size: int, rng: np.random.Generator):
+    sizes = np.array([len(g["ids"]) for g in groups], dtype=float)
+    while True:
+        gi = int(rng.choice(len(groups), p=sizes / sizes.sum()))
+        idx = torch.from_numpy(rng.choice(len(groups[gi]["ids"]), size=batch_size, replace=False))
+        yield {k: v[idx] for k, v in groups[gi].items()}
+
+
+def train_tiny(
+    train: Sequence[TrainExample],
+    vocabulary: Sequence[str],
+    settings: TrainSettings = TrainSettings(),
+    spec: TinyModelSpec = TinyModelSpec(),
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[DiffusionGemmaAdapter, dict]:
+    """Build and train the tiny model; returns the adapter (model + tokenizer + processor) and a log."""
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    tokenizer = build_tokenizer(list(vocabulary))
+    processor = build_image_processor(spec)
+    config = build_config(spec, tokenizer)
+    model = DiffusionGemmaForBlockDiffusion(config)
+    adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
+    groups = _encode_examples(adapter, train, spec.canvas_length)
+    rng = np.random.default_rng(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    vocab = config.text_config.vocab_size
+
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    t0 = time.time()
+    log = {"loss": [], "acc": []}
+    stopped_early = False
+    batches = _batches(groups, settings.batch_size, rng)
+    step = 0
+    for step in range(settings.steps):
+        b = next(batches)
+        tgt = b["tgt"]
+        bsz, length = tgt.shape
+        t = torch.rand(bsz, 1, generator=gen)
+        noise_mask = torch.rand(bsz, length, generator=gen) < t
+        noisy = torch.where(noise_mask, torch.randint(0, vocab, (bsz, length), generator=gen), tgt)
+        use_sc = bool(torch.rand(1, generator=gen) < settings.self_cond_prob)
+        temp = 0.4 + 0.4 * float(torch.rand(1, generator=gen))
+
+        enc = model.model.encoder(
+            input_ids=b["ids"], pixel_values=b["pix"], image_position_ids=b["pos"], mm_token_type_ids=b["mm"]
+        )
+        cache = enc.cache
+        self_cond = None
+        if use_sc:
+            with torch.no_grad():
+                self_cond = (model(decoder_input_ids=noisy, cache=cache).logits / temp).detach()
+        logits = model(decoder_input_ids=noisy, cache=cache, self_conditioning_logits=self_cond).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tgt.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = float((logits.argmax(-1) == tgt).float().mean())
+        log["loss"].append(float(loss.detach()))
+        log["acc"].append(acc)
+        if progress and (step % 50 == 0 or step == settings.steps - 1):
+            progress(step, float(np.mean(log["loss"][-50:])), float(np.mean(log["acc"][-50:])))
+        if settings.minutes is not None and time.time() - t0 > 60 * settings.minutes:
+            stopped_early = True
+            break
+    model.eval()
+    info = {
+        "steps_run": step + 1,
+        "stopped_early_by_minutes_cap": stopped_early,
+        "train_seconds": round(time.time() - t0, 1),
+        "final_loss": float(np.mean(log["loss"][-50:])),
+        "final_token_acc": float(np.mean(log["acc"][-50:])),
+        "n_train": len(train),
+        "train_data_sha256": examples_sha256(train),
+        "settings": asdict(settings),
+        "spec": spec.to_dict(),
+    }
+    return adapter, info
+
+
+def evaluate_answers(
+    adapter: DiffusionGemmaAdapter,
+    examples: Sequence[TrainExample],
+    gen_settings: GenerationSettings = GenerationSettings(),
+    content_words: frozenset[str] = frozenset(),
+) -> dict:
+    """Generate for held-out examples; score content words position by position and exact match."""
+    from PIL import Image
+
+    exact = 0
+    word_hits = word_total = 0
+    steps = []
+    for i, ex in enumerate(examples):
+        g = adapter.generate(adapter.prepare(Image.fromarray(ex.image), ex.prompt), gen_settings.__class__(
+            **{**asdict(gen_settings), "seed": gen_settings.seed + i}))
+        got = g.text.split()
+        ref = ex.answer.split()
+        exact += got == ref
+        steps.append(g.n_steps)
+        for j, w in enumerate(ref):
+            if w in content_words:
+                word_total += 1
+                word_hits += j < len(got) and got[j] == w
+    return {
+        "n": len(examples),
+        "exact_match": exact / max(1, len(examples)),
+        "content_word_acc": word_hits / max(1, word_total),
+        "mean_steps": float(np.mean(steps)) if steps else 0.0,
+    }
+
+
+def save_checkpoint(adapter: DiffusionGemmaAdapter, out_dir: Path, meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(out_dir, safe_serialization=True)
+    adapter.tokenizer.save_pretrained(out_dir)
+    adapter.image_processor.save_pretrained(out_dir)
+    (out_dir / "diffcam_tiny.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out_dir
