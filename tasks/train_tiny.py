@@ -211,3 +211,40 @@ def save_checkpoint(adapter: DiffusionGemmaAdapter, out_dir: Path, meta: dict) -
     adapter.image_processor.save_pretrained(out_dir)
     (out_dir / "diffcam_tiny.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
+
+
+def load_examples(data_dir: Path) -> tuple[list[TrainExample], dict]:
+    """Examples from a synthetic dataset folder, in manifest order (needs the `answer` field)."""
+    from storage.datasets import load_dataset, load_image
+
+    ds = load_dataset(data_dir)
+    examples = []
+    for s in ds.samples:
+        answer = s.extra.get("answer")
+        if not answer:
+            raise ValueError(f"{ds.uri} line {s.line_no}: no `answer` field; train-tiny needs a synthetic dataset")
+        if s.problem:
+            raise ValueError(f"{ds.uri} line {s.line_no}: {s.problem}")
+        examples.append(TrainExample(np.asarray(load_image(s.image_path)), s.prompt, answer))
+    return examples, dict(ds.meta or {})
+
+
+def run_train_tiny(
+    data_dir: Path,
+    out_dir: Path,
+    settings: TrainSettings = TrainSettings(),
+    heldout: Path | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> dict:
+    """`diffcam train-tiny`: train on a dataset folder, score held-out answers, save everything."""
+    from diffcam_core.synthetic import COLORS, SHAPES
+
+    examples, meta = load_examples(Path(data_dir))
+    vocab = meta.get("vocabulary") or sorted({w for ex in examples for w in (ex.prompt + " " + ex.answer).split()})
+    adapter, info = train_tiny(examples, vocab, settings, progress=progress)
+    report = {"train": info, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
+    if heldout is not None:
+        held, _ = load_examples(Path(heldout))
+        report["heldout_eval"] = evaluate_answers(adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES))
+    save_checkpoint(adapter, out_dir, report)
+    return report

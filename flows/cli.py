@@ -1,0 +1,152 @@
+"""`diffcam` — the command line.
+
+Heavy imports (torch, transformers, Prefect, Ray) happen inside each command so that
+`diffcam --help` answers instantly. Commands are registered from three modules:
+this one (method-level commands), `flows/cli_pipeline.py` (audit, sql, report) and
+`flows/cli_ops.py` (compare, deploy, serve) when present.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
+
+app = typer.Typer(
+    name="diffcam",
+    help=(
+        "Audit where a diffusion multimodal LLM looks when it names things, with Diffusion-CAM.\n\n"
+        "Start with `diffcam audit` (the shipped tiny model on a built-in synthetic dataset), "
+        "then `diffcam report RUN_ID` or `diffcam sql \"SELECT ...\"`. "
+        "`diffcam explain IMAGE --prompt TEXT` explains one image."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Make datasets (synthetic shapes with exact masks and optional planted cues).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print the paper-style tables.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="New folder to write (must not exist or be empty)."),
+    n: int = typer.Option(300, "--n", min=1, help="Number of samples."),
+    seed: int = typer.Option(0, "--seed", help="Seed: same seed, same dataset, byte for byte."),
+    cue: Optional[str] = typer.Option(
+        None,
+        "--cue",
+        help=(
+            "Plant a spurious cue that co-occurs with a word: "
+            "word=W,pos=top-left|top-right|bottom-left|bottom-right|X,Y,size=PX,color=NAME|R,G,B,p=P "
+            "(e.g. word=circle,pos=top-left,size=6,color=magenta,p=0.9)."
+        ),
+    ),
+) -> None:
+    """Write a synthetic grounded dataset: manifest.jsonl + images/ + masks/ + dataset.json."""
+    from diffcam_core.synthetic import CueSpec, SynthSettings
+    from storage.datasets import write_synthetic_dataset
+
+    try:
+        settings = SynthSettings(cue=CueSpec.parse(cue) if cue else None)
+    except ValueError as e:
+        _fail(f"--cue: {e}")
+    try:
+        with typer.progressbar(length=n, label="writing samples") as bar:
+            path = write_synthetic_dataset(out, n, seed, settings, progress=lambda k: bar.update(1))
+    except FileExistsError as e:
+        _fail(f"{e} — pass a new --out folder")
+    typer.echo(f"wrote {n} samples to {path}")
+
+
+@app.command("train-tiny")
+def train_tiny_cmd(
+    data: Path = typer.Option(..., "--data", help="Synthetic dataset folder (from `diffcam data synth`)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write."),
+    steps: int = typer.Option(2500, "--steps", help="Optimiser steps (fixed: the same command makes the same model)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-time cap; stopping early is recorded."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out dataset folder to score answers on."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(1, "--threads", help="torch threads (results are reproducible for a fixed value)."),
+) -> None:
+    """Train the tiny DiffusionGemma on a synthetic dataset and save it (safetensors)."""
+    from tasks.train_tiny import TrainSettings, run_train_tiny
+
+    report = run_train_tiny(
+        data, out, TrainSettings(steps=steps, minutes=minutes, seed=seed, threads=threads), heldout=heldout,
+        progress=lambda s, loss, acc: typer.echo(f"step {s:5d}  loss {loss:.4f}  token-acc {acc:.3f}"),
+    )
+    typer.echo(json.dumps(report.get("heldout_eval", {}), indent=2))
+    typer.echo(f"saved to {out}")
+
+
+@app.command("explain")
+def explain_cmd(
+    image: Path = typer.Argument(..., help="Image file (PNG/JPEG/...)."),
+    prompt: str = typer.Option(..., "--prompt", help="Question or instruction about the image."),
+    model: Path = typer.Option(DEFAULT_MODEL, "--model", help="Local checkpoint folder (safetensors)."),
+    out: Path = typer.Option(Path("explain-out"), "--out", help="Folder for overlays and explain.json."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (see explain.json `layers`)."),
+    distractor: str = typer.Option("previous", "--distractor", help="previous | others-mean | none"),
+    attribution_step: str = typer.Option("commit", "--attribution-step", help="commit | final"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Answer PROMPT about IMAGE; write one overlay PNG per word (raw | refined) and explain.json."""
+    from tasks.explain import run_explain
+
+    try:
+        summary = run_explain(image, prompt, model, out, layer=layer, distractor=distractor,
+                              attribution_step=attribution_step, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"answer: {summary['answer']}")
+    for w in summary["words"]:
+        typer.echo(f"  {w['index']:2d} {w['word']:<12} commit step {w['commit_step']:3d}  -> {w['overlay']}")
+    typer.echo(f"wrote {out / 'explain.json'}")
+
+
+@bench_app.command("method")
+def bench_method_cmd(
+    n: int = typer.Option(200, "--n", help="Held-out synthetic images."),
+    model: Path = typer.Option(DEFAULT_MODEL, "--model"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables as JSON."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the layer and distractor sweeps."),
+) -> None:
+    """Paper-style method table (Obj-IoU, Contrast, Concentration, F3, pointing) + ablation + sweeps."""
+    from benchmarks.bench_method import main as bench_main
+
+    bench_main(n=n, model=model, json_out=json_out, sweep=sweep)
+
+
+def _register_optional() -> None:
+    for mod in ("flows.cli_pipeline", "flows.cli_ops"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
