@@ -5,29 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from transformers import DiffusionGemmaForBlockDiffusion
 
-from diffcam_core.models.diffusion_gemma import PROJECTOR, DiffusionGemmaAdapter
-from diffcam_core.models.tiny import TinyModelSpec, build_config, build_image_processor, build_tokenizer
+from diffcam_core.models.diffusion_gemma import PROJECTOR
 from diffcam_core.settings import GenerationSettings
 
-WORDS = "a and red blue circle square describe the image".split()
-
-
-def random_adapter(seed: int = 0, **spec_kw) -> DiffusionGemmaAdapter:
-    torch.manual_seed(seed)
-    spec = TinyModelSpec(text_hidden=64, text_layers=3, intermediate=64, moe_intermediate=32, **spec_kw)
-    tok = build_tokenizer(WORDS)
-    return DiffusionGemmaAdapter(DiffusionGemmaForBlockDiffusion(build_config(spec, tok)), tok, build_image_processor(spec))
-
-
-def _image(h: int, w: int, block: tuple[int, int] | None = None, cell: int = 8) -> Image.Image:
-    arr = np.full((h, w, 3), 40, dtype=np.uint8)
-    if block is not None:
-        r, c = block
-        arr[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = 255
-    return Image.fromarray(arr)
+from tests.model_helpers import make_image, random_adapter
 
 
 def _projector_out(adapter, inputs) -> torch.Tensor:
@@ -51,13 +33,13 @@ def test_grid_is_derived_from_inputs_and_matches_token_order(size, pooling, grid
     adapter = random_adapter(pooling_kernel_size=pooling)
     h, w = size
     cell = h // grid[0]
-    base = adapter.prepare(_image(h, w), "describe the image")
+    base = adapter.prepare(make_image(h, w), "describe the image")
     span = adapter.image_span(base)
     assert span.grid == grid
     assert len(span.positions) == grid[0] * grid[1]
     ref = _projector_out(adapter, base)
     for r, c in [(0, grid[1] - 1), (grid[0] - 1, 0), (grid[0] // 2, grid[1] // 2)]:
-        lit = adapter.prepare(_image(h, w, (r, c), cell), "describe the image")
+        lit = adapter.prepare(make_image(h, w, (r, c), cell), "describe the image")
         diff = (_projector_out(adapter, lit) - ref).abs().sum(-1).reshape(grid)
         # Bicubic resizing (when the processor rescales) bleeds into neighbours:
         # the lit cell must still be the token that changed most.
@@ -66,7 +48,7 @@ def test_grid_is_derived_from_inputs_and_matches_token_order(size, pooling, grid
 
 def test_image_span_refuses_inputs_without_image_tokens():
     adapter = random_adapter()
-    inputs = adapter.prepare(_image(64, 64), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64), "describe the image")
     inputs["input_ids"] = inputs["input_ids"].clone()
     inputs["input_ids"][inputs["input_ids"] == adapter.config.image_token_id] = adapter.tokenizer.pad_token_id
     with pytest.raises(ValueError, match="no image tokens|does not match"):
@@ -76,7 +58,7 @@ def test_image_span_refuses_inputs_without_image_tokens():
 def test_traced_generation_reproduces_transformers_generate():
     """Our recorded loop is the family's loop: same seed → same tokens as `model.generate`."""
     adapter = random_adapter(seed=3)
-    inputs = adapter.prepare(_image(64, 64, (2, 3)), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64, (2, 3)), "describe the image")
     settings = GenerationSettings(seed=11, max_denoising_steps=6)
     ours = adapter.generate(inputs, settings)
     torch.manual_seed(settings.seed)
@@ -101,7 +83,7 @@ def test_traced_generation_reproduces_transformers_generate():
 
 def test_generation_is_deterministic_and_seed_sensitive():
     adapter = random_adapter(seed=5)
-    inputs = adapter.prepare(_image(64, 64), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64), "describe the image")
     a = adapter.generate(inputs, GenerationSettings(seed=1, max_denoising_steps=5))
     b = adapter.generate(inputs, GenerationSettings(seed=1, max_denoising_steps=5))
     c = adapter.generate(inputs, GenerationSettings(seed=2, max_denoising_steps=5))
@@ -111,7 +93,7 @@ def test_generation_is_deterministic_and_seed_sensitive():
 
 def test_commit_step_is_first_step_of_the_final_stable_run():
     adapter = random_adapter(seed=7)
-    inputs = adapter.prepare(_image(64, 64), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64), "describe the image")
     g = adapter.generate(inputs, GenerationSettings(seed=0, max_denoising_steps=6))
     history = torch.stack([a[0] for a in g.argmax]).numpy()
     for w in g.words:
@@ -128,7 +110,7 @@ def test_commit_step_is_first_step_of_the_final_stable_run():
 def test_last_encoder_layer_is_refused_and_unknown_layer_named():
     adapter = random_adapter()
     last = adapter.layer_names()[-1]
-    inputs = adapter.prepare(_image(64, 64), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64), "describe the image")
     with pytest.raises(ValueError, match="not structurally valid"):
         with adapter.attribution_pass(inputs, [last]):
             pass
@@ -142,7 +124,7 @@ def _hook_count(model) -> int:
 
 def test_hooks_are_removed_even_when_the_block_raises():
     adapter = random_adapter()
-    inputs = adapter.prepare(_image(64, 64), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64), "describe the image")
     before = _hook_count(adapter.model)
     with pytest.raises(RuntimeError, match="boom"):
         with adapter.attribution_pass(inputs, [PROJECTOR, "encoder.0"]) as ap:
@@ -154,7 +136,7 @@ def test_hooks_are_removed_even_when_the_block_raises():
 
 def test_gradients_reach_every_valid_layer_at_image_positions():
     adapter = random_adapter(seed=2)
-    inputs = adapter.prepare(_image(64, 64, (1, 1)), "describe the image")
+    inputs = adapter.prepare(make_image(64, 64, (1, 1)), "describe the image")
     g = adapter.generate(inputs, GenerationSettings(seed=0, max_denoising_steps=3))
     layers = adapter.valid_layers()
     with adapter.attribution_pass(inputs, layers) as ap:

@@ -1,0 +1,101 @@
+"""Great Expectations suites: a clean run passes; each kind of tampering fails by name."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.store import Store
+from storage.validation import ValidationResult, validate_run
+from tests.test_store import fabricate_run
+
+
+def _validate(
+    tmp_path: Path,
+    mutate: Callable[[dict[str, Any]], None] | None = None,
+    after_commit: Callable[[Store], None] | None = None,
+) -> ValidationResult:
+    st = Store(tmp_path / "store", catalog_file=False)
+    fabricate_run(st, tmp_path / "ds", mutate=mutate)
+    if after_commit is not None:
+        after_commit(st)
+    return validate_run(st, "run-1")
+
+
+def _edit_committed_file(st: Store) -> None:
+    """Change a committed file behind the store's back (its sha256 no longer matches)."""
+    path = st.table_path("run-1", "failures", 1)
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(t.schema.get_field_index("message"), "message", pa.array(["edited"])), path)
+
+
+def _failed(res: ValidationResult) -> set[tuple[str, str]]:
+    return {(e["table"], e["expectation"]) for e in res.failed}
+
+
+def test_clean_run_passes(tmp_path: Path) -> None:
+    res = _validate(tmp_path)
+    assert res.success, res.failed
+    names = {(e["table"], e["expectation"]) for e in res.per_expectation}
+    assert ("token_maps", "(run_id, sample_id, word_index, method) unique") in names
+    assert ("samples+failures", "samples + failures == runs.n_samples") in names
+    assert ("token_maps", "0 <= inside_frac <= 1") in names
+    assert ("store", "committed files match their commit markers (sha256)") in names
+    assert all(set(e) == {"table", "expectation", "success", "details"} for e in res.per_expectation)
+    back = ValidationResult.from_json(res.to_json())
+    assert back == res
+
+
+def test_tampered_run_fails_with_named_expectations(tmp_path: Path) -> None:
+    def tamper(rows: dict[str, Any]) -> None:
+        shard0 = rows["shards"][0]
+        # 1. duplicate key: the same (sample, word, method) twice
+        shard0["token_maps"].append(copy.deepcopy(shard0["token_maps"][0]))
+        # 2. out of range: more than all of the mass inside the object
+        shard0["token_maps"][5]["inside_frac"] = 1.5
+        # 3. dropped rows: s1 vanishes from samples (its maps and flag stay)
+        rows["shards"][1]["samples"] = []
+
+    res = _validate(tmp_path, tamper, _edit_committed_file)
+    assert not res.success
+    failed = _failed(res)
+    # 4. a committed file edited after its commit
+    assert ("store", "committed files match their commit markers (sha256)") in failed
+    assert ("token_maps", "(run_id, sample_id, word_index, method) unique") in failed
+    assert ("token_maps", "0 <= inside_frac <= 1") in failed
+    assert ("samples+failures", "samples + failures == runs.n_samples") in failed
+    assert ("samples", "row count == runs.n_results") in failed
+    assert ("token_maps", "maps belong to audited samples") in failed
+    by_name = {e["expectation"]: e for e in res.failed}
+    assert by_name["samples + failures == runs.n_samples"]["details"]["observed_value"] == 2
+    assert 1.5 in by_name["0 <= inside_frac <= 1"]["details"]["partial_unexpected_list"]
+    # untouched rules still pass
+    passed = {(e["table"], e["expectation"]) for e in res.per_expectation if e["success"]}
+    assert ("failures", "stage in {load, validate, generate, attribute, write, worker}") in passed
+
+
+def test_incomplete_methods_and_missing_metrics_fail(tmp_path: Path) -> None:
+    def tamper(rows: dict[str, Any]) -> None:
+        maps = rows["shards"][0]["token_maps"]
+        # s0 word 1 loses its gradcam map; a masked map loses its F3
+        rows["shards"][0]["token_maps"] = [
+            r for r in maps if not (r["word_index"] == 1 and r["method"] == "gradcam")]
+        next(r for r in rows["shards"][0]["token_maps"] if r["has_mask"])["f3"] = None
+        rows["shards"][1]["samples"][0]["n_words"] = 5
+
+    res = _validate(tmp_path, tamper)
+    failed = _failed(res)
+    assert ("token_maps", "every word has all 4 methods (run config)") in failed
+    assert ("token_maps", "has_mask -> f3 not null") in failed
+    assert ("samples", "samples.n_words == words with maps") in failed
+    assert ("samples+failures", "samples + failures == runs.n_samples") not in failed
+
+
+def test_unknown_run(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        validate_run(Store(tmp_path / "s"), "nope")
