@@ -125,7 +125,7 @@ def bench_method_cmd(
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the layer and distractor sweeps."),
 ) -> None:
     """Paper-style method table (Obj-IoU, Contrast, Concentration, F3, pointing) + ablation + sweeps."""
-    from benchmarks.bench_method import main as bench_main
+    from tasks.bench_method import main as bench_main
 
     bench_main(n=n, model=model, json_out=json_out, sweep=sweep)
 

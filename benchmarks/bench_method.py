@@ -1,0 +1,23 @@
+"""Paper-style method table, ablation, layer and distractor sweeps on held-out synthetic data.
+
+    .venv/bin/python benchmarks/bench_method.py [--n 200] [--model DIR] [--json FILE] [--no-sweep]
+
+(the same as `diffcam bench method`; the logic lives in tasks/bench_method.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.bench_method import main
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-n", type=int, default=None)
+    a = ap.parse_args()
+    main(n=a.n, model=a.model, json_out=a.json, sweep=not a.no_sweep, sweep_n=a.sweep_n)
