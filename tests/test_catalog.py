@@ -83,6 +83,7 @@ def test_run_sql_binds_params(shared_store: Store) -> None:
     "SUMMARIZE samples",
     "EXPLAIN SELECT * FROM samples",
     "/* why */ EXPLAIN ANALYZE SELECT count(*) FROM samples",
+    "EXPLAIN (FORMAT json) SELECT * FROM token_maps",
 ])
 def test_read_only_statements_allowed(shared_store: Store, sql: str) -> None:
     run_sql(shared_store, sql)
@@ -104,6 +105,7 @@ def test_read_only_statements_allowed(shared_store: Store, sql: str) -> None:
     ("SELECT 1; SELECT 2", "exactly one"),
     ("SELECT 1; COPY (SELECT 1) TO '{out}'", "exactly one"),
     ("EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'", "EXPLAIN"),
+    ("explain analyze /* c */ copy (SELECT 1) TO '{out}'", "EXPLAIN"),
     ("", "empty"),
     ("SELEKT 1", "parse"),
 ])
@@ -207,3 +209,17 @@ def test_docs_examples_run(shared_store: Store) -> None:
     assert len(examples) >= 6
     for sql in examples:
         run_sql(shared_store, sql)
+
+
+def test_method_table_contrast_ignores_infinite(tmp_path: Path) -> None:
+    """A map with no mass outside its mask has contrast inf: counted, not averaged."""
+    def inf_contrast(rows) -> None:
+        r = next(r for r in rows["shards"][0]["token_maps"] if r["has_mask"] and r["method"] == "gradcam")
+        r["contrast"] = float("inf")
+
+    st = Store(tmp_path / "store", catalog_file=False)
+    fabricate_run(st, tmp_path / "ds", mutate=inf_contrast)
+    row = next(r for r in queries.run_query(st, "method_table", run_id="run-1").to_pylist() if r["method"] == "gradcam")
+    finite = [r["contrast"] for r in st.read_table("token_maps", "run-1").to_pylist()
+              if r["method"] == "gradcam" and r["has_mask"] and r["contrast"] != float("inf")]
+    assert row["n_contrast_inf"] == 1 and row["contrast"] == pytest.approx(sum(finite) / len(finite))

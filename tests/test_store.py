@@ -270,6 +270,7 @@ def test_layout_and_read_back(store: Store, tmp_path: Path) -> None:
     assert store.read_table("flags").num_rows == 2
     assert store.read_run("run-1")["started_at"] == rows["run"]["started_at"]
     assert store.verify("run-1") == []
+    assert store.committed_rows("run-1") == {"samples": 2, "token_maps": 24, "flags": 2, "failures": 1}
     assert (store.root / "catalog.duckdb").is_file()
 
 

@@ -1,0 +1,24 @@
+# Two commands do all set-up on a fresh clone (see README.md):
+#   make audit   -> creates .venv, installs diffcam, audits the shipped tiny model
+#   make test    -> creates .venv, installs diffcam + test tools, runs the whole suite
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install audit test test-fast
+install: $(STAMP)
+
+audit: $(STAMP)
+	$(VENV)/bin/diffcam audit
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
