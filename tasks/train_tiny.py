@@ -37,6 +37,7 @@ class TrainSettings:
     seed: int = 0
     threads: int = 2
     minutes: float | None = None
+    device: str = "cpu"  # noise and batches are drawn on the CPU either way, so only float rounding differs
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def train_tiny(
     model = DiffusionGemmaForBlockDiffusion(config)
     adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
     groups = _encode_examples(adapter, train, spec.canvas_length)
+    model.to(settings.device)
+    adapter.device = torch.device(settings.device)
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     vocab = config.text_config.vocab_size
@@ -124,12 +127,13 @@ def train_tiny(
     batches = _batches(groups, settings.batch_size, rng)
     step = 0
     for step in range(settings.steps):
-        b = next(batches)
+        b = {k: v.to(settings.device) for k, v in next(batches).items()}
         tgt = b["tgt"]
         bsz, length = tgt.shape
         t = torch.rand(bsz, 1, generator=gen)
         noise_mask = torch.rand(bsz, length, generator=gen) < t
-        noisy = torch.where(noise_mask, torch.randint(0, vocab, (bsz, length), generator=gen), tgt)
+        noise = torch.randint(0, vocab, (bsz, length), generator=gen)
+        noisy = torch.where(noise_mask.to(settings.device), noise.to(settings.device), tgt)
         use_sc = bool(torch.rand(1, generator=gen) < settings.self_cond_prob)
         temp = 0.4 + 0.4 * float(torch.rand(1, generator=gen))
 
