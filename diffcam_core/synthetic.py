@@ -288,8 +288,8 @@ class SynthSettings:
     """
 
     image_size: int = 64
-    count_probs: tuple[float, ...] = (0.4, 0.4, 0.2)
-    size_range: tuple[int, int] = (16, 24)
+    count_probs: tuple[float, ...] = (0.45, 0.45, 0.1)
+    size_range: tuple[int, int] = (18, 26)
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = SHAPES
     background: tuple[int, int, int] = (40, 40, 40)

@@ -38,6 +38,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--minutes", type=float, default=None, help="wall-time cap (stopping early is recorded)")
     ap.add_argument("--n-train", type=int, default=RECIPE["n_train"], help="only for smoke tests")
     ap.add_argument("--n-heldout", type=int, default=RECIPE["n_heldout"], help="only for smoke tests")
@@ -50,7 +51,7 @@ if __name__ == "__main__":
         print(f"data written in {time.time() - t0:.1f}s", flush=True)
         report = run_train_tiny(
             data, a.out,
-            TrainSettings(steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes),
+            TrainSettings(steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size),
             heldout=held,
             progress=lambda s, loss, acc: print(f"step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
         )

@@ -137,10 +137,9 @@ def train_tiny(
         use_sc = bool(torch.rand(1, generator=gen) < settings.self_cond_prob)
         temp = 0.4 + 0.4 * float(torch.rand(1, generator=gen))
 
-        enc = model.model.encoder(
-            input_ids=b["ids"], pixel_values=b["pix"], image_position_ids=b["pos"], mm_token_type_ids=b["mm"]
+        cache = adapter.run_encoder(
+            {"input_ids": b["ids"], "pixel_values": b["pix"], "image_position_ids": b["pos"], "mm_token_type_ids": b["mm"]}
         )
-        cache = enc.cache
         self_cond = None
         if use_sc:
             with torch.no_grad():

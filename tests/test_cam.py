@@ -43,11 +43,21 @@ def _independent_projector_grads(adapter, inputs, gen, word, distractors):
 
     cache = DynamicCache(config=adapter.config.get_text_config(decoder=True))
     seq = inputs["input_ids"].shape[1]
+    positions = torch.arange(seq, dtype=torch.int32).unsqueeze(0)
+    masks = enc.create_masks_for_generate(  # transformers' own mask builder, as in `generate`
+        config=adapter.config,
+        inputs_embeds=torch.empty((1, seq, 0)),
+        attention_mask=torch.ones((1, seq), dtype=torch.bool),
+        cache=cache,
+        position_ids=positions,
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
     enc(
         input_ids=inputs["input_ids"],
         mm_token_type_ids=inputs["mm_token_type_ids"],
+        attention_mask=masks,
         cache=cache,
-        position_ids=torch.arange(seq, dtype=torch.int32).unsqueeze(0),
+        position_ids=positions,
         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=leaf)},
     )
     step = word.commit_step

@@ -139,18 +139,40 @@ class DiffusionGemmaAdapter:
             )
 
     # ------------------------------------------------------------------ generation
-    def _encode(self, inputs: dict[str, torch.Tensor]) -> tuple[DynamicCache, torch.Tensor]:
+    def run_encoder(self, inputs: dict[str, torch.Tensor]) -> DynamicCache:
+        """The prefix pass (batched or not): vision tower → projector → encoder → KV cache.
+
+        The attention-mask mapping is built here, as `generate` does: the encoder's own
+        forward computes it but discards the result (transformers 5.24), which silently
+        drops the bidirectional mask over image tokens that `use_bidirectional_attention`
+        asks for.
+        """
+        encoder = self.model.model.encoder
+        ids = inputs["input_ids"]
         cache = DynamicCache(config=self.config.get_text_config(decoder=True))
-        seq_len = inputs["input_ids"].shape[1]
-        enc_pos = torch.arange(0, seq_len, dtype=torch.int32, device=self.device).unsqueeze(0)
-        self.model.model.encoder(
-            input_ids=inputs["input_ids"],
+        positions = torch.arange(0, ids.shape[1], dtype=torch.int32, device=ids.device).unsqueeze(0)
+        masks = encoder.create_masks_for_generate(
+            config=self.config,
+            inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=self.model.dtype, device=ids.device),
+            attention_mask=torch.ones(ids.shape, dtype=torch.bool, device=ids.device),
+            cache=cache,
+            position_ids=positions,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        encoder(
+            input_ids=ids,
             pixel_values=inputs["pixel_values"],
             image_position_ids=inputs["image_position_ids"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
+            attention_mask=masks,
             cache=cache,
-            position_ids=enc_pos,
+            position_ids=positions,
         )
+        return cache
+
+    def _encode(self, inputs: dict[str, torch.Tensor]) -> tuple[DynamicCache, torch.Tensor]:
+        cache = self.run_encoder(inputs)
+        seq_len = inputs["input_ids"].shape[1]
         dec_pos = torch.arange(
             seq_len, seq_len + self.config.canvas_length, dtype=torch.int32, device=self.device
         ).unsqueeze(0)
