@@ -39,6 +39,9 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--init-from", type=Path, default=None, help="continue training this checkpoint")
+    ap.add_argument("--train-seed", type=int, default=RECIPE["train_seed"], help="dataset seed of this stage")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (noise, batches, init)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time cap (stopping early is recorded)")
     ap.add_argument("--n-train", type=int, default=RECIPE["n_train"], help="only for smoke tests")
     ap.add_argument("--n-heldout", type=int, default=RECIPE["n_heldout"], help="only for smoke tests")
@@ -46,13 +49,14 @@ if __name__ == "__main__":
     settings = SynthSettings(cue=CueSpec.parse(CUE) if a.which == "cue" else None)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_synthetic_dataset(Path(tmp) / "train", a.n_train, RECIPE["train_seed"], settings)
+        data = write_synthetic_dataset(Path(tmp) / "train", a.n_train, a.train_seed, settings)
         held = write_synthetic_dataset(Path(tmp) / "heldout", a.n_heldout, RECIPE["heldout_seed"], settings)
         print(f"data written in {time.time() - t0:.1f}s", flush=True)
         report = run_train_tiny(
             data, a.out,
-            TrainSettings(steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size),
+            TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size),
             heldout=held,
+            init_from=a.init_from,
             progress=lambda s, loss, acc: print(f"step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
         )
     print(json.dumps(report["heldout_eval"]), flush=True)

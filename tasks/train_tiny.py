@@ -95,15 +95,28 @@ def train_tiny(
     settings: TrainSettings = TrainSettings(),
     spec: TinyModelSpec = TinyModelSpec(),
     progress: Callable[[int, float, float], None] | None = None,
+    init_from: Path | None = None,
 ) -> tuple[DiffusionGemmaAdapter, dict]:
-    """Build and train the tiny model; returns the adapter (model + tokenizer + processor) and a log."""
+    """Build (or continue from `init_from`) and train the tiny model.
+
+    Returns the adapter (model + tokenizer + processor) and a training log.
+    """
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
-    tokenizer = build_tokenizer(list(vocabulary))
-    processor = build_image_processor(spec)
-    config = build_config(spec, tokenizer)
-    model = DiffusionGemmaForBlockDiffusion(config)
-    adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
+    if init_from is not None:
+        from diffcam_core.models.base import load_adapter
+
+        adapter = load_adapter(init_from)
+        missing = sorted(set(vocabulary) - set(adapter.tokenizer.get_vocab()))
+        if missing:
+            raise ValueError(f"{init_from}: tokenizer lacks words of this dataset: {missing}")
+        model, config = adapter.model, adapter.config
+    else:
+        tokenizer = build_tokenizer(list(vocabulary))
+        processor = build_image_processor(spec)
+        config = build_config(spec, tokenizer)
+        model = DiffusionGemmaForBlockDiffusion(config)
+        adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
     groups = _encode_examples(adapter, train, spec.canvas_length)
     model.to(settings.device)
     adapter.device = torch.device(settings.device)
@@ -171,6 +184,7 @@ def train_tiny(
         "train_data_sha256": examples_sha256(train),
         "settings": asdict(settings),
         "spec": spec.to_dict(),
+        "init_from": None if init_from is None else str(init_from),
     }
     return adapter, info
 
@@ -238,14 +252,19 @@ def run_train_tiny(
     settings: TrainSettings = TrainSettings(),
     heldout: Path | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """`diffcam train-tiny`: train on a dataset folder, score held-out answers, save everything."""
     from diffcam_core.synthetic import COLORS, SHAPES
 
     examples, meta = load_examples(Path(data_dir))
     vocab = meta.get("vocabulary") or sorted({w for ex in examples for w in (ex.prompt + " " + ex.answer).split()})
-    adapter, info = train_tiny(examples, vocab, settings, progress=progress)
-    report = {"train": info, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
+    previous = None
+    if init_from is not None:
+        prev_meta = Path(init_from) / "diffcam_tiny.json"
+        previous = json.loads(prev_meta.read_text()) if prev_meta.is_file() else None
+    adapter, info = train_tiny(examples, vocab, settings, progress=progress, init_from=init_from)
+    report = {"train": info, "previous_stage": previous, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
     if heldout is not None:
         held, _ = load_examples(Path(heldout))
         report["heldout_eval"] = evaluate_answers(adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES))

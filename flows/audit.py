@@ -1,0 +1,372 @@
+"""The audit flow: model + dataset → committed tables, validation verdict, report.
+
+``audit(...)`` (a Prefect 3 flow) does, in order (docs/ARCHITECTURE.md § Data flow):
+
+1. resolve the model folder (content hash) and the dataset (`storage.datasets.load_dataset`,
+   content hash); a missing dataset means the built-in synthetic one;
+2. write the ``runs`` row (status ``running``, config JSON, code version) — or, when the run
+   id exists, check that it is the same model, dataset and plan and resume it;
+3. plan shards (`tasks.plan.plan_shards`: stable ids);
+4. for every shard not yet committed, the `tasks.shard.run_shard` task (Prefect retries)
+   maps its samples over the Ray worker pool (`tasks.worker.CamPool`) and commits the shard
+   atomically; progress (shards done/total, samples/s, ETA) goes to ``get_run_logger()``;
+5. validate (`storage.validation`), 6. report (`storage.report`),
+7. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason.
+
+Runs with no Prefect server configured (Prefect starts a temporary local one) and with no
+Ray cluster (a local Ray is started and shut down). Re-running a run id skips committed
+shards, so an interrupted run resumes without duplicating or losing rows.
+
+Design choice: one Prefect task per shard, Ray actors called inside it (not prefect-ray's
+RayTaskRunner, which starts Ray per flow run and a Prefect server per Ray worker; STACK.md).
+Shards run one after another on the driver; the samples inside a shard run in parallel on
+the pool. Cost of that barrier: at the end of each shard, workers idle for at most one
+batch while the slowest batch finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flows.env import set_env_defaults
+
+set_env_defaults()  # before prefect / ray are imported (flows/env.py says why)
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+from flows.paths import DEFAULT_MODEL, DEFAULT_STORE, REPO_ROOT  # noqa: E402
+
+__all__ = [
+    "audit",
+    "AuditConfigError",
+    "model_hash",
+    "code_version",
+    "default_dataset",
+    "new_run_id",
+    "DEFAULT_SYNTHETIC_N",
+]
+
+DEFAULT_SYNTHETIC_N = 200
+DEFAULT_SYNTHETIC_SEED = 0
+#: Settings that decide which rows a run holds: a resumed run must keep them.
+_PLAN_KEYS = ("shard_size", "limit")
+
+
+class AuditConfigError(ValueError):
+    """Bad input to the audit (missing model, incompatible resume, ...): nothing was run."""
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over the folder's files (recursively; hidden files and folders excluded): per
+    file, in sorted relative-path order, the posix path, a NUL and the file's own sha256.
+    Renaming, adding or editing any file changes it; the folder's location does not."""
+    root = Path(model_dir)
+    h = hashlib.sha256(b"diffcam-model-v1\0")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    for p in files:
+        fh = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + fh.digest())
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """``<package version>+<git describe --always --dirty>`` in a checkout, else the version."""
+    try:
+        from importlib.metadata import version
+
+        v = version("diffcam")
+    except Exception:  # noqa: BLE001 - not installed: still report something true
+        v = "unknown"
+    if (REPO_ROOT / ".git").exists():
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return f"{v}+{out.stdout.strip()}"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return v
+
+
+def default_dataset(store: str | Path, n: int = DEFAULT_SYNTHETIC_N, seed: int = DEFAULT_SYNTHETIC_SEED) -> Path:
+    """The built-in synthetic dataset ``<store>/datasets/synthetic-seed<seed>-n<n>/``,
+    generated on first use (atomically, by `write_synthetic_dataset`) and reused after."""
+    from storage.datasets import write_synthetic_dataset
+
+    path = Path(store) / "datasets" / f"synthetic-seed{seed}-n{n}"
+    if not (path / "manifest.jsonl").is_file():
+        if path.exists() and any(path.iterdir()):
+            raise AuditConfigError(f"{path} exists but has no manifest.jsonl; remove it to regenerate")
+        try:
+            write_synthetic_dataset(path, n, seed)
+        except FileExistsError:
+            if not (path / "manifest.jsonl").is_file():  # not a concurrent writer that just finished
+                raise
+    return path
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-<6 hex>`` (UTC): sortable, unique enough for one store."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def _resolve_model(model: str | Path) -> Path:
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        raise AuditConfigError(f"--model {model}: not a folder")
+    if not (p / "config.json").is_file():
+        raise AuditConfigError(f"--model {model}: no config.json (not a checkpoint folder)")
+    if not any(p.glob("*.safetensors")):
+        raise AuditConfigError(f"--model {model}: no *.safetensors weights")
+    return p.resolve()
+
+
+def _check_resume(row: dict[str, Any], model_h: str, dataset_h: str, config: dict[str, Any]) -> None:
+    problems = []
+    if row["model_hash"] != model_h:
+        problems.append(f"model hash {row['model_hash'][:12]}… ≠ {model_h[:12]}…")
+    if row["dataset_hash"] != dataset_h:
+        problems.append(f"dataset hash {row['dataset_hash'][:12]}… ≠ {dataset_h[:12]}…")
+    try:
+        old = json.loads(row["config_json"])
+    except (TypeError, json.JSONDecodeError):
+        old = {}
+    new_cam = {k: v for k, v in config.items() if k != "audit"}
+    old_cam = {k: v for k, v in old.items() if k != "audit"}
+    if old_cam != new_cam:
+        problems.append("CAM settings differ")
+    for k in _PLAN_KEYS:
+        if old.get("audit", {}).get(k) != config["audit"][k]:
+            problems.append(f"{k} {old.get('audit', {}).get(k)!r} ≠ {config['audit'][k]!r}")
+    if problems:
+        raise AuditConfigError(
+            f"run {row['run_id']} exists with different inputs ({'; '.join(problems)}); "
+            "resume it with the same model, dataset and settings, or use a new --run-id"
+        )
+
+
+def _open_run(st, run_id: str, row: dict[str, Any], config: dict[str, Any], logger) -> bool:
+    """Write the run row, or check and reopen an existing run; True when resuming."""
+    if run_id not in st.runs():
+        st.write_run(row)
+        return False
+    _check_resume(st.read_run(run_id), row["model_hash"], row["dataset_hash"], config)
+    removed = st.recover(run_id)
+    if removed:
+        logger.info("removed %d leftover file(s) of an interrupted commit", len(removed))
+    st.update_run(run_id, status="running", finished_at=None, error=None, n_results=None, n_failures=None,
+                  validation_json=None)
+    return True
+
+
+def _run_shards(task, pending, pool, st, run_id: str, n_samples: int, logger):
+    """Run ``task`` on each pending shard; a shard that fails (after its retries) is recorded
+    and the others go on. Returns (results, [(shard_id, exception)], samples computed)."""
+    results, failed = [], []
+    computed = 0
+    done = n_samples - sum(len(s) for s in pending)
+    t0 = time.perf_counter()
+    for k, shard in enumerate(pending, 1):
+        try:
+            res = task(str(st.root), run_id, shard, pool)
+        except Exception as exc:  # noqa: BLE001 - recorded; the run fails after the other shards
+            failed.append((shard.shard_id, exc))
+            logger.error("shard %d failed after its retries: %s: %s", shard.shard_id, type(exc).__name__, exc)
+            continue
+        results.append(res)
+        computed += res.n_samples if res.status == "committed" else 0
+        done += res.n_samples
+        elapsed = time.perf_counter() - t0
+        rate = computed / elapsed if elapsed > 0 else 0.0
+        eta = f"{(n_samples - done) / rate:.0f} s" if rate > 0 else "?"
+        logger.info("shard %d %s (%d ok, %d failed) · %d/%d shards · %d/%d samples · %.2f samples/s · ETA %s",
+                    shard.shard_id, res.status, res.n_results, res.n_failures, k, len(pending),
+                    done, n_samples, rate, eta)
+    return results, failed, computed
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@flow(name="diffcam-audit")
+def audit(
+    model: str = str(DEFAULT_MODEL),
+    dataset: str | None = None,
+    store: str = str(DEFAULT_STORE),
+    run_id: str | None = None,
+    limit: int | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+    ray_address: str | None = None,
+    settings_json: str | None = None,
+    shard_size: int | None = None,
+    batch_size: int = 1,
+    cpus_per_worker: int | None = None,
+    shard_retries: int = 2,
+    shard_retry_delay_s: float = 2.0,
+    synthetic_n: int = DEFAULT_SYNTHETIC_N,
+    trigger: str = "manual",
+) -> dict[str, Any]:
+    """Audit ``model`` on ``dataset`` into ``store``; returns a summary dict (see the module doc).
+
+    ``settings_json``: `CamSettings.to_dict()` as JSON (None: defaults). ``dataset`` None:
+    the built-in synthetic dataset (``synthetic_n`` samples). ``shard_size`` None: 16.
+    Raises `AuditConfigError` for bad input (before any run row is written) and
+    RuntimeError when the run failed (after recording why in the run row).
+    """
+    from diffcam_core.settings import CamSettings
+    from storage.datasets import load_dataset
+    from storage.schemas import TRIGGERS
+    from storage.store import Store
+    from tasks.finalize import report_task, validate_run_task
+    from tasks.plan import DEFAULT_SHARD_SIZE, plan_shards
+    from tasks.shard import run_shard
+    from tasks.worker import CamPool, PoolConfig
+
+    logger = get_run_logger()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
+    if limit is not None and limit < 1:
+        raise AuditConfigError(f"--limit must be >= 1, got {limit}")
+    if workers is not None and workers < 1:
+        raise AuditConfigError(f"--workers must be >= 1, got {workers}")
+    if cpus_per_worker is not None and cpus_per_worker < 1:
+        raise AuditConfigError(f"--cpus-per-worker must be >= 1, got {cpus_per_worker}")
+    if trigger not in TRIGGERS:
+        raise AuditConfigError(f"trigger {trigger!r} is not one of {TRIGGERS}")
+    if gpus_per_worker < 0:
+        raise AuditConfigError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    try:
+        settings = CamSettings.from_dict(json.loads(settings_json)) if settings_json else CamSettings()
+    except (ValueError, TypeError) as e:
+        raise AuditConfigError(f"settings: {e}") from e
+    st = Store(store)
+    run_id = run_id or new_run_id()
+    try:
+        st.run_dir(run_id)
+    except ValueError as e:
+        raise AuditConfigError(str(e)) from None
+
+    model_dir = _resolve_model(model)
+    m_hash = model_hash(model_dir)
+    ds_path = Path(dataset) if dataset else default_dataset(st.root, n=synthetic_n)
+    ds = load_dataset(ds_path)  # ManifestError (a ValueError) lists every problem
+    shards = plan_shards(ds.samples, shard_size=shard_size, limit=limit, root=ds.root)
+    n_samples = sum(len(s) for s in shards)
+    config = {
+        **settings.to_dict(),
+        "audit": {
+            "shard_size": shard_size, "limit": limit, "batch_size": batch_size, "workers": workers,
+            "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker, "ray_address": ray_address,
+        },
+    }
+    timings["resolve_s"] = time.perf_counter() - t_start
+    logger.info("run %s: model %s (%s…), dataset %s (%d samples, %d shards of %d)",
+                run_id, model_dir, m_hash[:12], ds.uri, n_samples, len(shards), shard_size)
+
+    resumed = _open_run(st, run_id, {
+        "run_id": run_id, "model_uri": model_dir.as_uri(), "model_hash": m_hash,
+        "dataset_uri": ds.uri, "dataset_hash": ds.content_hash,
+        "config_json": json.dumps(config, sort_keys=True), "code_version": code_version(),
+        "started_at": _now(), "finished_at": None, "status": "running",
+        "n_samples": n_samples, "n_shards": len(shards), "trigger": trigger,
+    }, config, logger)
+
+    try:
+        committed_before = set(st.committed_shards(run_id))
+        pending = [s for s in shards if s.shard_id not in committed_before]
+        logger.info("%d/%d shards already committed; %d to run", len(shards) - len(pending), len(shards), len(pending))
+        pool = None
+        if any(s.items for s in pending):
+            pool = CamPool(
+                PoolConfig(model_dir=str(model_dir), settings=settings.to_dict(), workers=workers,
+                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                           ray_address=ray_address, batch_size=batch_size),
+                log=logger.info,
+            )
+        task = run_shard.with_options(retries=shard_retries, retry_delay_seconds=shard_retry_delay_s)
+        t_shards = time.perf_counter()
+        try:
+            if pool is not None:
+                pool.__enter__()
+                timings.update(pool.timings)
+            t_shards = time.perf_counter()
+            results, failed, computed = _run_shards(task, pending, pool, st, run_id, n_samples, logger)
+        finally:
+            if pool is not None:
+                pool.close()
+        timings["shards_s"] = time.perf_counter() - t_shards
+        if failed:
+            reason = "; ".join(f"shard {sid}: {type(e).__name__}: {e}" for sid, e in failed)[:4000]
+            raise RuntimeError(f"{len(failed)} of {len(shards)} shard(s) failed ({reason}); "
+                               f"re-run with --run-id {run_id} to resume")
+
+        counts = {
+            "n_results": st.read_table("samples", run_id).num_rows,
+            "n_failures": st.read_table("failures", run_id).num_rows,
+        }
+        st.update_run(run_id, **counts)
+        t0 = time.perf_counter()
+        verdict = validate_run_task(str(st.root), run_id)
+        timings["validate_s"] = time.perf_counter() - t0
+        status = "succeeded" if verdict.success else "validation_failed"
+        if not verdict.success:
+            failed_names = ", ".join(f"{e['table']}: {e['expectation']}" for e in verdict.failed)
+            logger.warning("validation failed: %s", failed_names[:2000])
+        # The verdict and status go in before the report so that the report shows them; a
+        # report that then fails turns the run into "failed" (below).
+        st.update_run(run_id, validation_json=verdict.to_json(), status=status, finished_at=_now())
+        t0 = time.perf_counter()
+        html_path, md_path = report_task(str(st.root), run_id, verdict)
+        timings["report_s"] = time.perf_counter() - t0
+    except BaseException as exc:
+        try:
+            st.update_run(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:4000])
+        except Exception as e2:  # noqa: BLE001 - keep the original error
+            logger.error("could not record the failure in the run row: %s", e2)
+        raise
+
+    timings["total_s"] = time.perf_counter() - t_start
+    summary = {
+        "run_id": run_id,
+        "status": status,
+        "resumed": resumed,
+        "store": str(st.root),
+        "run_dir": str(st.run_dir(run_id)),
+        "catalog": str(st.root / "catalog.duckdb"),
+        "report_html": str(html_path),
+        "summary_md": str(md_path),
+        "dataset": ds.uri,
+        "model": str(model_dir),
+        "n_samples": n_samples,
+        **counts,
+        "n_shards": len(shards),
+        "shards_committed": sorted(r.shard_id for r in results if r.status == "committed"),
+        "shards_skipped": sorted(committed_before | {r.shard_id for r in results if r.status == "skipped"}),
+        "samples_computed": computed,
+        "workers": pool.n_workers if pool is not None else 0,
+        "cpus_per_worker": pool.cpus_per_worker if pool is not None else 0,
+        "gpus_per_worker": pool.gpus_per_actor if pool is not None else 0.0,
+        "validation_failed": [f"{e['table']}: {e['expectation']}" for e in verdict.failed],
+        "timings": timings,
+    }
+    logger.info("run %s %s: %d samples, %d failures; report %s", run_id, status, counts["n_results"],
+                counts["n_failures"], html_path)
+    return summary
+
