@@ -40,12 +40,22 @@ PROJECTOR = "projector"
 _EPS = 1e-8
 
 
-def explain(adapter, image, prompt: str, settings: CamSettings = CamSettings()) -> SampleExplanation:
-    """Answer `prompt` about `image` and explain every word of the answer."""
+def explain(
+    adapter, image, prompt: str, settings: CamSettings = CamSettings(), on_stage=None
+) -> SampleExplanation:
+    """Answer `prompt` about `image` and explain every word of the answer.
+
+    `on_stage("generate" | "attribute")`, if given, is called on entering each phase so a
+    caller can say where a failure happened.
+    """
+    if on_stage:
+        on_stage("generate")
     t0 = time.perf_counter()
     inputs = adapter.prepare(image, prompt)
     generation = adapter.generate(inputs, settings.generation)
     t1 = time.perf_counter()
+    if on_stage:
+        on_stage("attribute")
     result = attribute(adapter, inputs, generation, settings)
     t2 = time.perf_counter()
     result.timings.update({"generate_s": t1 - t0, "attribution_s": t2 - t1, "total_s": t2 - t0})

@@ -31,7 +31,7 @@ from typing import Any
 
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
-__all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256", "explain_staged"]
+__all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def explain_staged(adapter, image, prompt: str, settings, on_stage: Callable[[str], None]):
-    """`diffcam_core.cam.explain`, calling ``on_stage("generate" | "attribute")`` as it enters
-    each phase so that a failure row can say where it happened. Same calls, same timings
-    keys as `explain` (prepare + generate = ``generate_s``; attribution = ``attribution_s``).
-    """
-    from diffcam_core.cam import attribute
-
-    on_stage("generate")
-    t0 = time.perf_counter()
-    inputs = adapter.prepare(image, prompt)
-    generation = adapter.generate(inputs, settings.generation)
-    t1 = time.perf_counter()
-    on_stage("attribute")
-    result = attribute(adapter, inputs, generation, settings)
-    t2 = time.perf_counter()
-    result.timings.update({"generate_s": t1 - t0, "attribution_s": t2 - t1, "total_s": t2 - t0})
-    return result
 
 
 class CamWorker:
@@ -112,6 +93,7 @@ class CamWorker:
         Exactly one of ``samples`` / ``failures`` is set.
         """
         from storage.datasets import load_image
+        from diffcam_core.cam import explain
         from storage.schemas import table_from_rows
         from tasks.plan import item_sample
 
@@ -126,7 +108,7 @@ class CamWorker:
             image = load_image(item["image_path"])
             sha = file_sha256(item["image_path"])
             masks = item_sample(item).object_masks(image.size)  # [(word, bool (H, W))], manifest order
-            expl = explain_staged(self.adapter, image, item["prompt"], self.settings, set_stage)
+            expl = explain(self.adapter, image, item["prompt"], self.settings, on_stage=set_stage)
             stage = "write"
             idx = ground_words([w.word.text for w in expl.words], [w for w, _ in masks])
             word_masks = [None if i is None else masks[i][1] for i in idx]
