@@ -1,0 +1,499 @@
+"""Checkpoint registry sources and the audit ledger (which checkpoint was audited with what).
+
+A **source** lists the checkpoints of one or more model lines. Today: `FolderRegistry`, a
+watched folder of checkpoint folders; a URI scheme registry (`SOURCES`, `register_source`,
+`open_source`) is the seam where an MLflow model registry or an object-store prefix plugs
+in (each one lists `Checkpoint`s whose ``path`` is a local folder the audit can load, e.g. a
+download cache inside the registry roots).
+
+Folder layout (both may be mixed)::
+
+    <root>/<checkpoint>/            model line = the root folder's name
+    <root>/<line>/<checkpoint>/     model line = <line>
+
+A checkpoint folder holds ``config.json`` and ``*.safetensors`` (what `flows.audit` loads).
+Its identity is `flows.audit.model_hash` (sha256 over every file). A folder whose newest
+file is younger than ``settle_s`` is left for the next sweep: it may still be being copied
+(copying to a temporary name and renaming it into the registry avoids the wait).
+
+The **ledger** is the store's record of which (checkpoint hash, dataset hash, settings
+hash) were audited, by which run: one JSON file per audit under
+``<store>/ops/audits/<run_id>.json``. It never copies a run's status: the status is read
+from the run row that `flows.audit` maintains (``<store>/runs/run_id=<id>/runs``), so
+the two cannot disagree. `AuditLedger.claim` decides, under a file lock, whether a
+(checkpoint, dataset, settings) triple still needs auditing:
+
+=====================================  ===========================================
+existing audits of the same triple      decision
+=====================================  ===========================================
+none                                    ``audit`` (a new run id)
+one succeeded / validation_failed       ``skip`` (unless forced: a new run id)
+one running or just claimed             ``skip`` (in progress), unless older than
+                                        ``stale_after_s`` (then ``resume`` it)
+only failed ones                        ``resume`` the newest (committed shards
+                                        are kept; `flows.audit` resumes a run id)
+=====================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointSource",
+    "FolderRegistry",
+    "SOURCES",
+    "register_source",
+    "open_source",
+    "is_checkpoint_dir",
+    "contained_path",
+    "PathNotAllowed",
+    "settings_key",
+    "AuditRecord",
+    "Claim",
+    "AuditLedger",
+    "DONE_STATUSES",
+    "HashCache",
+]
+
+#: Run statuses that count as "audited" (re-auditing would give the same answer).
+DONE_STATUSES = ("succeeded", "validation_failed")
+_SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class PathNotAllowed(ValueError):
+    """A path that resolves (symlinks followed) outside every allowed root."""
+
+
+def contained_path(path: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> Path:
+    """``path`` resolved (symlinks followed, must exist) if it lies inside one of ``roots``
+    (also resolved); else `PathNotAllowed` naming the path. ``file://`` URIs are accepted."""
+    raw = os.fspath(path)
+    if raw.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        u = urlparse(raw)
+        if u.netloc not in ("", "localhost"):
+            raise PathNotAllowed(f"{raw!r}: file URI with a remote host")
+        raw = unquote(u.path)
+    if not raw or "\0" in raw:
+        raise PathNotAllowed(f"{path!r} is not a usable path")
+    if not roots:
+        raise PathNotAllowed(f"{raw}: no allowed roots are configured")
+    try:
+        resolved = Path(raw).expanduser().resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # missing, or a symlink loop
+        raise PathNotAllowed(f"{raw}: does not exist or cannot be resolved ({type(e).__name__})") from None
+    for root in roots:
+        try:
+            r = Path(root).expanduser().resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if resolved == r or resolved.is_relative_to(r):
+            return resolved
+    raise PathNotAllowed(f"{raw} (resolved: {resolved}) is outside the allowed roots {[str(r) for r in roots]}")
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A folder `flows.audit` can load: ``config.json`` and at least one ``*.safetensors``."""
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _visible_files(root: Path) -> list[Path]:
+    # The same file set as flows.audit.model_hash (hidden files and folders are ignored).
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _slug(text: str, n: int) -> str:
+    s = _SLUG_RE.sub("-", text).strip("-._")[:n]
+    return s or "x"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint found by a source."""
+
+    line: str  #: model line (MLflow: the registered model name)
+    name: str  #: checkpoint name within its line (folder name; MLflow: the version)
+    path: Path  #: local folder (resolved)
+    content_hash: str  #: flows.audit.model_hash of the folder
+    source: str  #: URI of the source that found it
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@runtime_checkable
+class CheckpointSource(Protocol):
+    """What the sweep and the webhook need from a registry."""
+
+    uri: str
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Local folders every checkpoint path of this source lies in (containment checks)."""
+
+    def list_checkpoints(self, settle_s: float = 0.0) -> list[Checkpoint]:
+        """Every ready checkpoint, in a stable order (line, name)."""
+
+    def resolve(self, line: str, version: str) -> Path:
+        """The local folder of ``version`` of ``line`` (MLflow alias/version notifications);
+        `LookupError` if there is none."""
+
+
+class HashCache:
+    """Content hashes keyed by a fingerprint of (relative path, size, mtime_ns) of every file,
+    so a nightly sweep re-hashes only new or changed checkpoints. JSON file, atomic writes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._data: dict[str, str] = {}
+        if path is not None and path.is_file():
+            try:
+                self._data = dict(json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                self._data = {}  # a corrupt cache only costs re-hashing
+
+    @staticmethod
+    def fingerprint(folder: Path) -> str:
+        h = hashlib.sha256(b"diffcam-fingerprint-v1\0" + str(folder).encode() + b"\0")
+        for p in _visible_files(folder):
+            st = p.stat()
+            h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def content_hash(self, folder: Path) -> str:
+        from flows.audit import model_hash
+
+        fp = self.fingerprint(folder)
+        if fp not in self._data:
+            self._data[fp] = model_hash(folder)
+            self._save()
+        return self._data[fp]
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            tmp.write_text(json.dumps(self._data, sort_keys=True))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- sources
+
+SOURCES: dict[str, Callable[..., CheckpointSource]] = {}
+
+
+def register_source(scheme: str) -> Callable[[Callable[..., CheckpointSource]], Callable[..., CheckpointSource]]:
+    """Class decorator: ``open_source("<scheme>://...")`` builds it with ``(spec, **options)``."""
+
+    def deco(cls: Callable[..., CheckpointSource]) -> Callable[..., CheckpointSource]:
+        SOURCES[scheme] = cls
+        return cls
+
+    return deco
+
+
+@register_source("folder")
+class FolderRegistry:
+    """A folder of checkpoint folders (see the module doc for the layout)."""
+
+    def __init__(self, spec: str | os.PathLike[str], *, hash_cache: HashCache | None = None) -> None:
+        raw = os.fspath(spec)
+        if raw.startswith("folder://"):
+            raw = raw[len("folder://"):]
+        root = Path(raw).expanduser()
+        if not root.is_dir():
+            raise ValueError(f"registry {spec}: not a folder")
+        self.root = root.resolve()
+        self.uri = f"folder://{self.root}"
+        self.hash_cache = hash_cache or HashCache(None)
+
+    def __repr__(self) -> str:
+        return f"FolderRegistry({str(self.root)!r})"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return (self.root,)
+
+    def _candidates(self) -> Iterator[tuple[str, Path]]:
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            if is_checkpoint_dir(child):
+                yield self.root.name, child
+                continue
+            for grandchild in sorted(child.iterdir()):
+                if not grandchild.name.startswith(".") and is_checkpoint_dir(grandchild):
+                    yield child.name, grandchild
+
+    def list_checkpoints(self, settle_s: float = 0.0) -> list[Checkpoint]:
+        out: list[Checkpoint] = []
+        now = time.time()
+        for line, folder in self._candidates():
+            try:
+                path = contained_path(folder, self.roots)  # a symlink out of the registry is not ours
+            except PathNotAllowed:
+                continue
+            files = _visible_files(path)
+            if settle_s > 0 and files and now - max(p.stat().st_mtime for p in files) < settle_s:
+                continue
+            out.append(Checkpoint(line=line, name=folder.name, path=path,
+                                  content_hash=self.hash_cache.content_hash(path), source=self.uri))
+        return out
+
+    def resolve(self, line: str, version: str) -> Path:
+        """``<root>/<line>/<version>`` or ``<root>/<line>/v<version>`` (or ``<root>/<version>``
+        when ``line`` is the root's own name), contained in the root and a checkpoint folder."""
+        for part in (line, version):
+            if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
+                raise LookupError(f"model {line!r} version {version!r}: not a plain name")
+        bases = [self.root / line]
+        if line == self.root.name:
+            bases.append(self.root)
+        for base in bases:
+            for name in (version, f"v{version}"):
+                candidate = base / name
+                if is_checkpoint_dir(candidate):
+                    return contained_path(candidate, self.roots)
+        raise LookupError(f"model {line!r} version {version!r}: no checkpoint folder "
+                          f"{self.root}/{line}/{{{version},v{version}}}")
+
+    def line_of(self, path: Path) -> str:
+        """The model line of a checkpoint folder inside this registry."""
+        rel = path.resolve().relative_to(self.root)
+        return self.root.name if len(rel.parts) == 1 else rel.parts[0]
+
+
+def open_source(spec: str | os.PathLike[str], **options: Any) -> CheckpointSource:
+    """A source from ``scheme://...`` (a plain path means ``folder://``)."""
+    raw = os.fspath(spec)
+    scheme = raw.split("://", 1)[0] if "://" in raw else "folder"
+    try:
+        factory = SOURCES[scheme]
+    except KeyError:
+        raise ValueError(f"registry {raw!r}: no source for scheme {scheme!r}; known: {sorted(SOURCES)}") from None
+    return factory(raw, **options)
+
+
+# ------------------------------------------------------------------------------ ledger
+
+
+def settings_key(settings: dict[str, Any] | None, limit: int | None) -> tuple[str, str]:
+    """(hash, canonical JSON) of what decides an audit's result besides model and dataset:
+    the full `CamSettings` (defaults filled in, so ``{}`` and the explicit defaults are the
+    same key) and ``limit``. Execution options (workers, GPUs, shard size) are not part of it."""
+    from diffcam_core.settings import CamSettings
+
+    cam = CamSettings.from_dict(settings or {}).to_dict()
+    canonical = json.dumps({"cam": cam, "limit": limit}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest(), canonical
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class AuditRecord:
+    """One audit of one (checkpoint, dataset, settings) triple: ``<store>/ops/audits/<run_id>.json``."""
+
+    run_id: str
+    model_line: str
+    checkpoint: str  #: local folder that was audited
+    model_hash: str
+    dataset: str  #: dataset folder or manifest that was audited
+    dataset_hash: str
+    settings_hash: str
+    settings_json: str  #: the canonical JSON of `settings_key`
+    trigger: str  #: schedule | event | manual
+    forced: bool = False
+    claimed_at: str = ""  #: ISO UTC; refreshed when a failed run is resumed
+    claimed_by: str | None = None  #: Prefect flow run id (or host:pid)
+    source: dict[str, Any] = field(default_factory=dict)  #: registry / notification details
+    previous_run_id: str | None = None  #: run compared against
+    compare_verdict: str | None = None  #: pass | fail | none (nothing to compare against)
+    compare_dir: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model_hash, self.dataset_hash, self.settings_hash)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """`AuditLedger.claim`'s decision."""
+
+    action: str  #: audit | resume | skip
+    run_id: str | None  #: the run to create or resume; for skip, the run that covers it
+    reason: str
+    record: AuditRecord | None = None
+
+
+class AuditLedger:
+    """The store's audit ledger (module doc). Status comes from the store's run rows."""
+
+    def __init__(self, store_root: str | os.PathLike[str], *, stale_after_s: float = 12 * 3600.0) -> None:
+        from storage.store import Store
+
+        self.store = Store(store_root, catalog_file=False)
+        self.dir = self.store.root / "ops" / "audits"
+        self.stale_after_s = stale_after_s
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.parent / ".audits.lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _path(self, run_id: str) -> Path:
+        self.store.run_dir(run_id)  # validates the id (safe as a file name)
+        return self.dir / f"{run_id}.json"
+
+    def _write(self, rec: AuditRecord) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(rec.run_id)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            tmp.write_text(json.dumps(asdict(rec), indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def records(self) -> list[AuditRecord]:
+        """All records, oldest claim first."""
+        if not self.dir.is_dir():
+            return []
+        recs = [AuditRecord.from_dict(json.loads(p.read_text()))
+                for p in self.dir.glob("*.json") if not p.name.startswith(".")]
+        return sorted(recs, key=lambda r: (r.claimed_at, r.run_id))
+
+    def get(self, run_id: str) -> AuditRecord:
+        path = self._path(run_id)
+        if not path.is_file():
+            raise KeyError(f"no audit record for run {run_id!r} in {self.dir}")
+        return AuditRecord.from_dict(json.loads(path.read_text()))
+
+    def update(self, run_id: str, **changes: Any) -> AuditRecord:
+        with self._lock():
+            rec = self.get(run_id)
+            for k, v in changes.items():
+                if not hasattr(rec, k):
+                    raise ValueError(f"AuditRecord has no field {k!r}")
+                setattr(rec, k, v)
+            self._write(rec)
+        return rec
+
+    def status(self, run_id: str) -> str:
+        """The run row's status, or ``claimed`` when the audit has not written it yet."""
+        try:
+            return str(self.store.read_run(run_id)["status"])
+        except KeyError:
+            return "claimed"
+
+    def _age_s(self, rec: AuditRecord, now: datetime) -> float:
+        try:
+            return (now - datetime.fromisoformat(rec.claimed_at)).total_seconds()
+        except ValueError:
+            return float("inf")
+
+    def claim(self, candidate: AuditRecord, *, force: bool = False, now: datetime | None = None) -> Claim:
+        """Decide (module doc table) and, unless skipping, write the record — atomically with
+        respect to other claims on the same store. ``candidate.run_id`` is used for a new
+        run; a resume keeps the failed run's id (and its committed shards)."""
+        now = now or _utcnow()
+        with self._lock():
+            same = [r for r in self.records() if r.key == candidate.key]
+            statuses = {r.run_id: self.status(r.run_id) for r in same}
+            newest_first = sorted(same, key=lambda r: (r.claimed_at, r.run_id), reverse=True)
+            if not force:
+                done = [r for r in newest_first if statuses[r.run_id] in DONE_STATUSES]
+                if done:
+                    r = done[0]
+                    return Claim("skip", r.run_id, f"already audited with these settings: run {r.run_id} "
+                                 f"({statuses[r.run_id]})", r)
+            busy = [r for r in newest_first if statuses[r.run_id] in ("running", "claimed")]
+            fresh = [r for r in busy if self._age_s(r, now) < self.stale_after_s]
+            if fresh:
+                r = fresh[0]
+                return Claim("skip", r.run_id, f"in progress: run {r.run_id} ({statuses[r.run_id]}, "
+                             f"claimed {r.claimed_at})", r)
+            resumable = [r for r in newest_first if statuses[r.run_id] == "failed" or r in busy]
+            if resumable and not force:
+                r = resumable[0]
+                r.claimed_at, r.claimed_by, r.trigger = now.isoformat(), candidate.claimed_by, candidate.trigger
+                self._write(r)
+                return Claim("resume", r.run_id, f"resuming run {r.run_id} ({statuses[r.run_id]})", r)
+            rec = AuditRecord.from_dict({**asdict(candidate), "claimed_at": now.isoformat(), "forced": force})
+            if self._path(rec.run_id).exists():
+                raise FileExistsError(f"audit record {rec.run_id} exists; pick a new run id")
+            self._write(rec)
+            why = "forced re-audit" if force and same else "not audited with these settings yet"
+            return Claim("audit", rec.run_id, why, rec)
+
+    def release(self, run_id: str) -> bool:
+        """Drop the record of a claim whose audit never wrote its run row (bad input found
+        before the audit started), so that a fixed checkpoint is audited next time.
+        Returns whether a record was removed; a record with a run row is kept."""
+        with self._lock():
+            if self.status(run_id) != "claimed":
+                return False
+            self._path(run_id).unlink(missing_ok=True)
+            return True
+
+    def previous(self, rec: AuditRecord) -> AuditRecord | None:
+        """The newest earlier succeeded audit of the same model line on the same dataset and
+        settings, with at least one audited sample (the baseline a regression report compares
+        against), or None. Runs that failed validation or audited nothing are not baselines."""
+        earlier = [
+            r for r in self.records()
+            if r.run_id != rec.run_id and r.model_line == rec.model_line
+            and r.dataset_hash == rec.dataset_hash and r.settings_hash == rec.settings_hash
+            and (r.claimed_at, r.run_id) < (rec.claimed_at, rec.run_id)
+        ]
+        for r in reversed(earlier):
+            try:
+                row = self.store.read_run(r.run_id)
+            except KeyError:
+                continue
+            if row["status"] == "succeeded" and (row.get("n_results") or 0) > 0:
+                return r
+        return None
+
+
+def new_audit_run_id(line: str, checkpoint: str, now: datetime | None = None) -> str:
+    """``<line>-<checkpoint>-<YYYYmmddTHHMMSS>-<4 hex>``: readable, unique, a valid run id."""
+    now = now or _utcnow()
+    return f"{_slug(line, 40)}-{_slug(checkpoint, 40)}-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+__all__.append("new_audit_run_id")
