@@ -199,6 +199,33 @@ def _run_shards(task, pending, pool, st, run_id: str, n_samples: int, logger):
     return results, failed, computed
 
 
+INTEGRITY_EXPECTATION = "committed files match their commit markers (sha256)"
+
+
+def validate_or_integrity_failure(st, run_id: str, validate) -> Any:
+    """``validate(store_root, run_id)`` (the GX suite), or — when the tables cannot even be
+    read because a committed file was truncated, deleted, replaced or its marker forged —
+    a failed `ValidationResult` naming the damaged files instead of a crash. The GX suite
+    itself catches tampered-but-readable tables (and re-hashes every file)."""
+    from storage.store import StoreCorruptError
+    from storage.validation import ValidationResult
+
+    try:
+        return validate(str(st.root), run_id)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the store is damaged
+        try:
+            problems = st.verify(run_id)
+        except StoreCorruptError as e:
+            problems = [str(e)]
+        if not problems:
+            raise
+        return ValidationResult(run_id=run_id, success=False, per_expectation=[{
+            "table": "store", "expectation": INTEGRITY_EXPECTATION, "success": False,
+            "details": {"problems": problems[:20], "n_problems": len(problems),
+                        "error": f"{type(exc).__name__}: {str(exc)[:500]}"},
+        }])
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -233,7 +260,7 @@ def audit(
     from storage.datasets import load_dataset
     from storage.schemas import TRIGGERS
     from storage.store import Store
-    from tasks.finalize import report_task, validate_run_task
+    from tasks.finalize import dataset_flags_task, report_task, validate_run_task
     from tasks.plan import DEFAULT_SHARD_SIZE, plan_shards
     from tasks.shard import run_shard
     from tasks.worker import CamPool, PoolConfig
@@ -266,7 +293,10 @@ def audit(
     model_dir = _resolve_model(model)
     m_hash = model_hash(model_dir)
     ds_path = Path(dataset) if dataset else default_dataset(st.root, n=synthetic_n)
-    ds = load_dataset(ds_path)  # ManifestError (a ValueError) lists every problem
+    ds = load_dataset(ds_path)  # ManifestError (a ValueError) lists every structural problem
+    if ds.line_problems:
+        logger.warning("%d manifest problem(s): those lines become failure rows (first: %s)",
+                       len(ds.line_problems), "; ".join(str(p) for p in ds.line_problems[:5]))
     shards = plan_shards(ds.samples, shard_size=shard_size, limit=limit, root=ds.root)
     n_samples = sum(len(s) for s in shards)
     config = {
@@ -322,8 +352,14 @@ def audit(
             "n_failures": st.read_table("failures", run_id).num_rows,
         }
         st.update_run(run_id, **counts)
+        if counts["n_results"] == 0:
+            raise RuntimeError(f"no sample could be audited ({counts['n_failures']} failures): see the failures table")
         t0 = time.perf_counter()
-        verdict = validate_run_task(str(st.root), run_id)
+        n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), str(ds_path))
+        timings["dataset_flags_s"] = time.perf_counter() - t0
+        logger.info("dataset-level bias analysis: %d flag rows", n_flags)
+        t0 = time.perf_counter()
+        verdict = validate_or_integrity_failure(st, run_id, validate_run_task)
         timings["validate_s"] = time.perf_counter() - t0
         status = "succeeded" if verdict.success else "validation_failed"
         if not verdict.success:

@@ -1,4 +1,4 @@
-"""The run's last steps as Prefect tasks: validate the committed tables, write the report."""
+"""The run's last steps as Prefect tasks: bias analysis, validation, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-__all__ = ["validate_run_task", "report_task"]
+__all__ = ["dataset_flags_task", "validate_run_task", "report_task"]
+
+
+@task(name="dataset-flags", cache_policy=NO_CACHE)
+def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset_path: str) -> int:
+    """Dataset-level bias analysis (`tasks.bias`) after all shards; commits the flags once.
+
+    Idempotent: a resumed run whose dataset flags are already committed writes nothing.
+    Returns the number of flag rows written (0 when they were already there).
+    """
+    from storage.store import Store
+    from tasks.bias import run_dataset_flags, write_dataset_flags
+
+    st = Store(store_root)
+    if st.is_committed(run_id, "dataset"):
+        return 0
+    rows = run_dataset_flags(st, run_id, model_dir, dataset_path)
+    return len(rows) if write_dataset_flags(st, run_id, rows) else 0
 
 
 @task(name="validate-run", cache_policy=NO_CACHE)
@@ -21,6 +38,7 @@ def validate_run_task(store_root: str, run_id: str):
 @task(name="build-report", cache_policy=NO_CACHE)
 def report_task(store_root: str, run_id: str, validation=None) -> tuple[Path, Path]:
     """`storage.report.build_report` → (report.html, summary.md) under ``<store>/reports/<run_id>/``."""
-    from storage.report import build_report
+    from storage.report import DEFAULT_SECTIONS, build_report
+    from tasks.bias import BIAS_SECTION
 
-    return build_report(store_root, run_id, validation=validation)
+    return build_report(store_root, run_id, validation=validation, sections=[*DEFAULT_SECTIONS, BIAS_SECTION])

@@ -92,6 +92,9 @@ def test_audit_flow_end_to_end(prefect_harness, make_dataset, tmp_path):
     assert (store / "catalog.duckdb").is_file()
     counted = run_sql(store, "SELECT count(*) AS n FROM samples WHERE run_id = ?", ["e2e"]).to_pylist()
     assert counted == [{"n": 4}]
+    # the dataset-level bias step ran once and its section is in the report
+    assert st.is_committed("e2e", "dataset")
+    assert "Bias" in open(summary["report_html"]).read()
 
 
 @pytest.mark.slow
