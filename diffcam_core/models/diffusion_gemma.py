@@ -60,7 +60,10 @@ class DiffusionGemmaAdapter:
             "pooling_kernel_size": self.config.vision_config.pooling_kernel_size,
             "encoder_layers": n_layers,
         }
-        self.default_layer = "encoder.0"
+        # The layer sweep (benchmarks/bench_method.py) put every encoder layer below chance for
+        # channel-pooled CAMs on the shipped model (image tokens attend to each other, so
+        # encoder features are no longer local); the projector output is the best layer.
+        self.default_layer = PROJECTOR
 
     # ------------------------------------------------------------------ loading
     @classmethod
