@@ -48,6 +48,7 @@ def explain(
     `on_stage("generate" | "attribute")`, if given, is called on entering each phase so a
     caller can say where a failure happened.
     """
+    adapter.check_layer(settings.layer or adapter.default_layer)  # fail before spending a generation
     if on_stage:
         on_stage("generate")
     t0 = time.perf_counter()

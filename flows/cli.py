@@ -104,12 +104,13 @@ def explain_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Answer PROMPT about IMAGE; write one overlay PNG per word (raw | refined) and explain.json."""
+    from storage.datasets import SampleError
     from tasks.explain import run_explain
 
     try:
         summary = run_explain(image, prompt, model, out, layer=layer, distractor=distractor,
                               attribution_step=attribution_step, seed=seed)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SampleError) as e:
         _fail(str(e))
     typer.echo(f"answer: {summary['answer']}")
     for w in summary["words"]:
