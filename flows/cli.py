@@ -99,7 +99,7 @@ def explain_cmd(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", help="Local checkpoint folder (safetensors)."),
     out: Path = typer.Option(Path("explain-out"), "--out", help="Folder for overlays and explain.json."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (see explain.json `layers`)."),
-    distractor: str = typer.Option("previous", "--distractor", help="previous | others-mean | none"),
+    distractor: str = typer.Option("others-mean", "--distractor", help="others-mean (default, best on the benchmark) | previous | none"),
     attribution_step: str = typer.Option("commit", "--attribution-step", help="commit | final"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:

@@ -67,7 +67,7 @@ def audit_cmd(
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", help="Connect to this Ray cluster (e.g. auto, ray://host:10001). Default: a local Ray."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (default: the model's own default)."),
-    distractor: str = typer.Option("previous", "--distractor", help="Contrast target: previous | others-mean | none."),
+    distractor: str = typer.Option("others-mean", "--distractor", help="Contrast target: others-mean (default, best on the benchmark) | previous | none."),
     attribution_step: str = typer.Option("commit", "--attribution-step", help="commit | final."),
     seed: int = typer.Option(0, "--seed", help="Generation seed."),
     shard_size: int = typer.Option(
@@ -93,9 +93,15 @@ def audit_cmd(
         from storage.datasets import ManifestError, load_dataset
 
         try:
-            load_dataset(dataset)
+            ds = load_dataset(dataset)
         except ManifestError as e:
             _fail(str(e))
+        if ds.line_problems:  # each such line becomes a failure row; the rest is audited
+            shown = [f"  {p}" for p in ds.line_problems[:20]]
+            more = len(ds.line_problems) - len(shown)
+            typer.secho(f"warning: {len(ds.line_problems)} manifest problem(s); these lines go to the failures "
+                        "table, the other lines are audited:\n" + "\n".join(shown)
+                        + (f"\n  ... and {more} more" if more > 0 else ""), fg=typer.colors.YELLOW, err=True)
     try:
         settings = CamSettings(layer=layer, distractor=distractor, attribution_step=attribution_step,
                                generation=GenerationSettings(seed=seed))
@@ -227,6 +233,7 @@ def sql_cmd(
     import duckdb
 
     from storage.catalog import ReadOnlyError, run_sql
+    from storage.store import StoreCorruptError
 
     try:
         table = run_sql(store, query)
@@ -234,6 +241,8 @@ def sql_cmd(
         _fail(f"refused: {e}")
     except duckdb.Error as e:
         _fail(f"query failed: {e}")
+    except StoreCorruptError as e:  # a forged or damaged commit marker: never follow it
+        _fail(f"the store is damaged: {e}", code=1)
 
     if fmt == "parquet":
         import pyarrow.parquet as pq

@@ -63,7 +63,7 @@ def run_explain(
     out: Path,
     *,
     layer: str | None = None,
-    distractor: str = "previous",
+    distractor: str = "others-mean",
     attribution_step: str = "commit",
     seed: int = 0,
 ) -> dict:

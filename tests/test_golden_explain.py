@@ -53,8 +53,8 @@ def test_explain_cli_writes_documented_outputs_that_match_independent_values(tmp
     colour = next(w for w in gen.words if w.text in COLORS)
     assert colour.text == s.objects[0].color
     content = [w for w in gen.words if not w.is_function]
-    prev = [c for c in content if c.index < colour.index][-1:]
-    F, G = _independent_projector_grads(adapter, inputs, gen, colour, prev)
+    others = [c for c in content if c.index != colour.index]  # the default distractor: others-mean
+    F, G = _independent_projector_grads(adapter, inputs, gen, colour, others)
     expected = _literal_map(F, G, (8, 8))
     got = np.array(doc["words"][colour.index]["maps"]["diffusion-cam-raw"])
     np.testing.assert_allclose(got, expected, atol=2e-4)
