@@ -9,8 +9,11 @@ sizes N1 < N2:
 
 - flow: ``diffcam audit --limit N --workers W --cpus-per-worker T`` (Prefect ephemeral
   server, local Ray, actors, shard commits, validation, report);
-- bare: ``bench_audit.py --_bare N``: import, ``load_adapter``, then ``explain`` on each
-  image (loaded with `load_image`), results discarded.
+- bare: ``bench_audit.py --_bare N``: import, ``load_adapter``, then for each sample the
+  same core work the workers do — `load_image`, the sample's masks, ``explain``, and
+  `diffcam_core.stats.map_stats` of every word's every map (with the word's mask where
+  it names an object) — results discarded. So the ratio prices orchestration and
+  storage (Prefect, Ray, rows, Parquet, validation, report), not the core.
 
 From the two wall times: steady-state rate = (N2 - N1) / (t2 - t1) samples/s, and fixed
 start-up = t1 - N1 / rate (what a run costs before its first sample: imports, Prefect,
@@ -84,6 +87,7 @@ def _bare(n: int, dataset: str, model: str, threads: int) -> None:
     from diffcam_core.cam import explain
     from diffcam_core.models.base import load_adapter
     from diffcam_core.settings import CamSettings
+    from diffcam_core.stats import map_stats
     from storage.datasets import load_dataset, load_image
 
     torch.set_num_threads(threads)
@@ -93,7 +97,13 @@ def _bare(n: int, dataset: str, model: str, threads: int) -> None:
     t2 = time.perf_counter()
     settings = CamSettings()
     for s in ds.samples[:n]:
-        explain(adapter, load_image(s.image_path), s.prompt, settings)
+        image = load_image(s.image_path)
+        masks = s.object_masks(image.size)
+        result = explain(adapter, image, s.prompt, settings)
+        for wm in result.words:
+            mask = next((m for w, m in masks if w == wm.word.text), None)
+            for heat in wm.maps.values():
+                map_stats(heat, mask)
     t3 = time.perf_counter()
     print(json.dumps({"imports_s": t1 - t0, "load_s": t2 - t1, "loop_s": t3 - t2, "n": n}))
 
