@@ -319,7 +319,9 @@ def audit(
     }, config, logger)
 
     try:
-        committed_before = set(st.committed_shards(run_id))
+        # plan shards only: a named shard ("dataset": the dataset-level flags) is not one, and
+        # mixing it in made the summary's sorted() fail when resuming a run that got that far
+        committed_before = {k for k in st.committed_shards(run_id) if isinstance(k, int)}
         pending = [s for s in shards if s.shard_id not in committed_before]
         logger.info("%d/%d shards already committed; %d to run", len(shards) - len(pending), len(shards), len(pending))
         pool = None

@@ -17,20 +17,32 @@ Formats (see docs/ARCHITECTURE.md, "Command line and formats"):
   (as colour and shape words do in the synthetic data). Masks are rasterised lazily
   (`Sample.object_masks`).
 
-Validation policy (decided here; the audit relies on it):
+Validation policy (decided here; the audit relies on it; docs/RELIABILITY.md):
 
-- REJECT the whole manifest with one `ManifestError` listing every problem (line / row /
-  JSON location, field, message): unreadable or non-UTF-8 manifest, malformed JSON line,
-  a row that is not an object, missing/empty/wrongly typed required fields, malformed
-  ``objects``, duplicate ``sample_id``, and any path that is absolute, escapes the root
-  with ``..``, or resolves (symlinks followed) outside the dataset root. These are
-  errors in the manifest itself or potential security issues; auditing part of such a
-  manifest would silently change what "the dataset" means.
-- PER-SAMPLE failure (``Sample.problem`` is set, the sample is kept so the pipeline writes
-  a failure row): the image or a mask file is missing or not a regular file. Content
-  problems (zero-byte, truncated, not an image, too large, mask size mismatch) are only
-  found when the file is opened: `load_image` / `load_mask` / `Sample.object_masks` raise
+- REJECT the whole manifest with one `ManifestError` listing every problem only when it is
+  *structurally* broken: the file cannot be read, it is not text in UTF-8 at all, a CSV
+  or Parquet manifest lacks a required column, the CSV itself is malformed, several
+  manifests are present — or not a single line is a usable sample (a wrong file, most
+  likely). Auditing such a file would silently change what "the dataset" means.
+- ONE BAD LINE is that line's failure row, and the rest of the run proceeds: the line
+  becomes a `Sample` with ``problem`` (the message, naming line and field) and
+  ``problem_kind`` (a stable reason token, see `LINE_PROBLEM_KINDS`) set, and the
+  pipeline writes it to ``failures`` (stage ``load``) instead of auditing it. A line whose
+  ``sample_id`` is unusable (malformed JSON, not an object, missing/empty/overlong id,
+  the reserved ``line:<n>`` form) or repeats an earlier id (the first line keeps the id)
+  is keyed ``line:<n>``; any other bad line keeps its own id. Per-line problems: a path
+  that is absolute, escapes the root with ``..`` or resolves (symlinks followed) outside
+  the dataset root — such a path is never opened or hashed —, missing/empty/overlong
+  prompts, text that is not valid UTF-8 (or holds lone surrogates), control characters
+  in ids or prompts, malformed ``objects``, and a named file that is missing or not a
+  regular file (a folder, a FIFO, a device: opening those could block).
+  `Dataset.line_problems` lists them all (the CLI prints them before the run starts).
+  Every non-blank manifest line therefore ends in exactly one of samples / failures.
+- Content problems (zero-byte, truncated, corrupt, not an image, too large, animated,
+  unsupported pixel format, mask size mismatch, non-binary or empty masks) are only found
+  when the file is opened: `load_image` / `load_mask` / `Sample.object_masks` raise
   `SampleError` with ``stage`` and ``reason`` for the failure table.
+- COCO files keep the strict whole-file policy (their structure is one JSON document).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +77,9 @@ __all__ = [
     "DEFAULT_COCO_PROMPT",
     "ManifestProblem",
     "ManifestError",
+    "LINE_PROBLEM_KINDS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SAMPLE_ID_CHARS",
     "SampleError",
     "CocoRegion",
     "Sample",
@@ -86,6 +102,27 @@ MANIFEST_NAMES: dict[str, str] = {
 DEFAULT_COCO_PROMPT = "describe the image"
 REQUIRED_FIELDS = ("sample_id", "image", "prompt")
 DEFAULT_MAX_PIXELS = 50_000_000
+#: A prompt longer than this is a manifest error (``prompt-too-long``); a prompt that fits
+#: but exceeds the model's context is refused by the worker (``input-too-long``).
+MAX_PROMPT_CHARS = 4000
+MAX_SAMPLE_ID_CHARS = 256
+#: Failure-row keys of lines without a usable sample id; a manifest id of this form is refused.
+LINE_KEY_PREFIX = "line:"
+#: Reason tokens of per-line manifest problems (`Sample.problem_kind`).
+LINE_PROBLEM_KINDS = (
+    "malformed-line",  # unparseable JSON / CSV record, or not an object
+    "bad-id",          # sample_id missing, not a string, empty, too long, control characters, reserved form
+    "duplicate-id",    # sample_id seen on an earlier line
+    "missing-field",   # image or prompt missing
+    "bad-prompt",      # prompt not a string, empty, or with control characters
+    "prompt-too-long",
+    "bad-encoding",    # text that is not valid UTF-8 (or a lone surrogate from a JSON escape)
+    "unsafe-path",     # absolute, escapes the root with '..', resolves outside the root, NUL byte
+    "bad-path",        # not a non-empty string
+    "bad-objects",     # objects malformed (not a list, bad word, no mask)
+    "missing",         # a named file does not exist
+    "not-a-file",      # a named path is a folder, FIFO, device, ...
+)
 _HASH_CHUNK = 1 << 20
 _MAX_PROBLEMS_IN_MESSAGE = 50
 
@@ -105,6 +142,8 @@ class ManifestProblem:
     field: str
     message: str
     where: str = "line"
+    #: Reason token (`LINE_PROBLEM_KINDS`) of a per-line problem; None for structural ones.
+    kind: str | None = None
 
     def __str__(self) -> str:
         loc = f"{self.where} {self.line}" if self.line is not None else self.where
@@ -127,8 +166,10 @@ class ManifestError(ValueError):
 
 class SampleError(Exception):
     """One sample cannot be processed. ``stage`` (e.g. "load", "mask") and ``reason`` (a short
-    stable token: "missing", "empty", "not-an-image", "truncated", "too-large",
-    "unreadable", "size-mismatch", "bad-segmentation") go to the failure table."""
+    stable token: "missing", "not-a-file", "empty", "not-an-image", "truncated", "corrupt",
+    "too-large", "animated", "unsupported-mode", "permission-denied", "unreadable",
+    "size-mismatch", "unknown-labels", "empty-mask", "bad-segmentation") go to the failure
+    table; the message starts with ``[stage/reason]``."""
 
     def __init__(self, stage: str, reason: str, message: str, *, path: str | Path | None = None):
         self.stage = stage
@@ -264,8 +305,11 @@ class Sample:
 
     ``objects``: (word, mask_path) per grounding word; mask_path is an absolute Path for
     manifest datasets and None for COCO (then ``coco_regions[i]`` holds object i's region).
-    ``problem``: set when the sample is known to be unusable before opening any file
-    (missing image/mask); the pipeline records it as a failure row, it never drops it.
+    ``problem``: set when the sample is known to be unusable before opening any file (a
+    bad manifest line, a missing image/mask); the pipeline records it as a failure row,
+    it never drops it. ``problem_kind``: its reason token (`LINE_PROBLEM_KINDS`). Such a
+    sample's other fields are placeholders (``image_path`` is the dataset root, never
+    the rejected path) and must not be used.
     """
 
     sample_id: str
@@ -276,6 +320,7 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
     coco_regions: tuple[CocoRegion, ...] | None = None
+    problem_kind: str | None = None
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -326,6 +371,8 @@ class Dataset:
     format: str
     manifest_path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Every per-line problem (lines that become failure rows), manifest order.
+    line_problems: tuple[ManifestProblem, ...] = ()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -334,22 +381,81 @@ class Dataset:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image fully: RGB, EXIF orientation applied, file closed.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
-    Raises SampleError(stage="load") with reason "missing", "empty" (zero bytes),
-    "not-an-image", "too-large" (width*height > max_pixels, checked from the header
-    before decoding), "truncated" or "unreadable". Alpha is dropped (convert("RGB")).
-    """
-    path = Path(path)
+
+def _decode_error(stage: str, what: str, path: Path, e: BaseException) -> SampleError:
+    """Map a decoder exception to a precise reason token."""
+    if isinstance(e, PermissionError):
+        return SampleError(stage, "permission-denied", f"{what} {path}: permission denied", path=path)
+    text = str(e).lower()
+    if "truncat" in text:
+        reason = "truncated"
+    elif "broken data stream" in text or "crc" in text or "corrupt" in text or "invalid" in text:
+        reason = "corrupt"
+    else:
+        reason = "unreadable"
+    return SampleError(stage, reason, f"{what} {path}: {type(e).__name__}: {e}", path=path)
+
+
+def _check_regular_file(stage: str, what: str, path: Path) -> os.stat_result:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise SampleError("load", "missing", f"image {path} does not exist", path=path) from None
+        raise SampleError(stage, "missing", f"{what} {path} does not exist", path=path) from None
+    except PermissionError:
+        raise SampleError(stage, "permission-denied", f"{what} {path}: permission denied", path=path) from None
     except OSError as e:
-        raise SampleError("load", "unreadable", f"image {path}: {e}", path=path) from e
-    if not path.is_file():
-        raise SampleError("load", "unreadable", f"image {path} is not a regular file", path=path)
+        raise SampleError(stage, "unreadable", f"{what} {path}: {e}", path=path) from e
+    if not path.is_file():  # a folder, FIFO or device: opening it could block or read forever
+        raise SampleError(stage, "not-a-file", f"{what} {path} is not a regular file", path=path)
+    return st
+
+
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """RGB pixels of ``im`` (see `load_image` for the per-mode rules)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise SampleError("load", "unsupported-mode",
+                              f"image {path}: {mode} pixels span {int(a.min())}..{int(a.max())}, "
+                              "outside the 16-bit range 0..65535", path=path)
+        grey = np.rint(a.astype(np.float64) / 257.0).astype(np.uint8)  # 0..65535 -> 0..255
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        raise SampleError("load", "unsupported-mode",
+                          f"image {path}: floating-point pixels (mode F) have no defined value range", path=path)
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise SampleError("load", "unsupported-mode", f"image {path}: cannot convert mode {mode} to RGB: {e}",
+                          path=path) from e
+
+
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image fully: RGB, EXIF orientation applied, file closed.
+
+    Raises SampleError(stage="load") with reason "missing", "not-a-file" (a folder, FIFO,
+    device: never opened), "permission-denied", "empty" (zero bytes), "not-an-image",
+    "too-large" (width*height > max_pixels, checked from the header before decoding; a
+    decompression bomb never gets decoded), "animated" (more than one frame: which frame
+    is "the image" is ambiguous, so none is picked silently), "unsupported-mode",
+    "truncated", "corrupt" (e.g. a PNG CRC or zlib error) or "unreadable".
+
+    Pixel formats: greyscale, palette, 1-bit and CMYK are converted to RGB (Pillow's
+    conversions; CMYK without colour management); alpha is dropped (the stored colour
+    under a transparent pixel is what is audited); 16-bit greyscale (``I;16*``, and
+    ``I`` within 0..65535) is scaled to 8 bits (v / 257, rounded) — Pillow's own
+    conversion clips it instead, which turns most of the image white; floating-point
+    (``F``) images are refused. A JPEG whose entropy-coded data is damaged but whose
+    structure is intact decodes without error (with visible artefacts): no decoder can
+    tell, so it is audited.
+    """
+    path = Path(path)
+    st = _check_regular_file("load", "image", path)
     if st.st_size == 0:
         raise SampleError("load", "empty", f"image {path} is a zero-byte file", path=path)
     try:
@@ -359,9 +465,13 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                 raise SampleError(
                     "load", "too-large", f"image {path} is {w}x{h} = {w * h} px > max_pixels {max_pixels}", path=path
                 )
+            if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
+                raise SampleError("load", "animated",
+                                  f"image {path} ({im.format}) has more than one frame; audit single frames",
+                                  path=path)
             im.load()
             im = ImageOps.exif_transpose(im)
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+            return _to_rgb(im, path)
     except SampleError:
         raise
     except UnidentifiedImageError:
@@ -369,20 +479,23 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except Image.DecompressionBombError as e:
         raise SampleError("load", "too-large", f"image {path}: {e}", path=path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "truncated" if "truncat" in str(e).lower() else "unreadable"
-        raise SampleError("load", reason, f"image {path}: {type(e).__name__}: {e}", path=path) from e
+        raise _decode_error("load", "image", path, e) from e
 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Read a mask PNG as bool (H, W). ``size`` is the image's PIL size (W, H).
 
-    L/RGB masks: pixel >= 128 is inside (our masks are 0/255); mode "1": set bits;
-    mode "P": palette index != 0. Raises SampleError(stage="mask") when missing or
-    unreadable, or when its size differs from the image's (both sizes named).
+    Masks are binary: mode "1" (set bits); "L"/"RGB" (converted to L) holding only 0 and
+    255, or only 0 and 1; "P" with at most two palette indices (index != 0 is inside).
+    Anything else — anti-aliased edges, a label map with several classes, a colour-coded
+    segmentation — is refused with reason "unknown-labels" naming the values found (a
+    threshold would silently merge or drop labels). A mask with no inside pixel is
+    refused ("empty-mask"): the metrics are undefined for it. Raises
+    SampleError(stage="mask") also when missing, unreadable, or of another size than the
+    image (both sizes named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SampleError("mask", "missing", f"mask {path} does not exist", path=path)
+    _check_regular_file("mask", "mask", path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -393,29 +506,57 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
                     path=path,
                 )
             if im.mode == "1":
-                return np.array(im, dtype=bool)
-            if im.mode == "P":
-                return np.array(im) != 0
-            return np.array(im.convert("L")) >= 128
+                m = np.array(im, dtype=bool)
+            elif im.mode == "P":
+                a = np.array(im)
+                values = np.unique(a)
+                if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+                    raise SampleError("mask", "unknown-labels",
+                                      f"mask {path} (palette) uses indices {values[:8].tolist()}: "
+                                      "a binary mask has index 0 (outside) and one other index", path=path)
+                m = a != 0
+            else:
+                a = np.array(im.convert("L"))
+                values = np.unique(a)
+                if set(values.tolist()) <= {0, 255}:
+                    m = a == 255
+                elif set(values.tolist()) <= {0, 1}:
+                    m = a == 1
+                else:
+                    raise SampleError("mask", "unknown-labels",
+                                      f"mask {path} holds values {values[:8].tolist()}"
+                                      f"{' …' if len(values) > 8 else ''}: a mask must be binary (0/255 or 0/1)",
+                                      path=path)
+            if not m.any():
+                raise SampleError("mask", "empty-mask", f"mask {path} has no object pixel", path=path)
+            return m
     except SampleError:
         raise
     except UnidentifiedImageError:
         raise SampleError("mask", "not-an-image", f"mask {path} is not a recognised image", path=path) from None
+    except Image.DecompressionBombError as e:
+        raise SampleError("mask", "too-large", f"mask {path}: {e}", path=path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "truncated" if "truncat" in str(e).lower() else "unreadable"
-        raise SampleError("mask", reason, f"mask {path}: {type(e).__name__}: {e}", path=path) from e
+        raise _decode_error("mask", "mask", path, e) from e
 
 
 # --------------------------------------------------------------------------- hashing
 
 
 def _file_digest(path: Path) -> bytes | None:
+    """sha256 of a regular file; None when it is missing, unreadable or not a regular file
+    (a FIFO or device would block or never end: it is never opened)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        if not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # no blocking even if swapped meanwhile
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except OSError:
         return None
     return h.digest()
 
@@ -451,41 +592,110 @@ def _resolve_rel(root: Path, rel: Any, field_name: str, line: int, where: str,
                  problems: list[ManifestProblem]) -> Path | None:
     """Validate a manifest path: relative, not escaping, resolving inside ``root``."""
     if not isinstance(rel, str) or not rel.strip():
-        problems.append(ManifestProblem(line, field_name, f"must be a non-empty relative path string, got {rel!r}", where))
+        problems.append(ManifestProblem(line, field_name, f"must be a non-empty relative path string, got {rel!r}",
+                                        where, "bad-path"))
         return None
     if "\0" in rel:
-        problems.append(ManifestProblem(line, field_name, f"contains a NUL byte: {rel!r}", where))
+        problems.append(ManifestProblem(line, field_name, f"contains a NUL byte: {rel!r}", where, "unsafe-path"))
+        return None
+    if not _clean_text(rel):
+        problems.append(ManifestProblem(line, field_name, f"is not valid UTF-8: {rel!r}", where, "bad-encoding"))
         return None
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (
         len(rel) > 2 and rel[0].isalpha() and rel[1] == ":" and rel[2] in "/\\"
     ):
-        problems.append(ManifestProblem(line, field_name, f"absolute path not allowed: {rel!r}", where))
+        problems.append(ManifestProblem(line, field_name, f"absolute path not allowed: {rel!r}", where, "unsafe-path"))
         return None
     lexical = os.path.normpath(rel.replace("\\", "/"))  # backslashes treated as separators here
     if lexical == ".." or lexical.startswith("../"):
-        problems.append(ManifestProblem(line, field_name, f"path escapes the dataset root with '..': {rel!r}", where))
+        problems.append(ManifestProblem(line, field_name, f"path escapes the dataset root with '..': {rel!r}",
+                                        where, "unsafe-path"))
         return None
-    resolved = (root / rel).resolve()
+    try:
+        resolved = (root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+        problems.append(ManifestProblem(line, field_name, f"cannot resolve {rel!r}: {e}", where, "unsafe-path"))
+        return None
     if not resolved.is_relative_to(root):
         problems.append(ManifestProblem(
-            line, field_name, f"path resolves outside the dataset root (symlink?): {rel!r} -> {resolved}", where))
+            line, field_name, f"path resolves outside the dataset root (symlink?): {rel!r} -> {resolved}", where,
+            "unsafe-path"))
         return None
     return resolved
 
 
+def _file_problem(path: Path) -> str | None:
+    """None for a regular file, else "missing" or "not-a-file" (never opens the path)."""
+    try:
+        if path.is_file():
+            return None
+        return "not-a-file" if path.exists() else "missing"
+    except OSError:
+        return "missing"
+
+
 def _missing(path: Path) -> bool:
-    return not path.is_file()
+    return _file_problem(path) is not None
+
+
+def _clean_text(s: str) -> bool:
+    """True if ``s`` encodes to UTF-8: no undecodable bytes (surrogate-escaped on read) and
+    no lone surrogates from JSON ``\\udXXX`` escapes. Such text could not be written to the tables."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unclean_fields(value: Any, name: str = "") -> list[str]:
+    """Names of the string values (recursively) in ``value`` that are not valid UTF-8."""
+    if isinstance(value, str):
+        return [] if _clean_text(value) else [name or "value"]
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            key = k if _clean_text(str(k)) else repr(k)
+            out += _unclean_fields(v, f"{name}.{key}" if name else key) + ([] if _clean_text(str(k)) else [key])
+        return out
+    if isinstance(value, (list, tuple)):
+        return [f for i, v in enumerate(value) for f in _unclean_fields(v, f"{name}[{i}]")]
+    return []
+
+
+def _has_control(s: str, allow_whitespace: bool) -> bool:
+    ok = "\t\n\r" if allow_whitespace else ""
+    return any((ord(c) < 32 and c not in ok) or ord(c) == 127 for c in s)
 
 
 # --------------------------------------------------------------------------- manifest rows
 
 
+def _decode_text(path: Path) -> str:
+    """The manifest as text. Bytes that are not UTF-8 are kept as surrogate escapes so that
+    one bad line is that line's problem (`_clean_text`), not the whole file's."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if b"\0" in data[:4096] and not data[:4096].replace(b"\0", b"").strip():
+        raise ManifestError(path, [ManifestProblem(None, "encoding", "binary file, not a text manifest", "file")])
+    for bom in (b"\xff\xfe", b"\xfe\xff"):
+        if data.startswith(bom):
+            raise ManifestError(path, [ManifestProblem(None, "encoding", "UTF-16 file; save it as UTF-8", "file")])
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+#: A line that could not be parsed: (line, _BadLine(message)).
+class _BadLine:
+    def __init__(self, message: str, kind: str = "malformed-line", field: str = "row") -> None:
+        self.message = message
+        self.kind = kind
+        self.field = field
+
+
 def _read_jsonl(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, Any]]:
     rows: list[tuple[int, Any]] = []
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(path, [ManifestProblem(None, "encoding", f"not UTF-8: {e}", "file")]) from None
+    text = _decode_text(path)
     for i, line in enumerate(text.split("\n"), start=1):
         line = line.strip()
         if not line:
@@ -493,29 +703,34 @@ def _read_jsonl(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, 
         try:
             rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            problems.append(ManifestProblem(i, "json", f"malformed JSON: {e.msg} at column {e.colno}"))
+            kind = "malformed-line" if _clean_text(line) else "bad-encoding"
+            msg = f"malformed JSON: {e.msg} at column {e.colno}" + ("" if kind == "malformed-line" else
+                                                                    " (the line is not valid UTF-8)")
+            rows.append((i, _BadLine(msg, kind, "json")))
     return rows
 
 
 def _read_csv(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, Any]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(path, [ManifestProblem(None, "encoding", f"not UTF-8: {e}", "file")]) from None
+    text = _decode_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[tuple[int, Any]] = []
     try:
+        header = reader.fieldnames or []
+        absent = [f for f in REQUIRED_FIELDS if f not in header]
+        if absent:
+            raise ManifestError(path, [ManifestProblem(1, "header", f"required column(s) {absent} missing; "
+                                                       f"header is {header}")])
         for rec in reader:
             line = reader.line_num
             if None in rec:
-                problems.append(ManifestProblem(line, "columns", f"row has {len(rec[None])} more value(s) than the header"))
-                rec.pop(None)
+                rows.append((line, _BadLine(f"row has {len(rec[None])} more value(s) than the header", field="columns")))
+                continue
             row = {k: v for k, v in rec.items() if v is not None}  # short rows -> missing fields
             if "objects" in row:
-                row["objects"] = _json_objects(row["objects"], line, problems)
+                row["objects"] = _json_objects(row["objects"])
             rows.append((line, row))
     except csv.Error as e:
-        problems.append(ManifestProblem(reader.line_num, "csv", f"malformed CSV: {e}"))
+        raise ManifestError(path, [ManifestProblem(reader.line_num, "csv", f"malformed CSV: {e}")]) from None
     return rows
 
 
@@ -524,93 +739,176 @@ def _read_parquet(path: Path, problems: list[ManifestProblem]) -> list[tuple[int
 
     try:
         table = pq.read_table(path)
+        absent = [f for f in REQUIRED_FIELDS if f not in table.column_names]
+        if absent:
+            raise ManifestError(path, [ManifestProblem(None, "columns", f"required column(s) {absent} missing; "
+                                                       f"columns are {table.column_names}", "file")])
+        records = table.to_pylist()
+    except ManifestError:
+        raise
     except Exception as e:  # pyarrow raises several types for a bad file; reported, not hidden
         raise ManifestError(path, [ManifestProblem(None, "parquet", f"cannot read: {type(e).__name__}: {e}", "file")]) from e
     rows: list[tuple[int, Any]] = []
-    for i, rec in enumerate(table.to_pylist(), start=1):
+    for i, rec in enumerate(records, start=1):
         row = {k: v for k, v in rec.items() if v is not None}
         if isinstance(row.get("objects"), str):
-            row["objects"] = _json_objects(row["objects"], i, problems, where="row")
+            row["objects"] = _json_objects(row["objects"])
         rows.append((i, row))
     return rows
 
 
-_BAD = object()
+class _BadObjects:
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
-def _json_objects(text: str, line: int, problems: list[ManifestProblem], where: str = "line") -> Any:
+def _json_objects(text: str) -> Any:
     if not text.strip():
         return []
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        problems.append(ManifestProblem(line, "objects", f"not a JSON list: {e.msg}", where))
-        return _BAD
+        return _BadObjects(f"not a JSON list: {e.msg}")
+
+
+def _line_key(line: int) -> str:
+    return f"{LINE_KEY_PREFIX}{line}"
+
+
+def _is_line_key(sid: str) -> bool:
+    return sid.startswith(LINE_KEY_PREFIX) and sid[len(LINE_KEY_PREFIX):].isdigit()
+
+
+def _check_id(sid: Any) -> str | None:
+    """Why ``sid`` cannot be a sample id, or None."""
+    if not isinstance(sid, str):
+        return f"must be a string, got {type(sid).__name__} {sid!r}"
+    if not sid.strip():
+        return "is empty"
+    if not _clean_text(sid):
+        return f"is not valid UTF-8: {sid!r}"
+    if len(sid) > MAX_SAMPLE_ID_CHARS:
+        return f"is {len(sid)} characters long (max {MAX_SAMPLE_ID_CHARS})"
+    if _has_control(sid, allow_whitespace=False):
+        return f"contains control characters: {sid!r}"
+    if _is_line_key(sid):
+        return f"{sid!r} has the reserved form {LINE_KEY_PREFIX}<n> (used for lines without a usable id)"
+    return None
+
+
+def _check_prompt(prompt: Any) -> tuple[str, str] | None:
+    """(kind, message) when ``prompt`` is unusable, else None."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "bad-prompt", f"must be a non-empty string, got {prompt!r}"
+    if not _clean_text(prompt):
+        return "bad-encoding", f"is not valid UTF-8: {prompt[:80]!r}"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return "prompt-too-long", f"is {len(prompt)} characters long (max {MAX_PROMPT_CHARS})"
+    if _has_control(prompt, allow_whitespace=True):
+        return "bad-prompt", f"contains control characters: {prompt[:80]!r}"
+    return None
+
+
+def _placeholder(root: Path, sid: str, line: int, problems: list[ManifestProblem]) -> Sample:
+    """The `Sample` standing for a bad line: only its id, line and problem are meaningful."""
+    return Sample(sample_id=sid, image_path=root, prompt="", objects=(), line_no=line,
+                  problem="; ".join(str(p) for p in problems), problem_kind=problems[0].kind or "malformed-line")
 
 
 def _validate_rows(
     rows: list[tuple[int, Any]], root: Path, where: str, problems: list[ManifestProblem]
 ) -> list[Sample]:
+    """One `Sample` per row, manifest order: a valid sample, or (``problem`` set) a failure to be.
+
+    ``problems`` receives every per-line problem (each with its ``kind``)."""
     samples: list[Sample] = []
     first_line: dict[str, int] = {}
     for line, row in rows:
-        if not isinstance(row, dict):
-            problems.append(ManifestProblem(line, "row", f"must be a JSON object, got {type(row).__name__}", where))
+        mine: list[ManifestProblem] = []
+        if isinstance(row, _BadLine):
+            mine.append(ManifestProblem(line, row.field, row.message, where, row.kind))
+        elif not isinstance(row, dict):
+            mine.append(ManifestProblem(line, "row", f"must be a JSON object, got {type(row).__name__}", where,
+                                        "malformed-line"))
+        if mine:
+            problems.extend(mine)
+            samples.append(_placeholder(root, _line_key(line), line, mine))
             continue
-        n_before = len(problems)
-        for name in REQUIRED_FIELDS:
-            if name not in row:
-                problems.append(ManifestProblem(line, name, "missing required field", where))
         sid = row.get("sample_id")
-        if "sample_id" in row:
-            if not isinstance(sid, str):
-                problems.append(ManifestProblem(line, "sample_id", f"must be a string, got {type(sid).__name__} {sid!r}", where))
-            elif not sid.strip():
-                problems.append(ManifestProblem(line, "sample_id", "is empty", where))
-            elif sid in first_line:
-                problems.append(ManifestProblem(
-                    line, "sample_id", f"duplicate {sid!r} (first on {where} {first_line[sid]})", where))
-            else:
-                first_line[sid] = line
-        prompt = row.get("prompt")
-        if "prompt" in row and (not isinstance(prompt, str) or not prompt.strip()):
-            problems.append(ManifestProblem(line, "prompt", f"must be a non-empty string, got {prompt!r}", where))
+        why = "missing required field" if "sample_id" not in row else _check_id(sid)
+        if why is None and sid in first_line:
+            mine.append(ManifestProblem(line, "sample_id", f"duplicate {sid!r} (first on {where} {first_line[sid]})",
+                                        where, "duplicate-id"))
+        elif why is not None:
+            mine.append(ManifestProblem(line, "sample_id", why, where, "bad-id"))
+        key = sid if not mine else _line_key(line)
+        if not mine:
+            first_line[sid] = line
+        for name in ("image", "prompt"):
+            if name not in row:
+                mine.append(ManifestProblem(line, name, "missing required field", where, "missing-field"))
+        if "prompt" in row:
+            bad = _check_prompt(row["prompt"])
+            if bad is not None:
+                mine.append(ManifestProblem(line, "prompt", bad[1], where, bad[0]))
         image = None
         if "image" in row:
-            image = _resolve_rel(root, row["image"], "image", line, where, problems)
+            image = _resolve_rel(root, row["image"], "image", line, where, mine)
         objects: list[tuple[str, Path | None]] = []
         raw_objects = row.get("objects", [])
-        if raw_objects is _BAD:
-            pass  # already reported
+        if isinstance(raw_objects, _BadObjects):
+            mine.append(ManifestProblem(line, "objects", raw_objects.message, where, "bad-objects"))
         elif not isinstance(raw_objects, list):
-            problems.append(ManifestProblem(line, "objects", f"must be a list, got {type(raw_objects).__name__}", where))
+            mine.append(ManifestProblem(line, "objects", f"must be a list, got {type(raw_objects).__name__}", where,
+                                        "bad-objects"))
         else:
             for k, obj in enumerate(raw_objects):
                 fname = f"objects[{k}]"
                 if not isinstance(obj, dict):
-                    problems.append(ManifestProblem(line, fname, f"must be an object with word and mask, got {obj!r}", where))
+                    mine.append(ManifestProblem(line, fname, f"must be an object with word and mask, got {obj!r}",
+                                                where, "bad-objects"))
                     continue
                 word = obj.get("word")
-                if not isinstance(word, str) or not word.strip() or len(word.split()) != 1:
-                    problems.append(ManifestProblem(line, f"{fname}.word", f"must be one non-empty word, got {word!r}", where))
+                if not isinstance(word, str) or not word.strip() or len(word.split()) != 1 \
+                        or not _clean_text(word) or _has_control(word, allow_whitespace=False):
+                    mine.append(ManifestProblem(line, f"{fname}.word", f"must be one non-empty word, got {word!r}",
+                                                where, "bad-objects"))
                 if "mask" not in obj:
-                    problems.append(ManifestProblem(line, f"{fname}.mask", "missing", where))
+                    mine.append(ManifestProblem(line, f"{fname}.mask", "missing", where, "bad-objects"))
                     continue
-                mpath = _resolve_rel(root, obj["mask"], f"{fname}.mask", line, where, problems)
+                mpath = _resolve_rel(root, obj["mask"], f"{fname}.mask", line, where, mine)
                 if isinstance(word, str) and mpath is not None:
                     objects.append((word.strip(), mpath))
-        if len(problems) != n_before:
+        if not mine:  # any other text field (kept in extra) must be writable too
+            for f in _unclean_fields({k: v for k, v in row.items() if k not in (*REQUIRED_FIELDS, "objects")}):
+                mine.append(ManifestProblem(line, f, "is not valid UTF-8", where, "bad-encoding"))
+        if mine:
+            problems.extend(mine)
+            samples.append(_placeholder(root, key, line, mine))
             continue
         assert image is not None
-        missing = [str(image)] if _missing(image) else []
-        missing += sorted({str(p) for _, p in objects if p is not None and _missing(p)})
-        problem = None
-        if missing:
-            problem = "missing file(s): " + ", ".join(missing)
+        file_problems: list[ManifestProblem] = []
+        missing: list[str] = []
+        reported: set[Path] = set()
+        for name, fpath in [("image", image)] + [(f"objects[{k}].mask", m) for k, (_, m) in enumerate(objects)]:
+            kind = _file_problem(fpath)
+            if kind is None or fpath in reported:  # a mask shared by several words is reported once
+                continue
+            reported.add(fpath)
+            if kind == "missing":
+                missing.append(str(fpath))
+            what = "does not exist" if kind == "missing" else "is not a regular file"
+            file_problems.append(ManifestProblem(line, name, f"{fpath} {what}", where, kind))
+        problems.extend(file_problems)
+        problem = kind = None
+        if file_problems:
+            kind = file_problems[0].kind
+            problem = (f"missing file(s): {', '.join(missing)}" if len(missing) == len(file_problems)
+                       else "; ".join(str(fp) for fp in file_problems))
         extra = {k: v for k, v in row.items() if k not in (*REQUIRED_FIELDS, "objects")}
         samples.append(Sample(
-            sample_id=sid, image_path=image, prompt=prompt.strip(), objects=tuple(objects),
-            line_no=line, extra=extra, problem=problem,
+            sample_id=sid, image_path=image, prompt=row["prompt"].strip(), objects=tuple(objects),
+            line_no=line, extra=extra, problem=problem, problem_kind=kind,
         ))
     return samples
 
@@ -628,15 +926,16 @@ def _load_manifest(path: Path, fmt: str) -> Dataset:
     except OSError as e:
         raise ManifestError(path, [ManifestProblem(None, "file", f"cannot read: {e}", "file")]) from e
     samples = _validate_rows(rows, root, where, problems)
-    if not problems and not samples:
-        problems.append(ManifestProblem(None, "samples", "manifest has no samples", "file"))
-    if problems:
-        raise ManifestError(path, problems)
-    files = [p for s in samples for p in (s.image_path, *(m for _, m in s.objects if m is not None))]
+    if not samples:
+        raise ManifestError(path, [ManifestProblem(None, "samples", "manifest has no samples", "file")])
+    usable = [s for s in samples if s.problem_kind in (None, "missing", "not-a-file")]
+    if not usable:  # not one line is a sample: a wrong file, most likely; refuse, listing every line
+        raise ManifestError(path, [*problems, ManifestProblem(None, "samples", "no line is a usable sample", "file")])
+    files = [p for s in usable for p in (s.image_path, *(m for _, m in s.objects if m is not None))]
     meta = _read_meta(root)
     return Dataset(root=root, uri=path.resolve().as_uri(), samples=tuple(samples),
                    content_hash=dataset_hash(path, root, files), format=fmt,
-                   manifest_path=path.resolve(), meta=meta)
+                   manifest_path=path.resolve(), meta=meta, line_problems=tuple(problems))
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
@@ -754,6 +1053,7 @@ def _load_coco(path: Path, images_dir: Path | None) -> Dataset:
         samples.append(Sample(
             sample_id=str(iid), image_path=ipath, prompt=DEFAULT_COCO_PROMPT, objects=tuple(objects),
             line_no=line, extra=extra, problem=f"missing file(s): {ipath}" if _missing(ipath) else None,
+            problem_kind=_file_problem(ipath),
             coco_regions=tuple(regions),
         ))
     if not problems and not samples:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from storage.schemas import SHARDED_TABLES, TABLES, conform_table, empty_table, table_from_rows
 
-__all__ = ["Store", "ShardId", "RUN_ID_RE", "write_parquet"]
+__all__ = ["Store", "ShardId", "RUN_ID_RE", "write_parquet", "StoreCorruptError"]
 
 ShardId = int | str
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -85,6 +85,45 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_path(path.parent)
+
+
+class StoreCorruptError(ValueError):
+    """A file under the store's control is not what the store writes (tampered or damaged)."""
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_marker(path: Path, marker: Any, run_id: str, shard: str) -> None:
+    """Refuse a commit marker that `Store.commit_shard` could not have written.
+
+    A marker names the files readers open, so a forged one could point them anywhere
+    (``"path": "../../../etc/passwd"``): each table's path must be exactly
+    ``<table>/shard=<k>.parquet`` of its own shard, inside its own run."""
+    def bad(why: str) -> StoreCorruptError:
+        return StoreCorruptError(f"{path}: not a valid commit marker: {why}")
+
+    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+        raise bad(f"format must be {_MARKER_FORMAT}")
+    if marker.get("run_id") != run_id:
+        raise bad(f"run_id {marker.get('run_id')!r} is not this run's {run_id!r}")
+    if str(marker.get("shard")) != shard:
+        raise bad(f"shard {marker.get('shard')!r} does not match its file name (shard={shard})")
+    tables = marker.get("tables")
+    if not isinstance(tables, dict) or set(tables) - set(SHARDED_TABLES):
+        raise bad(f"tables must map some of {SHARDED_TABLES} to entries")
+    for name, e in tables.items():
+        if not isinstance(e, dict) or isinstance(e.get("rows"), bool) or not isinstance(e.get("rows"), int) \
+                or e["rows"] < 0:
+            raise bad(f"{name}: rows must be an integer >= 0")
+        if e.get("path") is None:
+            if e["rows"] != 0:
+                raise bad(f"{name}: {e['rows']} rows but no file")
+            continue
+        if e["path"] != f"{name}/shard={shard}.parquet":
+            raise bad(f"{name}: path {e['path']!r} is not {name}/shard={shard}.parquet")
+        if not isinstance(e.get("sha256"), str) or not _SHA256_RE.match(e["sha256"]):
+            raise bad(f"{name}: sha256 must be 64 hex digits")
 
 
 def _read_parquet(path: Path, name: str) -> pa.Table:
@@ -215,10 +254,17 @@ class Store:
     # ----------------------------------------------------------------- shards
 
     def shard_marker(self, run_id: str, shard_id: ShardId) -> dict[str, Any] | None:
+        """The shard's commit marker, validated (`StoreCorruptError` if it is not one that
+        `commit_shard` could have written), or None when the shard is not committed."""
         path = self._marker_path(run_id, shard_id)
         if not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            marker = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreCorruptError(f"{path}: not a commit marker (unreadable JSON: {e})") from None
+        _check_marker(path, marker, run_id, self._shard_name(shard_id))
+        return marker
 
     def is_committed(self, run_id: str, shard_id: ShardId) -> bool:
         return self._marker_path(run_id, shard_id).is_file()

@@ -7,9 +7,11 @@ what lets a re-run of a run id skip the shards that are already committed
 (`storage.store.Store.is_committed`). Changing ``shard_size`` or ``limit`` changes the
 plan; the audit flow refuses to resume a run with different plan settings.
 
-Samples whose `Sample.problem` is set (a file named by the manifest is missing) are not
-sent to a worker: they become failure rows (stage ``load``) of the shard they belong to,
-so every manifest sample is in exactly one of ``samples`` / ``failures``.
+Samples whose `Sample.problem` is set (a bad manifest line: unsafe path, duplicate or
+unusable id, bad prompt, malformed objects; or a file named by the manifest is missing or
+not a regular file — storage/datasets.py) are not sent to a worker: they become failure
+rows (stage ``load``, message ``[load/<kind>] line <n>: …``) of the shard they belong to, so
+every non-blank manifest line is in exactly one of ``samples`` / ``failures``.
 
 Work items are plain dicts (picklable, no images): workers open the files themselves.
 """
@@ -87,14 +89,21 @@ def item_sample(item: dict[str, Any]) -> Sample:
     )
 
 
+#: error_class of a planned failure, by `Sample.problem_kind`.
+_FILE_KINDS = {"missing": "MissingFile", "not-a-file": "NotARegularFile"}
+
+
 def _problem_row(sample: Sample, shard_id: int) -> dict[str, Any]:
+    kind = sample.problem_kind or "missing"
+    problem = str(sample.problem)
+    where = "" if problem.startswith(("line ", "row ")) else f"line {sample.line_no}: "
     return {
         "shard_id": shard_id,
         "sample_id": sample.sample_id,
         "line_no": sample.line_no,
         "stage": "load",
-        "error_class": "MissingFile",
-        "message": str(sample.problem),
+        "error_class": _FILE_KINDS.get(kind, "ManifestProblem"),
+        "message": f"[load/{kind}] {where}{problem}"[:2000],
         "traceback": None,
         "attempts": 1,
     }

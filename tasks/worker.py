@@ -5,25 +5,53 @@
 model is loaded once, in ``__init__``; `process` audits a batch of work items
 (`tasks.plan.work_item` + ``run_id`` / ``shard_id``). The worker opens the image and the
 masks itself, so the driver never holds pixels. An exception in one sample becomes that
-sample's failure row (`tasks.rows.failure_row`) and the batch goes on.
+sample's failure row (`tasks.rows.failure_row`) and the batch goes on; an out-of-memory
+error (``torch.OutOfMemoryError``, ``MemoryError``) too, after the worker frees what it can
+(the message says "out of memory during <stage>"). Inputs beyond the model's position
+tables are refused before the model runs (`diffcam_core.models.base.check_inputs`).
 
 `CamPool` owns the Ray side: connects to ``ray_address`` or starts a local Ray
 (``include_dashboard=False``, CPUs = workers × CPUs per worker) and shuts down only
 what it started; asks for GPUs only if the cluster has them (an actor asking for a GPU
-that does not exist stays pending forever); creates the actors with ``max_restarts`` /
-``max_task_retries`` so that a killed actor restarts (reloading the model) and its
-in-flight call is retried; and maps batches over them with ``ray.util.ActorPool``. A
-batch whose actor died more often than ``max_task_retries`` allows becomes failure rows
-(stage ``worker``) for its samples; the other batches are unaffected.
+that does not exist stays pending forever); creates the actors with ``max_restarts`` so
+that a killed actor restarts in place (reloading the model); and schedules batches over
+them itself (not ``ray.util.ActorPool``, which cannot tell which batch failed):
+
+- a call that fails because its worker died (``RayActorError``: SIGKILL, segfault, the
+  kernel's OOM killer, a call past ``call_timeout_s`` whose worker the pool kills) or
+  raised out of `process` (``RayTaskError``) is not retried as a batch: its samples are
+  re-queued one by one ("isolated"), so one poison sample cannot take its neighbours down;
+- a sample whose isolated call fails ``max_attempts`` times is a poison sample: it becomes
+  a failure row (stage ``worker``, error class ``WorkerCrash`` / ``WorkerTimeout``,
+  ``attempts`` = calls that carried it) and the run goes on — bounded, never a loop;
+- an actor is used again only after a readiness probe (`CamWorker.info`) succeeds; one
+  that used up its restarts (``ActorDiedError``) is replaced by a new actor, so later work
+  proceeds; a replacement that cannot even start stops the run (RuntimeError) rather
+  than loop. ``max_task_retries`` defaults to 0: retries are the pool's, counted.
+
+Fault injection (TEST-ONLY; docs/RELIABILITY.md): the environment variable
+``DIFFCAM_FAULTS`` (JSON, read by the driver when the pool starts and handed to each
+actor, or `CamWorker`'s ``faults`` argument) makes the worker misbehave when it reaches
+the generate stage of the named samples: ``kill_on`` (SIGKILL itself every time: a poison
+sample), ``kill_once_on`` (SIGKILL once per sample, remembered in ``state_dir``),
+``oom_on`` (raise ``torch.OutOfMemoryError``; ``oom_stage`` "generate" | "attribute"),
+``memory_error_on`` (raise ``MemoryError``), ``hang_on`` (sleep ``hang_s`` seconds). Kill
+faults are refused outside a Ray actor (they would kill the caller). Never set it in
+production: it exists so that the fault tests and `benchmarks/soak.py` can prove the
+recovery paths.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import json
 import logging
 import math
 import os
+import signal
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +59,43 @@ from typing import Any
 
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
-__all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256"]
+__all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256", "FAULTS_ENV", "parse_faults",
+           "WorkerCrash", "WorkerTimeout"]
 
 log = logging.getLogger(__name__)
+
+#: Test-only fault injection (see the module docstring).
+FAULTS_ENV = "DIFFCAM_FAULTS"
+_FAULT_LISTS = ("kill_on", "kill_once_on", "oom_on", "memory_error_on", "hang_on")
+_FAULT_KEYS = (*_FAULT_LISTS, "state_dir", "oom_stage", "hang_s")
+
+
+class WorkerCrash(RuntimeError):
+    """A sample whose worker died (or raised out of `CamWorker.process`) every time it ran alone."""
+
+
+class WorkerTimeout(WorkerCrash):
+    """A sample whose call ran past ``call_timeout_s`` every time it ran alone."""
+
+
+def parse_faults(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Validate a ``DIFFCAM_FAULTS`` value (JSON text or dict); {} for None / empty."""
+    if raw is None or raw == "" or raw == {}:
+        return {}
+    d = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    if not isinstance(d, dict):
+        raise ValueError(f"{FAULTS_ENV} must be a JSON object, got {type(d).__name__}")
+    unknown = set(d) - set(_FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"{FAULTS_ENV}: unknown key(s) {sorted(unknown)}; known: {list(_FAULT_KEYS)}")
+    for k in _FAULT_LISTS:
+        if k in d and not (isinstance(d[k], list) and all(isinstance(x, str) for x in d[k])):
+            raise ValueError(f"{FAULTS_ENV}: {k} must be a list of sample ids")
+    if d.get("kill_once_on") and not d.get("state_dir"):
+        raise ValueError(f"{FAULTS_ENV}: kill_once_on needs state_dir (where 'already killed' is remembered)")
+    if d.get("oom_stage", "generate") not in ("generate", "attribute"):
+        raise ValueError(f"{FAULTS_ENV}: oom_stage must be generate or attribute")
+    return d
 
 
 def file_sha256(path: str | Path) -> str:
@@ -53,7 +115,8 @@ class CamWorker:
     """
 
     def __init__(self, model_dir: str, settings: dict[str, Any], threads: int = 1,
-                 device: str | None = None, allow_cuda: bool = True) -> None:
+                 device: str | None = None, allow_cuda: bool = True,
+                 faults: dict[str, Any] | str | None = None) -> None:
         import torch
 
         from diffcam_core.models.base import load_adapter
@@ -78,6 +141,8 @@ class CamWorker:
             raise ValueError(f"layer {layer!r} is not a valid layer of {model_dir}; valid: {valid}")
         self.device = device
         self.threads = threads
+        #: Test-only fault injection (module docstring); {} in production.
+        self.faults = parse_faults(faults if faults is not None else os.environ.get(FAULTS_ENV))
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (also the readiness probe of the pool)."""
@@ -92,8 +157,9 @@ class CamWorker:
 
         Exactly one of ``samples`` / ``failures`` is set.
         """
-        from storage.datasets import load_image
         from diffcam_core.cam import explain
+        from diffcam_core.models.base import check_inputs
+        from storage.datasets import load_image
         from storage.schemas import table_from_rows
         from tasks.plan import item_sample
 
@@ -102,12 +168,16 @@ class CamWorker:
 
         def set_stage(s: str) -> None:
             nonlocal stage
-            stage = s
+            entered, stage = s != stage, s
+            if self.faults and entered:
+                self._inject(s, sid)
 
         try:
             image = load_image(item["image_path"])
             sha = file_sha256(item["image_path"])
             masks = item_sample(item).object_masks(image.size)  # [(word, bool (H, W))], manifest order
+            set_stage("generate")
+            check_inputs(self.adapter, self.adapter.prepare(image, item["prompt"]))  # refuse before running
             expl = explain(self.adapter, image, item["prompt"], self.settings, on_stage=set_stage)
             stage = "write"
             idx = ground_words([w.word.text for w in expl.words], [w for w, _ in masks])
@@ -121,8 +191,70 @@ class CamWorker:
             table_from_rows("token_maps", tm)
             return {"sample_id": sid, "samples": row, "token_maps": tm, "failures": None}
         except Exception as exc:  # noqa: BLE001 - every error of one sample becomes its failure row
+            oom = _is_oom(exc)
+            image = expl = masks = None  # drop references before freeing memory
             fr = failure_row(run_id, shard_id, sid, item.get("line_no"), failure_stage(exc, stage), exc)
+            if oom:
+                self._free_memory()
+                fr["message"] = f"out of memory during {fr['stage']}: {fr['message']}"[:2000]
             return {"sample_id": sid, "samples": None, "token_maps": [], "failures": fr}
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _inject(self, stage: str, sid: str) -> None:
+        """Test-only faults (module docstring)."""
+        f = self.faults
+        if stage == "generate":
+            if sid in f.get("kill_on", ()):
+                _kill_self(sid)
+            if sid in f.get("kill_once_on", ()):
+                marker = Path(f["state_dir"]) / f"killed-{hashlib.sha256(sid.encode()).hexdigest()[:16]}"
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    _kill_self(sid)
+            if sid in f.get("memory_error_on", ()):
+                raise MemoryError()
+            if sid in f.get("hang_on", ()):
+                time.sleep(float(f.get("hang_s", 3600)))
+        if stage == f.get("oom_stage", "generate") and sid in f.get("oom_on", ()):
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 20.00 GiB (injected by {FAULTS_ENV} for {sid})")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        return isinstance(exc, torch.OutOfMemoryError)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return False
+
+
+def _kill_self(sid: str) -> None:
+    """SIGKILL this process — only inside a Ray actor (it would kill a test runner otherwise)."""
+    try:
+        import ray
+
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001
+        in_actor = False
+    if not in_actor:
+        raise RuntimeError(f"{FAULTS_ENV}: refusing to kill a process that is not a Ray actor (sample {sid})")
+    log.warning("%s: killing worker pid %d at sample %s", FAULTS_ENV, os.getpid(), sid)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _has_gpu() -> bool:
@@ -142,7 +274,14 @@ class PoolConfig:
     """How many workers, with what resources. ``workers=None``: one per GPU when GPUs are
     used, else min(CPUs, 4) locally / the cluster's CPUs // cpus_per_worker with an address.
     ``gpus_per_worker``: asked only when the cluster has that many GPUs per actor.
-    ``cpus_per_worker=None``: local CPUs // workers (at least 1), 1 on a cluster."""
+    ``cpus_per_worker=None``: local CPUs // workers (at least 1), 1 on a cluster.
+
+    Fault handling (module docstring): ``max_restarts`` (Ray restarts a dead actor in
+    place), ``max_task_retries`` (Ray's own silent retries of a call; 0: the pool retries,
+    counted), ``max_attempts`` (isolated calls per sample before it is a ``worker`` failure),
+    ``call_timeout_s`` (per sample in a call; None: no limit; a call past it has its worker
+    killed), ``restart_timeout_s`` (how long an actor may stay unavailable before it is
+    replaced), ``faults`` (test-only injection; None: read ``DIFFCAM_FAULTS``)."""
 
     model_dir: str
     settings: dict[str, Any]
@@ -152,13 +291,27 @@ class PoolConfig:
     ray_address: str | None = None
     batch_size: int = 1
     max_restarts: int = 3
-    max_task_retries: int = 2
+    max_task_retries: int = 0
+    max_attempts: int = 3
+    call_timeout_s: float | None = None
+    restart_timeout_s: float = 300.0
+    faults: dict[str, Any] | None = None
+
+
+@dataclass
+class _Call:
+    slot: int
+    items: list[dict[str, Any]]
+    started: float
+    timed_out: bool = False
 
 
 class CamPool:
-    """A context manager over Ray and a fixed set of `CamWorker` actors.
+    """A context manager over Ray and a set of `CamWorker` actors (replaced when they die).
 
-    ``timings`` records ``ray_init_s`` and ``workers_ready_s`` (model loading included).
+    ``timings`` records ``ray_init_s`` and ``workers_ready_s`` (model loading included);
+    ``stats`` counts what went wrong (``worker_deaths``, ``task_errors``, ``timeouts``,
+    ``isolated`` samples, ``retried`` calls, ``poison`` samples, ``replaced`` actors).
     """
 
     def __init__(self, config: PoolConfig, log: Callable[[str], None] | None = None) -> None:
@@ -168,15 +321,25 @@ class CamPool:
             raise ValueError(f"gpus_per_worker must be >= 0, got {config.gpus_per_worker}")
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        if config.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {config.max_attempts}")
+        if config.call_timeout_s is not None and config.call_timeout_s <= 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {config.call_timeout_s}")
         self.config = config
         self._log = log or log_info
         self._started_ray = False
         self.actors: list[Any] = []
         self.worker_info: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
+        self.stats: Counter[str] = Counter()
         self.n_workers = 0
         self.cpus_per_worker = 0
         self.gpus_per_actor = 0.0
+        self._remote_cls: Any = None
+        self._faults: dict[str, Any] = {}
+        self._ready: list[bool] = []
+        self._down_since: list[float | None] = []
+        self._fresh: list[bool] = []
 
     def __enter__(self) -> CamPool:
         try:
@@ -193,6 +356,9 @@ class CamPool:
         import ray
 
         cfg = self.config
+        self._faults = parse_faults(cfg.faults if cfg.faults is not None else os.environ.get(FAULTS_ENV))
+        if self._faults:
+            self._log(f"{FAULTS_ENV} is set: TEST-ONLY fault injection is active ({sorted(self._faults)})")
         t0 = time.perf_counter()
         local_cpus = os.cpu_count() or 1
         if cfg.ray_address:
@@ -223,19 +389,22 @@ class CamPool:
         cpus_per = cfg.cpus_per_worker or (1 if cfg.ray_address or self.gpus_per_actor > 0 else max(1, cpus_total // n))
         self.n_workers = n
         self.cpus_per_worker = cpus_per
-        remote_cls = ray.remote(CamWorker).options(
+        self._remote_cls = ray.remote(CamWorker).options(
             num_cpus=cpus_per,
             num_gpus=self.gpus_per_actor,
             max_restarts=cfg.max_restarts,
             max_task_retries=cfg.max_task_retries,
         )
         t1 = time.perf_counter()
-        self.actors = [remote_cls.remote(cfg.model_dir, cfg.settings, threads=cpus_per) for _ in range(n)]
+        self.actors = [self._new_actor() for _ in range(n)]
         try:
             self.worker_info = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayActorError as exc:
             cause = getattr(exc, "cause", None) or getattr(exc, "error_msg", None) or exc
             raise RuntimeError(f"workers could not start (model {cfg.model_dir}): {cause}") from exc
+        self._ready = [True] * n
+        self._down_since = [None] * n
+        self._fresh = [False] * n
         self.timings["workers_ready_s"] = time.perf_counter() - t1
         devices = sorted({i["device"] for i in self.worker_info})
         self._log(
@@ -243,51 +412,172 @@ class CamPool:
             f"(device {'/'.join(devices)}, {cpus_per} CPU + {self.gpus_per_actor:g} GPU each)"
         )
 
-    def run(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Audit ``items`` on the pool; one result per item, in completion order.
+    def _new_actor(self) -> Any:
+        cfg = self.config
+        return self._remote_cls.remote(cfg.model_dir, cfg.settings, threads=self.cpus_per_worker,
+                                       faults=self._faults)
 
-        A batch whose worker call failed for good (actor died more than
-        ``max_task_retries`` times, or a result that cannot be unpickled) becomes failure
-        rows with stage ``worker`` for its samples.
+    def _replace(self, slot: int, why: str) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+        self.actors[slot] = self._new_actor()
+        self._fresh[slot] = True
+        self._ready[slot] = False
+        self._down_since[slot] = time.monotonic()
+        self.stats["replaced"] += 1
+        self._log(f"worker {slot} replaced by a new actor ({why})")
+
+    def run(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Audit ``items`` on the pool; exactly one result per item, in completion order.
+
+        Worker deaths and calls that raise are handled as the module docstring says: the
+        samples of a failed call are retried alone, a sample that fails alone
+        ``max_attempts`` times becomes a ``worker`` failure row, dead actors are replaced.
+        Raises RuntimeError only when no worker can be (re)started.
         """
         import ray
-        from ray.util import ActorPool
+        from ray.exceptions import RayActorError, RayError
 
         if not self.actors:
             raise RuntimeError("CamPool is not started (use it as a context manager)")
-        bs = self.config.batch_size
-        batches = [list(items[i:i + bs]) for i in range(0, len(items), bs)]
-        pool = ActorPool(self.actors)
-        for k, b in enumerate(batches):
-            pool.submit(lambda a, v: a.process.remote(v[1]), (k, b))
+        cfg = self.config
+        bs = cfg.batch_size
+        queue: deque[list[dict[str, Any]]] = deque(list(items[i:i + bs]) for i in range(0, len(items), bs))
+        attempts: Counter[str] = Counter()  # calls that carried the sample
+        alone_failures: Counter[str] = Counter()
         out: list[dict[str, Any]] = []
-        # Results are matched to batches by their sample ids: get_next_unordered does not
-        # say which value a result belongs to, and a failed call carries no result.
-        done: set[str] = set()
-        errors: list[BaseException] = []
-        while pool.has_next():
-            try:
-                results = pool.get_next_unordered()
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
-                    ray.exceptions.ActorUnavailableError) as exc:
-                errors.append(exc)
+        calls: dict[Any, _Call] = {}
+        probes: dict[Any, int] = {}
+        reprobe: list[tuple[float, int]] = []
+        idle: deque[int] = deque()
+        start_failures: Counter[int] = Counter()
+
+        def probe(slot: int) -> None:
+            probes[self.actors[slot].info.remote()] = slot
+
+        for slot in range(len(self.actors)):
+            if self._ready[slot]:
+                idle.append(slot)
+            else:
+                probe(slot)
+
+        def call_failed(call: _Call, exc: BaseException) -> None:
+            if call.timed_out:
+                desc = f"timed out after {cfg.call_timeout_s:g} s per sample (worker killed)"
+            else:
+                desc = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            if len(call.items) > 1:
+                self.stats["isolated"] += len(call.items)
+                for it in call.items:
+                    queue.append([it])
+                return
+            it = call.items[0]
+            sid = it["sample_id"]
+            alone_failures[sid] += 1
+            if alone_failures[sid] < cfg.max_attempts:
+                self.stats["retried"] += 1
+                queue.append([it])
+                return
+            self.stats["poison"] += 1
+            cls = WorkerTimeout if call.timed_out else WorkerCrash
+            err = cls(f"the worker failed {alone_failures[sid]} time(s) auditing this sample alone "
+                      f"(max_attempts={cfg.max_attempts}); last: {desc}")
+            self._log(f"sample {sid}: {err}")
+            out.append({
+                "sample_id": sid, "samples": None, "token_maps": [],
+                "failures": failure_row(it["run_id"], it["shard_id"], sid, it.get("line_no"), "worker", err,
+                                        attempts=min(attempts[sid], 32767)),
+            })
+
+        while queue or calls:
+            while queue and idle:
+                slot = idle.popleft()
+                batch = queue.popleft()
+                ref = self.actors[slot].process.remote(batch)
+                calls[ref] = _Call(slot, batch, time.monotonic())
+                for it in batch:
+                    attempts[it["sample_id"]] += 1
+            now = time.monotonic()
+            for due in [r for r in reprobe if r[0] <= now]:
+                reprobe.remove(due)
+                probe(due[1])
+            waitables = list(calls) + list(probes)
+            deadlines = [t for t, _ in reprobe]
+            if cfg.call_timeout_s is not None:
+                deadlines += [c.started + cfg.call_timeout_s * len(c.items) for c in calls.values() if not c.timed_out]
+            timeout = None if not deadlines else min(max(min(deadlines) - now, 0.01), 5.0)
+            if not waitables:
+                if not reprobe:  # cannot happen: every slot is idle, in a call, probing or due a probe
+                    raise RuntimeError("no worker is available and none is being started")
+                time.sleep(timeout or 0.1)
                 continue
-            for r in results:
-                done.add(r["sample_id"])
-            out.extend(results)
-        if errors:
-            msg = RuntimeError(
-                f"worker call failed (actor restarts up to {self.config.max_restarts}, "
-                f"retries up to {self.config.max_task_retries}): {type(errors[0]).__name__}: {errors[0]}"
-            )
-            for item in items:
-                if item["sample_id"] not in done:
-                    out.append({
-                        "sample_id": item["sample_id"], "samples": None, "token_maps": [],
-                        "failures": failure_row(item["run_id"], item["shard_id"], item["sample_id"],
-                                                item.get("line_no"), "worker", msg,
-                                                attempts=self.config.max_task_retries + 1),
-                    })
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=timeout)
+            if not ready:
+                if cfg.call_timeout_s is not None:
+                    now = time.monotonic()
+                    for c in calls.values():
+                        if not c.timed_out and now - c.started > cfg.call_timeout_s * len(c.items):
+                            c.timed_out = True
+                            self.stats["timeouts"] += 1
+                            self._log(f"call on worker {c.slot} ran past {cfg.call_timeout_s:g} s per sample "
+                                      f"({[it['sample_id'] for it in c.items][:5]}): killing the worker")
+                            ray.kill(self.actors[c.slot], no_restart=False)
+                continue
+            ref = ready[0]
+            if ref in probes:
+                slot = probes.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                    down = self._down_since[slot] or time.monotonic()
+                    if time.monotonic() - down > cfg.restart_timeout_s:
+                        self._replace(slot, f"unavailable for more than {cfg.restart_timeout_s:g} s")
+                        probe(slot)
+                    else:
+                        reprobe.append((time.monotonic() + 0.5, slot))
+                except RayError as exc:  # dead for good (restarts used up), or it cannot start
+                    if self._fresh[slot]:
+                        start_failures[slot] += 1
+                        if start_failures[slot] >= 2:
+                            raise RuntimeError(f"worker {slot} could not be replaced: a new actor died before "
+                                               f"it was ready twice: {type(exc).__name__}: {exc}") from exc
+                    self._replace(slot, f"{type(exc).__name__}")
+                    probe(slot)
+                else:
+                    self._ready[slot] = True
+                    self._down_since[slot] = None
+                    self._fresh[slot] = False
+                    if slot < len(self.worker_info):
+                        self.worker_info[slot] = info
+                    idle.append(slot)
+                continue
+            call = calls.pop(ref)
+            try:
+                results = ray.get(ref)
+            except RayActorError as exc:  # the worker died (or was killed) during the call
+                self.stats["worker_deaths"] += 1
+                self._ready[call.slot] = False
+                self._down_since[call.slot] = time.monotonic()
+                probe(call.slot)
+                call_failed(call, exc)
+            except RayError as exc:  # raised out of process(), or a result that cannot be fetched
+                self.stats["task_errors"] += 1
+                self._ready[call.slot] = False
+                self._down_since[call.slot] = time.monotonic()
+                probe(call.slot)  # alive or not: the probe decides
+                call_failed(call, exc)
+            else:
+                out.extend(results)
+                idle.append(call.slot)
+        # Probes still in flight are dropped: those actors are probed again at the next run.
+        for slot in probes.values():
+            self._ready[slot] = False
+        for _, slot in reprobe:
+            self._ready[slot] = False
         return out
 
     def close(self) -> None:

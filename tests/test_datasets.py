@@ -199,17 +199,31 @@ def test_every_problem_listed_with_line_and_field(tmp_path):
         {"sample_id": "l", "image": "sub/../a.png", "prompt": "p"},  # 17 fine: stays inside
     ]
     _write_jsonl(root / "manifest.jsonl", rows)
-    with pytest.raises(ManifestError) as ei:
-        load_dataset(root)
-    got = _problems(ei.value)
+    ds = load_dataset(root)  # one bad line is that line's failure row, not the whole manifest's
+    got = {(p.line, p.field) for p in ds.line_problems}
     assert got == {
         (2, "json"), (3, "sample_id"), (4, "prompt"), (5, "sample_id"), (6, "sample_id"),
         (7, "image"), (8, "image"), (9, "image"), (10, "image"), (11, "objects"),
         (12, "objects[0].mask"), (13, "objects[0].word"), (14, "objects[0].mask"), (15, "row"), (16, "image"),
     }
-    msg = str(ei.value)
+    # every line is a sample, in manifest order; a line without a usable (or with a repeated) id is "line:<n>"
+    assert [(s.sample_id, s.problem_kind) for s in ds.samples] == [
+        ("ok", None), ("line:2", "malformed-line"), ("line:3", "bad-id"), ("b", "bad-prompt"),
+        ("line:5", "bad-id"), ("line:6", "duplicate-id"), ("c", "unsafe-path"), ("d", "unsafe-path"),
+        ("e", "unsafe-path"), ("f", "unsafe-path"), ("g", "bad-objects"), ("h", "bad-objects"),
+        ("i", "bad-objects"), ("j", "unsafe-path"), ("line:15", "malformed-line"), ("k", "bad-path"), ("l", None),
+    ]
+    msg = " | ".join(s.problem for s in ds.samples if s.problem)
     assert "duplicate 'ok' (first on line 1)" in msg and "absolute path" in msg
     assert "escapes the dataset root" in msg and "outside the dataset root" in msg
+    # a rejected path is never kept: the placeholder points at the root, not at the escaping file
+    assert all(s.image_path == root.resolve() for s in ds.samples if s.problem)
+    # a manifest in which no line is a sample is refused as a whole, listing every line
+    _write_jsonl(root / "manifest.jsonl", rows[1:5] + rows[6:16])
+    with pytest.raises(ManifestError) as ei:
+        load_dataset(root)
+    assert {(1, "json"), (6, "image")} <= _problems(ei.value) and len(ei.value.problems) == 15
+    assert "no line is a usable sample" in str(ei.value)
 
 
 def test_csv_problems_name_lines(tmp_path):
@@ -223,9 +237,12 @@ def test_csv_problems_name_lines(tmp_path):
         'd,a.png,describe,{bad json\n'
         'e,a.png,describe,[],extra\n'
     )
-    with pytest.raises(ManifestError) as ei:
+    ds = load_dataset(root)
+    assert {(p.line, p.field) for p in ds.line_problems} == {(3, "prompt"), (4, "image"), (5, "objects"), (6, "columns")}
+    assert [s.sample_id for s in ds.samples] == ["a", "b", "c", "d", "line:6"]
+    (root / "manifest.csv").write_text("sample_id,picture,prompt\na,a.png,describe\n")  # structural: refused
+    with pytest.raises(ManifestError, match=r"required column\(s\) \['image'\] missing"):
         load_dataset(root)
-    assert _problems(ei.value) == {(3, "prompt"), (4, "image"), (5, "objects"), (6, "columns")}
 
 
 def test_missing_files_become_per_sample_problems(tmp_path):
@@ -267,7 +284,7 @@ def test_load_image_errors(tmp_path):
     assert ei.value.reason == "too-large" and "40x30" in str(ei.value)
     with pytest.raises(SampleError) as ei:
         load_image(tmp_path)
-    assert ei.value.reason == "unreadable"
+    assert ei.value.reason == "not-a-file"  # a folder is never opened
 
 
 def test_load_image_rgb_exif_and_fully_loaded(tmp_path):

@@ -92,7 +92,13 @@ def families() -> list[str]:
 def load_adapter(model_dir: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:
     """Load a checkpoint folder through its family's adapter (`from_pretrained`, safetensors only).
 
-    Refuses pickle weights: a `*.bin`/`*.pt` checkpoint can execute code on load.
+    Refuses pickle weights: a `*.bin`/`*.pt` checkpoint can execute code on load; pickle
+    files next to safetensors weights are never opened (adapters load with
+    ``use_safetensors=True``), and a file named ``*.safetensors`` that is not one (a renamed
+    pickle) is refused before anything parses it (`check_safetensors`). The family comes
+    from ``config.json``'s ``model_type`` through the registry, never from ``auto_map``:
+    code shipped in the folder is not imported unless ``trust_remote_code=True`` is passed
+    explicitly (no CLI command passes it; the built-in family refuses it).
     """
     # Import for the registration side effect of the built-in families.
     from diffcam_core.models import diffusion_gemma  # noqa: F401
@@ -105,7 +111,93 @@ def load_adapter(model_dir: str | Path, device: str = "cpu", trust_remote_code: 
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"})
         hint = f" (found pickle weights {pickles}: convert them to safetensors first)" if pickles else ""
         raise ValueError(f"{model_dir} has no *.safetensors weights{hint}; diffcam loads safetensors only")
-    model_type = json.loads(cfg_path.read_text()).get("model_type")
+    for f in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(f)
+    try:
+        config = json.loads(cfg_path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in _FAMILIES:
         raise ValueError(f"{model_dir}: model_type {model_type!r} has no adapter; known: {families()}")
     return _FAMILIES[model_type].from_pretrained(model_dir, device=device, trust_remote_code=trust_remote_code)
+
+
+#: Largest safetensors JSON header accepted (the format's own readers cap it at 100 MB).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a file that is not a safetensors file, with a clear error, without unpickling.
+
+    Layout: 8-byte little-endian header length N, then N bytes of JSON (an object), then
+    the tensor data. A pickle (``\\x80`` protocol byte), a zip-based ``torch.save`` file
+    (``PK``) or a truncated file fails here.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file: only {size} bytes")
+        n = int.from_bytes(head, "little")
+        kind = "a pickle" if head[:1] == b"\x80" else "a zip (torch.save) archive" if head[:2] == b"PK" else None
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            hint = f" (it looks like {kind}: renamed pickle weights are refused)" if kind else ""
+            raise ValueError(f"{path} is not a safetensors file: header length {n} does not fit a "
+                             f"{size}-byte file{hint}")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: header is not a JSON object")
+
+
+class InputLimitError(ValueError):
+    """Prepared inputs the model cannot represent. ``reason``: ``input-too-long`` (prompt +
+    image tokens + canvas beyond the model's positions) or ``image-aspect`` (more patches
+    along one axis than the vision position table holds). Raised before the model runs,
+    instead of an index error deep inside it — or, worse, a silently extrapolated answer."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"[generate/{reason}] {message}")
+
+
+def check_inputs(adapter: Any, inputs: dict[str, torch.Tensor]) -> None:
+    """Refuse inputs beyond the model's position tables (`InputLimitError`).
+
+    Family-agnostic: reads the limits from ``adapter.config`` when it has them
+    (``max_position_embeddings`` of the text config, ``canvas_length``,
+    ``vision_config.position_embedding_size``); a family without them is not checked.
+    Measured on the tiny DiffusionGemma: a prompt that overflows the 512 positions ran
+    and answered "" with no error; a 10x200 image failed with "index out of range in self".
+    """
+    cfg = getattr(adapter, "config", None)
+    if cfg is None:
+        return
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    max_pos = getattr(text_cfg, "max_position_embeddings", None)
+    canvas = int(getattr(cfg, "canvas_length", 0) or 0)
+    ids = inputs.get("input_ids")
+    if ids is not None and isinstance(max_pos, int) and max_pos > 0:
+        n = int(ids.shape[-1])
+        if n + canvas > max_pos:
+            raise InputLimitError(
+                "input-too-long",
+                f"prompt and image take {n} tokens + {canvas} canvas = {n + canvas} positions > the model's "
+                f"max_position_embeddings {max_pos}; shorten the prompt",
+            )
+    pes = getattr(getattr(cfg, "vision_config", None), "position_embedding_size", None)
+    pos = inputs.get("image_position_ids")
+    if pos is not None and isinstance(pes, int) and pes > 0:
+        valid = pos[(pos >= 0).all(-1)]
+        if valid.numel():
+            mx, my = int(valid[:, 0].max()) + 1, int(valid[:, 1].max()) + 1
+            if max(mx, my) > pes:
+                raise InputLimitError(
+                    "image-aspect",
+                    f"the image becomes {mx}x{my} patches (WxH); this model's vision position table holds "
+                    f"{pes} per axis: the aspect ratio is too extreme for it",
+                )
