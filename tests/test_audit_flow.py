@@ -176,7 +176,7 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
     from tasks.plan import plan_shards
     from tasks.worker import CamPool, PoolConfig
 
-    root = make_dataset(n=4)
+    root = make_dataset(n=8)  # enough work that the kill lands while the pool is still running
     ds = load_dataset(root)
     items = [{**it, "run_id": "r", "shard_id": 0} for it in plan_shards(ds.samples, root=ds.root)[0].items]
     with CamPool(PoolConfig(model_dir=str(DEFAULT_MODEL), settings={"methods": ["gradcam"]}, workers=1,
@@ -189,7 +189,15 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
         os.kill(pid, signal.SIGKILL)
         t.join(timeout=120)
         assert not t.is_alive()
-        new_pid = ray.get(pool.actors[0].info.remote())["pid"]
+        # The restarted actor may still be reloading its model: ask until it answers.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                new_pid = ray.get(pool.actors[0].info.remote())["pid"]
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.monotonic() < deadline, "the killed actor never came back"
+                time.sleep(0.5)
     assert new_pid != pid
     assert sorted(r["sample_id"] for r in out) == sorted(it["sample_id"] for it in items)
     assert all(r["failures"] is None for r in out), [r["failures"]["message"] for r in out if r["failures"]]
