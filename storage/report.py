@@ -234,7 +234,8 @@ def _resolve_image(image_path: str, dataset_uri: str | None) -> Path:
     return base / p
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → uint8 RGB with the `jet` colormap (every picture diffcam draws)."""
     from matplotlib import colormaps
 
     return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
@@ -258,7 +259,7 @@ def _overlay(image_path: Path, m: dict[str, Any]) -> tuple[bytes, str | None]:
         reason = f"{type(exc).__name__}: {exc}"
     size = base.size if base is not None else (THUMB_PX, max(1, THUMB_PX * m["grid_h"] // m["grid_w"]))
     up = np.asarray(Image.fromarray(unit.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
-    heat = Image.fromarray(_colormap(up))
+    heat = Image.fromarray(heat_colors(up))
     out = Image.blend(base, heat, 0.5) if base is not None else heat
     buf = io.BytesIO()
     out.save(buf, format="PNG")

@@ -578,13 +578,14 @@ def _heat_png(grid_values: Sequence[Sequence[float]], box: Sequence[float] | Non
               base: np.ndarray | None = None) -> bytes:
     """A (h, w) map drawn with ``jet`` at _PX px (nearest: one block per cell, the map as
     stored), blended on ``base`` when given, ``box`` (normalised) outlined in white."""
-    from matplotlib import colormaps
     from PIL import Image
+
+    from storage.report import heat_colors
 
     a = np.asarray(grid_values, dtype=np.float64)
     mx = float(a.max()) if a.size else 0.0
     u = a / mx if mx > 0 else a
-    rgb = (colormaps["jet"](np.clip(u, 0, 1))[..., :3] * 255).astype(np.uint8)
+    rgb = heat_colors(u)
     im = Image.fromarray(rgb).resize((_PX, _PX), Image.Resampling.NEAREST)
     if base is not None:
         b = Image.fromarray(np.asarray(base, dtype=np.uint8)).convert("RGB").resize((_PX, _PX), Image.Resampling.NEAREST)

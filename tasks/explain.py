@@ -22,13 +22,7 @@ from diffcam_core.models.base import load_adapter
 from diffcam_core.settings import CamSettings, GenerationSettings
 from diffcam_core.stats import map_stats
 from storage.datasets import load_image
-
-
-def heat_rgb(heat: np.ndarray) -> np.ndarray:
-    """A perceptual colormap (matplotlib's `inferno`) over a [0, 1] map → uint8 RGB."""
-    from matplotlib import colormaps
-
-    return (colormaps["inferno"](np.clip(heat, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+from storage.report import heat_colors
 
 
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.Image:
@@ -38,7 +32,7 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.
     if up.max() > 0:
         up = up / up.max()
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mixed = (1 - alpha) * base + alpha * heat_rgb(up).astype(np.float32)
+    mixed = (1 - alpha) * base + alpha * heat_colors(up).astype(np.float32)
     return Image.fromarray(mixed.clip(0, 255).astype(np.uint8))
 
 
