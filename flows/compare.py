@@ -491,13 +491,10 @@ def write_comparison(cmp: Comparison, out_dir: str | os.PathLike[str]) -> tuple[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "compare.md", out / "compare.json")
+    from storage.store import write_text_atomic
+
     for path, text in zip(paths, (cmp.to_markdown(), cmp.to_json() + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, text)
     return paths
 
 

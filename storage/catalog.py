@@ -22,11 +22,9 @@ no sandbox: it is the user's own shell.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.schemas import TABLES
-from storage.store import Store
+from storage.store import Store, file_lock
 
 __all__ = ["ReadOnlyError", "VIEWS", "CATALOG_FILE", "connect", "run_sql", "check_read_only", "write_catalog_file"]
 
@@ -219,15 +217,9 @@ def run_sql(
         con.close()
 
 
-@contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
+def _store_lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".catalog.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return file_lock(root / ".catalog.lock")
 
 
 def write_catalog_file(store: Store | str | os.PathLike[str]) -> Path:

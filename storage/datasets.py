@@ -47,6 +47,7 @@ Validation policy (decided here; the audit relies on it; docs/RELIABILITY.md):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -56,7 +57,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,21 @@ class Dataset:
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+@contextlib.contextmanager
+def _decoding(stage: str, what: str, path: Path) -> Iterator[None]:
+    """Turn whatever Pillow raises while decoding `path` into a `SampleError` with a reason."""
+    try:
+        yield
+    except SampleError:
+        raise
+    except UnidentifiedImageError:
+        raise SampleError(stage, "not-an-image", f"{what} {path} is not a recognised image", path=path) from None
+    except Image.DecompressionBombError as e:
+        raise SampleError(stage, "too-large", f"{what} {path}: {e}", path=path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _decode_error(stage, what, path, e) from e
+
+
 def _decode_error(stage: str, what: str, path: Path, e: BaseException) -> SampleError:
     """Map a decoder exception to a precise reason token."""
     if isinstance(e, PermissionError):
@@ -458,7 +474,7 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     st = _check_regular_file("load", "image", path)
     if st.st_size == 0:
         raise SampleError("load", "empty", f"image {path} is a zero-byte file", path=path)
-    try:
+    with _decoding("load", "image", path):
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
@@ -472,14 +488,6 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im, path)
-    except SampleError:
-        raise
-    except UnidentifiedImageError:
-        raise SampleError("load", "not-an-image", f"{path} is not a recognised image", path=path) from None
-    except Image.DecompressionBombError as e:
-        raise SampleError("load", "too-large", f"image {path}: {e}", path=path) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _decode_error("load", "image", path, e) from e
 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -496,7 +504,7 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """
     path = Path(path)
     _check_regular_file("mask", "mask", path)
-    try:
+    with _decoding("mask", "mask", path):
         with Image.open(path) as im:
             im.load()
             if tuple(im.size) != tuple(size):
@@ -530,14 +538,6 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
             if not m.any():
                 raise SampleError("mask", "empty-mask", f"mask {path} has no object pixel", path=path)
             return m
-    except SampleError:
-        raise
-    except UnidentifiedImageError:
-        raise SampleError("mask", "not-an-image", f"mask {path} is not a recognised image", path=path) from None
-    except Image.DecompressionBombError as e:
-        raise SampleError("mask", "too-large", f"mask {path}: {e}", path=path) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _decode_error("mask", "mask", path, e) from e
 
 
 # --------------------------------------------------------------------------- hashing

@@ -24,7 +24,6 @@ import html
 import io
 import json
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +36,7 @@ import numpy as np
 from storage import catalog
 from storage.queries import STAT_COLUMNS, run_query
 from storage.schemas import dequantize_map
+from storage.store import write_text_atomic
 from storage.store import Store
 from storage.validation import ValidationResult
 
@@ -355,13 +355,6 @@ img{max-width:100%}
 """
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_report(
@@ -404,6 +397,6 @@ def build_report(
         f"## {sec.title}\n\n{c.markdown}" for sec, c in built if c.markdown is not None
     ) + "\n"
     html_path, md_path = out / "report.html", out / "summary.md"
-    _write_atomic(html_path, page)
-    _write_atomic(md_path, md)
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, md)
     return html_path, md_path

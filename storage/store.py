@@ -87,6 +87,22 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     _fsync_path(path.parent)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for the `with` block."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Durable temp-write + rename: readers see the old file or the new one, never half."""
+    _write_bytes_atomic(path, text.encode("utf-8"))
+
+
 class StoreCorruptError(ValueError):
     """A file under the store's control is not what the store writes (tampered or damaged)."""
 
@@ -178,16 +194,10 @@ class Store:
     def table_path(self, run_id: str, table: str, shard_id: ShardId) -> Path:
         return self.run_dir(run_id) / table / f"shard={self._shard_name(shard_id)}.parquet"
 
-    @contextlib.contextmanager
-    def _lock(self, run_id: str) -> Iterator[None]:
+    def _lock(self, run_id: str):
         run_dir = self.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "_lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return file_lock(run_dir / "_lock")
 
     def _after_change(self) -> None:
         if self.catalog_file:

@@ -116,28 +116,28 @@ def test_explain_is_deterministic_and_covers_every_word():
             np.testing.assert_array_equal(x.maps[m], y.maps[m])
 
 
-def test_words_sharing_a_commit_step_share_one_decoder_pass(monkeypatch):
+def _decoder_calls(monkeypatch, settings: CamSettings) -> tuple[int, object]:
+    """Run `attribute` on a fixed random model and count decoder passes."""
     adapter = random_adapter(seed=3)
     inputs = adapter.prepare(make_image(64, 64, (2, 2)), "describe the image")
     gen = adapter.generate(inputs, GEN)
     calls = []
     original = adapter._decode
     monkeypatch.setattr(adapter, "_decode", lambda *a: calls.append(1) or original(*a))
-    attribute(adapter, inputs, gen, CamSettings(layer="encoder.0", generation=GEN))
+    attribute(adapter, inputs, gen, settings)
+    return len(calls), gen
+
+
+def test_words_sharing_a_commit_step_share_one_decoder_pass(monkeypatch):
+    n_calls, gen = _decoder_calls(monkeypatch, CamSettings(layer="encoder.0", generation=GEN))
     distinct_steps = len({w.commit_step for w in gen.words})
-    assert len(calls) == distinct_steps + 1  # + the final clean canvas for the baselines
+    assert n_calls == distinct_steps + 1  # + the final clean canvas for the baselines
 
 
 def test_attribution_step_final_uses_one_decoder_pass(monkeypatch):
-    adapter = random_adapter(seed=3)
-    inputs = adapter.prepare(make_image(64, 64, (2, 2)), "describe the image")
-    gen = adapter.generate(inputs, GEN)
-    calls = []
-    original = adapter._decode
-    monkeypatch.setattr(adapter, "_decode", lambda *a: calls.append(1) or original(*a))
     settings = CamSettings(layer="encoder.0", attribution_step="final", methods=("diffusion-cam-raw",), generation=GEN)
-    attribute(adapter, inputs, gen, settings)
-    assert len(calls) == 1
+    n_calls, _ = _decoder_calls(monkeypatch, settings)
+    assert n_calls == 1
 
 
 def test_all_negative_gradients_give_a_zero_map_not_an_error():
