@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from diffcam_core.models.base import Generation
-from diffcam_core.refine import refine
+from diffcam_core.refine import refine_stack
 from diffcam_core.settings import CamSettings
 from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
 
@@ -202,22 +202,29 @@ def attribute(adapter, inputs, generation: Generation, settings: CamSettings) ->
     function_idx = [w.index for w in words if w.is_function]
     content_ids = [t for w in words if not w.is_function for t in w.token_ids]
     repeat_share = 1.0 - len(set(content_ids)) / len(content_ids) if content_ids else 0.0
+    refined: dict[int, np.ndarray] = {}
+    if "diffusion-cam" in wanted:
+        # SICD's interference for a word: the mean of the OTHER function words' raw maps.
+        interference = []
+        for w in words:
+            others = [raw[i] for i in function_idx if i != w.index]
+            interference.append(np.mean(others, axis=0) if others else None)
+        stack = refine_stack(
+            np.stack([raw[w.index] for w in words]),
+            settings.refine_preset,
+            n_steps=generation.n_steps,
+            interference=interference,
+            repeat_share=repeat_share,
+        ).astype(np.float32)
+        refined = {w.index: stack[j] for j, w in enumerate(words)}
     out = []
     for w in words:
         maps: dict[str, np.ndarray] = {}
         if need_dcam:
-            others = [raw[i] for i in function_idx if i != w.index]
-            interference = np.mean(others, axis=0) if others else None
             if "diffusion-cam-raw" in wanted:
                 maps["diffusion-cam-raw"] = raw[w.index]
             if "diffusion-cam" in wanted:
-                maps["diffusion-cam"] = refine(
-                    raw[w.index],
-                    settings.refine_preset,
-                    n_steps=generation.n_steps,
-                    interference=interference,
-                    repeat_share=repeat_share,
-                ).astype(np.float32)
+                maps["diffusion-cam"] = refined[w.index]
         maps.update({k: v for k, v in final_maps[w.index].items() if k in wanted})
         target, distractor = scores[w.index]
         ds = distractors[w.index]

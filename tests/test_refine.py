@@ -429,3 +429,72 @@ def test_refine_accepts_float32_and_validates_interference_shape() -> None:
     assert R.refine(H, "full", n_steps=16).dtype == np.float64
     with pytest.raises(ValueError, match="interference is 8x9, map is 8x8"):
         R.refine(H, "raw", n_steps=16, interference=np.zeros((8, 9)))
+
+
+# ---------------------------------------------------------------- refine_stack
+
+
+def odd_stack(shape: tuple[int, int]) -> list[np.ndarray]:
+    """Maps that take every branch: blobs of different spread (different AKD k), an all-zero
+    map, a constant map, a single spike, a checkerboard (DACG's high-variance percentile)."""
+    maps = [cam_like(s, shape) for s in range(5)]
+    maps.append(frozen(np.zeros(shape)))
+    maps.append(frozen(np.full(shape, 0.4)))
+    spike = np.zeros(shape)
+    spike[1, 2] = 1.0
+    maps.append(frozen(spike))
+    maps.append(checkerboard(shape, 0.3))
+    maps.append(frozen(cam_like(7, shape) ** 4))  # low mean: DACG's low-mean percentile
+    return maps
+
+
+@pytest.mark.parametrize("preset", list(R.PRESETS))
+@pytest.mark.parametrize("shape", [(8, 8), (24, 24)])
+def test_refine_stack_equals_one_map_at_a_time(preset, shape) -> None:
+    maps = odd_stack(shape)
+    ks = {R.akd_kernel_size(m, 48) for m in maps}
+    if shape == (24, 24):
+        assert len(ks) > 1, "the stack must mix AKD kernel sizes to test the grouping"
+    interf = [None if i % 3 else frozen(cam_like(100 + i, shape) * 0.2) for i in range(len(maps))]
+    shares = [0.1 * (i % 4) for i in range(len(maps))]
+    steps = [16 + 8 * (i % 3) for i in range(len(maps))]
+    out = R.refine_stack(np.stack(maps), preset, n_steps=steps, interference=interf, repeat_share=shares)
+    for i, m in enumerate(maps):
+        one = R.refine(m, preset, n_steps=steps[i], interference=interf[i], repeat_share=shares[i])
+        np.testing.assert_allclose(out[i], one, rtol=0, atol=1e-12, err_msg=f"map {i}")
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (16, 12)])
+def test_refine_stack_full_equals_literal(shape) -> None:
+    maps = odd_stack(shape)
+    out = R.refine_stack(maps, "full", n_steps=32, repeat_share=0.3)
+    for i, m in enumerate(maps):
+        np.testing.assert_allclose(out[i], L.refine_full(m, 32, repeat_share=0.3), rtol=0, atol=1e-9, err_msg=f"map {i}")
+
+
+def test_refine_stack_does_not_mutate_its_inputs() -> None:
+    maps = np.stack(odd_stack((8, 8)))
+    maps.flags.writeable = False
+    before = maps.copy()
+    R.refine_stack(maps, "full", n_steps=32)
+    assert np.array_equal(maps, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"maps": np.zeros((0, 4, 4))}, r"non-empty \(m, h, w\)"),
+        ({"maps": np.zeros((4, 4))}, r"non-empty \(m, h, w\)"),
+        ({"n_steps": [16, 16]}, "n_steps has 2 entries for 3 maps"),
+        ({"repeat_share": [0.1]}, "repeat_share has 1 entries for 3 maps"),
+        ({"repeat_share": 1.5}, r"repeat_share must be in \[0, 1\]"),
+        ({"interference": [None]}, "interference has 1 entries for 3 maps"),
+        ({"interference": [None, np.zeros((3, 3)), None]}, "interference is 3x3, map is 4x4"),
+        ({"n_steps": 0}, "n_steps must be a positive integer"),
+        ({"preset": "sharp"}, "unknown refine preset 'sharp'"),
+    ],
+)
+def test_refine_stack_rejects_bad_input(kwargs, match) -> None:
+    call = {"maps": np.full((3, 4, 4), 0.5), "preset": "full", "n_steps": 16, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        R.refine_stack(call.pop("maps"), call.pop("preset"), **call)
