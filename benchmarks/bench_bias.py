@@ -18,7 +18,8 @@ Printed (and written with --json):
 - dataset level: every flag of each model (kind, word, method, score, threshold,
   region, confirmed) and whether the planted word is flagged on the cue's region;
 - the raw scores behind every threshold (margins: planted vs clean), for calibration;
-- cost of the dataset step (read + analysis, and counterfactual) per 1,000 samples.
+- cost of the dataset step (read + analysis, the dataset-level counterfactual, the
+  per-sample counterfactual of kept flags) per 1,000 samples.
 """
 
 from __future__ import annotations
@@ -267,10 +268,14 @@ def main(argv: list[str] | None = None) -> dict:
     n_total = p["n_samples"] + c["n_samples"]
     step = p["timings"]["read_s"] + p["timings"]["analyse_s"] + c["timings"]["read_s"] + c["timings"]["analyse_s"]
     cf = p["timings"]["counterfactual_s"] + c["timings"]["counterfactual_s"]
+    per_sample_cf = p["timings"]["sample_counterfactual_s"] + c["timings"]["sample_counterfactual_s"]
     result["cost"] = {"dataset_step_s_per_1000_samples": 1000 * step / max(n_total, 1),
                       "counterfactual_s_total": cf,
+                      "sample_counterfactual_s_per_1000_samples": 1000 * per_sample_cf / max(n_total, 1),
                       "note": "read + analysis (sample flags, clustering, all words and methods) scale with samples; "
-                              "the counterfactual costs 5 generations per tested sample per clever_hans flag"}
+                              "the dataset-level counterfactual costs 5 generations per tested member (at most "
+                              "cf_max_samples) per clever_hans flag; the per-sample counterfactual 2 generations per "
+                              "sample whose answer has a kept flag's word (none without a kept flag)"}
     word = ss.cue.word
     planted_hit = [f for f in p["dataset_flags"] if f["kind"] == "clever_hans" and f["word"] == word
                    and f["region_holds_cue"]]

@@ -138,6 +138,9 @@ class BiasSettings:
     # counterfactual confirmation
     cf_max_candidates: int = 10
     cf_max_samples: int = 12
+    # per-sample counterfactual of a kept clever_hans flag: every sample whose answer has
+    # the flag's word (up to this many; 0 = off) gets the region erased and is regenerated
+    region_cf_max_samples: int = 2000
     keep_refuted: bool = False
     cf_ring_fraction: float = 0.05
     cf_confirm_min: float = 0.5
@@ -163,6 +166,8 @@ class BiasSettings:
                      "cf_max_candidates", "cluster_max_maps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.region_cf_max_samples) < 0:
+            raise ValueError(f"region_cf_max_samples must be >= 0 (0: off), got {self.region_cf_max_samples!r}")
         if self.zero_max < 0 or self.off_object_dominance < 0 or self.cf_ring_fraction <= 0:
             raise ValueError("zero_max and off_object_dominance must be >= 0, cf_ring_fraction > 0")
         for name in ("cluster_specificity_min", "cluster_enrichment_min", "member_enrichment_min",
@@ -869,15 +874,21 @@ def all_dataset_flags(analyses: Mapping[tuple[str, str], Mapping[str, Any]],
 
 
 def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
-                        settings: BiasSettings = BiasSettings()) -> list[dict[str, Any]]:
+                        settings: BiasSettings = BiasSettings(),
+                        tests: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Sample-level `suspect_region` flags from one dataset-level `clever_hans` flag.
 
-    Every occurrence of the flag's word whose map (the flag's method) puts at least
-    ``member_enrichment_min`` × the window's area share of its mass in the flag's region
-    — the same test that makes a cluster member "consistent": the samples the cue
-    reaches. Score = that share, threshold = that minimum. Evidence: the share, its
-    enrichment over a uniform map, the map's own background level (median share of its
-    off-object windows) and the ratio to it, the dataset flag's id and confirmation.
+    An occurrence of the flag's word is flagged when either
+    - saliency: its map (the flag's method) puts at least ``member_enrichment_min`` × the
+      window's area share of its mass in the flag's region — the test that makes a
+      cluster member "consistent"; or
+    - counterfactual: ``tests[sample_id]`` (the sample regenerated with only the region
+      erased, `tasks.bias.region_counterfactuals`) shows the word vanish.
+    Score = the share, threshold = that minimum (so a row reached only by the
+    counterfactual has score < threshold); ``confirmed`` = whether the word vanished
+    (None: the sample was not tested). Evidence: the share, its enrichment over a uniform
+    map, the map's own background level (median share of its off-object windows) and the
+    ratio to it, both answers, the dataset flag's id and confirmation.
     ``analysis``: the word's `analyse_word` result for the flag's method.
     """
     ev = json.loads(flag["evidence_json"])
@@ -889,10 +900,13 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
     area = wh * ww / (ps.shape[1] * ps.shape[2])
     need = settings.member_enrichment_min * area
     out = []
+    tests = tests or {}
     for i, p in enumerate(ps):
         sums = window_sums(p, win)
         share = float(sums[r, c])
-        if share < need:
+        test = tests.get(analysis["sample_ids"][i])
+        vanished = None if test is None else bool(test["vanished"])
+        if share < need and not vanished:
             continue
         cov = analysis["objects_cov"][i]
         off = np.ones_like(sums, dtype=bool) if cov is None else _window_max(cov, win) <= settings.object_overlap_max
@@ -900,15 +914,20 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
         sid, wi = analysis["sample_ids"][i], analysis["word_indices"][i]
         e = {"sample_id": sid, "word_index": int(wi), "word": flag["word"], "method": flag["method"],
              "rule": "score >= threshold (share of the map's mass in the dataset flag's region >= "
-                     "member_enrichment_min x the region's area share)",
+                     "member_enrichment_min x the region's area share) or the word vanishes when only the "
+                     "region is erased (confirmed)",
+             "reached_by": [k for k, hit in (("saliency", share >= need), ("counterfactual", bool(vanished))) if hit],
+             "counterfactual": None if test is None else dict(test),
              "region_share": share, "region_enrichment": share / area, "member_enrichment_min":
              settings.member_enrichment_min, "background_median_share": bg, "ratio_to_background": share / max(bg, _EPS),
              "dataset_flag_id": flag["flag_id"], "dataset_flag_confirmed": flag.get("confirmed"),
              "dataset_flag_score": flag["score"], "grid": list(ps.shape[1:]), "window": [r, c, wh, ww],
-             "meaning": "this occurrence of the word puts an outsized share of its map on the region a dataset-level "
-                        "clever_hans flag found for the word"}
-        out.append(_flag("suspect_region", share, need, e, sample_id=sid, word_index=int(wi), word=flag["word"],
-                         method=flag["method"], region=[float(v) for v in flag["region"].split(",")]))
+             "meaning": "this occurrence of the word puts an outsized share of its map on, or (confirmed) "
+                        "depends on, the region a dataset-level clever_hans flag found for the word"}
+        row = _flag("suspect_region", share, need, e, sample_id=sid, word_index=int(wi), word=flag["word"],
+                    method=flag["method"], region=[float(v) for v in flag["region"].split(",")])
+        row["confirmed"] = vanished
+        out.append(row)
     return out
 
 

@@ -363,6 +363,58 @@ def counterfactual(
     }
 
 
+def region_counterfactuals(
+    adapter: Any,
+    gen_settings: Any,
+    flag: Mapping[str, Any],
+    samples: Mapping[str, Mapping[str, Any]],
+    images: Mapping[str, Path],
+    objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
+    settings: BiasSettings,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Test one kept ``clever_hans`` flag on every sample whose answer has its word.
+
+    The dataset-level `counterfactual` tests a few cluster members to decide the flag;
+    this asks each sample the flag could concern (up to ``region_cf_max_samples``, in
+    sample-id order): regenerate the original image and the image with only the region
+    erased (object pixels excluded, as the dataset-level "no_region" variant); the word
+    *vanishes* when it is in the first answer and not in the second. Samples whose answer
+    lacks the word are not tested (nothing can vanish). Returns ({sample_id: test},
+    summary); `diffcam_core.bias.region_sample_flags` turns the tests into flags.
+    """
+    from PIL import Image
+
+    from storage.datasets import load_image
+    from tasks.rows import normalise_word
+
+    word = normalise_word(flag["word"])
+    box = tuple(float(v) for v in flag["region"].split(","))
+    candidates = sorted(sid for sid, s in samples.items() if word in _words_of(s.get("answer") or ""))
+    todo = candidates[: settings.region_cf_max_samples]
+    tests: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for sid in todo:
+        img = np.asarray(load_image(images[sid]))
+        all_obj = np.zeros(img.shape[:2], dtype=bool)
+        for _, m, _ in objects.get(sid, []):
+            all_obj |= m
+        answers = {}
+        for name, arr in (("original", img), ("no_region", erase_region(img, box, exclude=all_obj,
+                                                                        ring_fraction=settings.cf_ring_fraction))):
+            answers[name] = adapter.generate(adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"]),
+                                             gen_settings).text
+        present = {k: word in _words_of(v) for k, v in answers.items()}
+        if not present["original"]:
+            continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
+        tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
+                      "vanished": not present["no_region"]}
+    summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
+               "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
+               "n_vanished": sum(t["vanished"] for t in tests.values()), "n_generations": 2 * len(todo),
+               "seconds": round(time.perf_counter() - t0, 3)}
+    return tests, summary
+
+
 # --------------------------------------------------------------------------- the dataset step
 
 
@@ -464,9 +516,20 @@ def run_dataset_flags(
         log(f"bias: {len(refuted)} clever_hans suspect(s) refuted by the counterfactual, not raised "
             "(BiasSettings.keep_refuted=True keeps them with confirmed=false)")
         dflags = [f for f in dflags if not (f["kind"] == "clever_hans" and f["confirmed"] is False)]
+    t3 = time.perf_counter()
     for f in dflags:  # the samples each kept clever_hans flag reaches
         if f["kind"] == "clever_hans" and f["confirmed"] is not False:
-            sflags.extend(region_sample_flags(f, analyses[(f["word"], f["method"])], settings))
+            tests = None
+            if adapter is not None and settings.region_cf_max_samples > 0:
+                tests, summary = region_counterfactuals(adapter, cam.generation, f, run["samples"], images,
+                                                        objects, settings)
+                ev = json.loads(f["evidence_json"])
+                ev["sample_counterfactuals"] = summary
+                f["evidence_json"] = json.dumps(ev, sort_keys=True, ensure_ascii=False, allow_nan=False)
+                log(f"bias: clever_hans {f['word']}/{f['method']}: {summary['n_tested']} samples tested one by "
+                    f"one, the word vanished in {summary['n_vanished']} without the region")
+            sflags.extend(region_sample_flags(f, analyses[(f["word"], f["method"])], settings, tests))
+    tm["sample_counterfactual_s"] = time.perf_counter() - t3
 
     settings_json = settings.to_dict()
     rows = []

@@ -470,7 +470,9 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     assert f["confirmed"] is True and f["region"] == "0.0000,0.0000,0.1250,0.1250"
     cf = json.loads(f["evidence_json"])["counterfactual"]
     assert cf["persist"] == 1.0 and cf["persist_both"] == 0.0 and cf["vanish"] == 1.0 and cf["vanish_control"] == 0.0
-    assert 0 < cf["n_tested"] <= BiasSettings().cf_max_samples and adapter.calls == cf["n_generations"]
+    per_sample = json.loads(f["evidence_json"])["sample_counterfactuals"]
+    assert 0 < cf["n_tested"] <= BiasSettings().cf_max_samples
+    assert adapter.calls == cf["n_generations"] + per_sample["n_generations"]
     ex = cf["examples"][0]
     assert ex["answers"]["original"] == "a red circle" and ex["mask_paths"] and Path(ex["image_path"]).is_file()
     # sample flags computed from the stored (quantised) maps: exactly the cue-carrying circle words
@@ -481,6 +483,11 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     assert reached == truth  # the samples the confirmed dataset flag reaches
     sr = next(r for r in rows if r["kind"] == "suspect_region")
     assert json.loads(sr["evidence_json"])["dataset_flag_id"] == f["flag_id"] and sr["region"] == f["region"]
+    # every sample that says "circle" was regenerated without the region: the Hans model
+    # drops the word exactly where the cue was, so every reached occurrence is confirmed
+    says = {f"synth-{i:06d}" for i, s in enumerate(samples) if "circle" in s.answer.split()}
+    assert per_sample["n_candidates"] == len(says) and per_sample["n_vanished"] == len(truth)
+    assert {r["confirmed"] for r in rows if r["kind"] == "suspect_region"} == {True}
     assert timings["n_samples"] == 40 and timings["analyse_s"] > 0
     assert write_dataset_flags(st, "r1", rows) is True
     assert write_dataset_flags(st, "r1", rows) is False  # a re-run never duplicates
@@ -536,3 +543,32 @@ def test_cluster_eigensolver_and_subsampling_agree_with_the_dense_path() -> None
     assert full.k == capped.k == 2
     assert (full.labels[:220] == full.labels[0]).all() and (full.labels[220:] != full.labels[0]).all()
     assert (capped.labels == full.labels).all()  # the maps left out join the nearest cluster mean
+
+
+def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> None:
+    """An occurrence is flagged by saliency (share in the region >= 1.5 x its area share)
+    or by its own counterfactual (the word vanished without the region); `confirmed`
+    records the counterfactual, None where the sample was not tested."""
+    grid = (8, 8)
+    uniform = np.full(grid, 1 / 64)
+    hot = uniform.copy()
+    hot[0, 0] += 0.1
+    hot /= hot.sum()
+    ps = np.stack([hot, uniform, hot, uniform, uniform])
+    analysis = {"ps": ps, "objects_cov": [None] * 5, "sample_ids": [f"s{i}" for i in range(5)],
+                "word_indices": [2] * 5}
+    flag = {"flag_id": "dataset-flag", "word": "circle", "method": "token-gradnorm", "score": 0.1, "confirmed": True,
+            "region": "0.0000,0.0000,0.1250,0.1250", "evidence_json": json.dumps({"window": [0, 0, 1, 1]})}
+    tests = {"s0": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"},
+             "s1": {"vanished": True, "answer": "a red circle", "answer_without_region": "a red square"},
+             "s3": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"}}
+    rows = {r["sample_id"]: r for r in bias.region_sample_flags(flag, analysis, BiasSettings(), tests)}
+    assert sorted(rows) == ["s0", "s1", "s2"]  # s3: low share and the word persisted; s4: low share, untested
+    ev = {k: json.loads(r["evidence_json"]) for k, r in rows.items()}
+    assert rows["s0"]["confirmed"] is False and ev["s0"]["reached_by"] == ["saliency"]
+    assert rows["s1"]["confirmed"] is True and ev["s1"]["reached_by"] == ["counterfactual"]
+    assert rows["s1"]["score"] < rows["s1"]["threshold"] and ev["s1"]["counterfactual"]["answer_without_region"] == "a red square"
+    assert rows["s2"]["confirmed"] is None and ev["s2"]["counterfactual"] is None
+    assert rows["s0"]["threshold"] == pytest.approx(1.5 / 64) and rows["s0"]["score"] >= rows["s0"]["threshold"]
+    # without tests it is the saliency rule alone
+    assert sorted(r["sample_id"] for r in bias.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]

@@ -134,19 +134,29 @@ def test_sample_flags_precision_recall(planted, clean, heldout) -> None:
                                           "clean": _prf(clean[2], kind, method, cue_ids, universe)}
     print("sample flags vs cue-carrying samples:", json.dumps(report, indent=1))
     got = report["/".join(DETECTOR)]
-    # Regression floor at what the shipped planted model measures (precision 1.00, recall
-    # 0.87 on this set): the issue's recall bar of 0.9 is NOT met, see the strict xfail below.
-    assert got["planted"]["precision"] >= 0.9 and got["planted"]["recall"] >= 0.85, got
+    # The issue's bar: precision and recall >= 0.9 against the cue-carrying samples. Reached by
+    # joining the saliency rule with each sample's own counterfactual (the word vanishes when
+    # only the region is erased); the saliency rule alone reached recall 0.87 here.
+    assert got["planted"]["precision"] >= 0.9 and got["planted"]["recall"] >= 0.9, got
     assert got["clean"]["flagged_share"] == 0.0, got  # the clean model has no dataset flag to reach samples from
 
 
-@pytest.mark.xfail(strict=True, reason="known shortfall: suspect_region recall is 0.87 (< 0.9) on the shipped "
-                   "planted model; 2 of 32 cue samples are answered without the word 'circle' at all")
-def test_sample_flags_reach_the_issue_bar(planted, heldout) -> None:
+def test_per_sample_counterfactual_confirms_the_reached_samples(planted, heldout) -> None:
     ds_dir, _ = heldout
-    cue_ids, universe = _cue_ids(ds_dir)
-    got = _prf(planted[2], *DETECTOR, cue_ids, universe)
-    assert got["precision"] >= 0.9 and got["recall"] >= 0.9, got
+    cue_ids, _ = _cue_ids(ds_dir)
+    _, _, rows = planted
+    reached = [r for r in rows if r["kind"] == "suspect_region" and r["method"] == DETECTOR[1]]
+    confirmed = {r["sample_id"] for r in reached if r["confirmed"] is True}
+    by_saliency = {r["sample_id"] for r in reached if r["score"] >= r["threshold"]}
+    print(f"suspect_region: {len(reached)} rows; confirmed by their own counterfactual {len(confirmed)}, "
+          f"by saliency {len(by_saliency)}, cue samples {len(cue_ids)}")
+    assert confirmed and confirmed <= cue_ids  # the word never vanished without the region in a cue-free sample
+    for r in reached:
+        ev = json.loads(r["evidence_json"])
+        assert ev["reached_by"], ev
+        if r["confirmed"] is not None:
+            cf = ev["counterfactual"]
+            assert "circle" in cf["answer"].split() and ("circle" not in cf["answer_without_region"].split()) == r["confirmed"]
 
 
 def _off_centre_dataset(root: Path, n_keep: int = 40) -> Path:
