@@ -227,7 +227,7 @@ def _blur_matrix(n: int, size: int, sigma: float) -> np.ndarray:
     g /= g.sum()
     src = _reflect_index(n, size // 2)
     B = np.zeros((n, n))
-    for tap in range(size):  # size² ≤ a few dozen scalar adds per tap, once per (n, size, sigma)
+    for tap in range(size):  # one vectorised add per tap; built once per (n, size, sigma)
         np.add.at(B, (np.arange(n), src[np.arange(n) + tap]), g[tap])
     B.flags.writeable = False
     return B

@@ -241,7 +241,10 @@ def test_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
     import multiprocessing as mp
 
     store = tmp_path / "store"
-    ctx = mp.get_context("fork")
+    # spawn, not fork: the test process has threads by now (an ephemeral Prefect server,
+    # torch's pool), and a forked child can inherit a lock held by one of them and hang
+    # (seen here: a child blocked on a futex for 10 minutes).
+    ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
         actions = pool.starmap(_claim_in_child, [(str(store), f"p{i}") for i in range(8)])
     assert sorted(actions).count("audit") == 1 and actions.count("skip") == 7
