@@ -517,12 +517,16 @@ def run_dataset_flags(
             "(BiasSettings.keep_refuted=True keeps them with confirmed=false)")
         dflags = [f for f in dflags if not (f["kind"] == "clever_hans" and f["confirmed"] is False)]
     t3 = time.perf_counter()
+    per_sample: dict[tuple[str, str], tuple[dict, dict]] = {}  # (word, region) -> tests: methods share them
     for f in dflags:  # the samples each kept clever_hans flag reaches
         if f["kind"] == "clever_hans" and f["confirmed"] is not False:
             tests = None
             if adapter is not None and settings.region_cf_max_samples > 0:
-                tests, summary = region_counterfactuals(adapter, cam.generation, f, run["samples"], images,
-                                                        objects, settings)
+                key = (f["word"], f["region"])
+                if key not in per_sample:
+                    per_sample[key] = region_counterfactuals(adapter, cam.generation, f, run["samples"], images,
+                                                             objects, settings)
+                tests, summary = per_sample[key]
                 ev = json.loads(f["evidence_json"])
                 ev["sample_counterfactuals"] = summary
                 f["evidence_json"] = json.dumps(ev, sort_keys=True, ensure_ascii=False, allow_nan=False)
