@@ -138,8 +138,9 @@ def refine_timing(answers: list[tuple[list[np.ndarray], int]]) -> dict[str, floa
     `answers` holds each sample's raw maps (one per word) and its denoising steps. Timed:
     the literal per-pixel reference and `refine` one map per call, and `refine_stack` one
     answer per call (how `cam.explain` refines), its time shared by the answer's words.
-    Each figure is the best of 3 runs. Per-map figures are medians, except `stack_ms_per_map_overall` = all stack time / all
-    maps (the throughput a run sees: one-object answers of 3 words pay more per map).
+    Each figure is the best of 3 runs. Per-map figures are medians, except
+    `stack_ms_per_map_overall` = all stack time / all maps (the throughput a run sees:
+    one-object answers of 3 words pay more per map).
     """
     import importlib.util
 
