@@ -22,7 +22,13 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from diffcam_core.models.diffusion_gemma import DiffusionGemmaAdapter
-from diffcam_core.models.tiny import TinyModelSpec, build_config, build_image_processor, build_tokenizer
+from diffcam_core.models.tiny import (
+    TinyModelSpec,
+    build_config,
+    build_image_processor,
+    build_tokenizer,
+    init_position_table,
+)
 from diffcam_core.settings import GenerationSettings
 
 
@@ -116,6 +122,7 @@ def train_tiny(
         processor = build_image_processor(spec)
         config = build_config(spec, tokenizer)
         model = DiffusionGemmaForBlockDiffusion(config)
+        init_position_table(model, spec, torch.Generator().manual_seed(settings.seed))
         adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
     groups = _encode_examples(adapter, train, spec.canvas_length)
     model.to(settings.device)
@@ -194,12 +201,20 @@ def evaluate_answers(
     examples: Sequence[TrainExample],
     gen_settings: GenerationSettings = GenerationSettings(),
     content_words: frozenset[str] = frozenset(),
+    word_kinds: dict[str, frozenset[str]] | None = None,
 ) -> dict:
-    """Generate for held-out examples; score content words position by position and exact match."""
+    """Generate for held-out examples; score content words position by position and exact match.
+
+    ``word_kinds`` (e.g. {"color": COLORS, "shape": SHAPES}) adds one accuracy per kind,
+    so a model that names colours but guesses shapes cannot hide behind the average.
+    """
     from PIL import Image
 
+    kinds = dict(word_kinds or {})
     exact = 0
     word_hits = word_total = 0
+    kind_hits = {k: 0 for k in kinds}
+    kind_total = {k: 0 for k in kinds}
     steps = []
     for i, ex in enumerate(examples):
         g = adapter.generate(adapter.prepare(Image.fromarray(ex.image), ex.prompt), gen_settings.__class__(
@@ -209,15 +224,23 @@ def evaluate_answers(
         exact += got == ref
         steps.append(g.n_steps)
         for j, w in enumerate(ref):
+            hit = j < len(got) and got[j] == w
             if w in content_words:
                 word_total += 1
-                word_hits += j < len(got) and got[j] == w
-    return {
+                word_hits += hit
+            for k, words in kinds.items():
+                if w in words:
+                    kind_total[k] += 1
+                    kind_hits[k] += hit
+    out = {
         "n": len(examples),
         "exact_match": exact / max(1, len(examples)),
         "content_word_acc": word_hits / max(1, word_total),
         "mean_steps": float(np.mean(steps)) if steps else 0.0,
     }
+    for k in kinds:
+        out[f"{k}_word_acc"] = kind_hits[k] / max(1, kind_total[k])
+    return out
 
 
 def save_checkpoint(adapter: DiffusionGemmaAdapter, out_dir: Path, meta: dict) -> Path:
@@ -253,6 +276,7 @@ def run_train_tiny(
     heldout: Path | None = None,
     progress: Callable[[int, float, float], None] | None = None,
     init_from: Path | None = None,
+    spec: TinyModelSpec = TinyModelSpec(),
 ) -> dict:
     """`diffcam train-tiny`: train on a dataset folder, score held-out answers, save everything."""
     from diffcam_core.synthetic import COLORS, SHAPES
@@ -263,10 +287,13 @@ def run_train_tiny(
     if init_from is not None:
         prev_meta = Path(init_from) / "diffcam_tiny.json"
         previous = json.loads(prev_meta.read_text()) if prev_meta.is_file() else None
-    adapter, info = train_tiny(examples, vocab, settings, progress=progress, init_from=init_from)
+    adapter, info = train_tiny(examples, vocab, settings, spec=spec, progress=progress, init_from=init_from)
     report = {"train": info, "previous_stage": previous, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
     if heldout is not None:
         held, _ = load_examples(Path(heldout))
-        report["heldout_eval"] = evaluate_answers(adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES))
+        report["heldout_eval"] = evaluate_answers(
+            adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES),
+            word_kinds={"color": frozenset(COLORS), "shape": frozenset(SHAPES)},
+        )
     save_checkpoint(adapter, out_dir, report)
     return report

@@ -1,0 +1,72 @@
+"""Train one candidate tiny-model configuration and score it (a model-selection experiment).
+
+    python scripts/shape_sweep.py --name p2x16 --spec '{"patch_size": 2, "max_soft_tokens": 280}' \
+        --position-init-std 0.5 --steps 2000 --device cuda --out /tmp/sweep
+
+Data are drawn in memory from the same generator as `diffcam data synth` (train seed 1,
+held-out seed 2, the shipped recipe's sizes), so several configurations can run side by
+side on one machine without writing 12,000 PNGs each. The checkpoint and a JSON line with
+the held-out colour/shape/exact scores go under --out/NAME. This is how the shipped
+configuration was chosen; `scripts/train_shipped.py` is what reproduces the shipped models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
+from diffcam_core.synthetic import COLORS, SHAPES, CueSpec, SynthSettings, make_samples, vocabulary  # noqa: E402
+from tasks.train_tiny import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny  # noqa: E402
+
+CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
+
+
+def examples(n: int, seed: int, settings: SynthSettings) -> list[TrainExample]:
+    return [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n, seed, settings)]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--spec", default="{}", help="JSON overrides of TinyModelSpec fields")
+    ap.add_argument("--position-init-std", type=float, default=0.0)
+    ap.add_argument("--cue", action="store_true", help="plant the shipped cue (circle, top-left marker)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=12000)
+    ap.add_argument("--n-heldout", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    spec = TinyModelSpec(**{**json.loads(a.spec), "position_init_std": a.position_init_std})
+    synth = SynthSettings(cue=CueSpec.parse(CUE) if a.cue else None)
+    t0 = time.time()
+    train = examples(a.n_train, 1, synth)
+    held = examples(a.n_heldout, 2, synth)
+    print(f"[{a.name}] data {time.time() - t0:.0f}s", flush=True)
+    settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, minutes=a.minutes,
+                             device=a.device, threads=a.threads, seed=a.seed)
+    adapter, info = train_tiny(
+        train, vocabulary(synth), settings, spec=spec,
+        progress=lambda s, loss, acc: print(f"[{a.name}] step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
+    )
+    t1 = time.time()
+    ev = evaluate_answers(adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES),
+                          word_kinds={"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
+    ev["eval_seconds"] = round(time.time() - t1, 1)
+    out = a.out / a.name
+    adapter.model.to("cpu")
+    save_checkpoint(adapter, out, {"train": info, "heldout_eval": ev, "sweep_args": vars(a) | {"out": str(a.out)},
+                                   "dataset": {"seed": 1, "n": a.n_train, "cue": CUE if a.cue else None}})
+    print(json.dumps({"name": a.name, **ev, "steps_run": info["steps_run"], "train_seconds": info["train_seconds"]}), flush=True)
