@@ -6,7 +6,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sweep-out}
 mkdir -p $OUT
-if [ -d .whl ] && ! ${PY:-python3} -c "import transformers.models.diffusion_gemma" 2>/dev/null; then
+if [ -d .whl ] && [ "${DEVICE:-cuda}" = cuda ]; then  # the GPU image ships an older transformers
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
