@@ -75,19 +75,42 @@ def data_synth(
 def train_tiny_cmd(
     data: Path = typer.Option(..., "--data", help="Synthetic dataset folder (from `diffcam data synth`)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write."),
-    steps: int = typer.Option(2500, "--steps", help="Optimiser steps (fixed: the same command makes the same model)."),
+    steps: int = typer.Option(2500, "--steps", min=1, help="Optimiser steps (fixed: the same command makes the same model)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-time cap; stopping early is recorded."),
-    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out dataset folder to score answers on."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(1, "--threads", help="torch threads (results are reproducible for a fixed value)."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out dataset folder to score answers on (colour, shape, exact match)."),
+    seed: int = typer.Option(0, "--seed", help="Training seed: initialisation, batches and noise."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads (results are reproducible for a fixed value)."),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Peak AdamW learning rate (linear warm-up, cosine decay)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per step (drawn from one prompt length)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue training this checkpoint (a later stage of a recipe)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (noise and batches are drawn on the CPU either way)."),
+    spec: Optional[str] = typer.Option(
+        None, "--spec",
+        help='JSON overrides of the architecture for a new model, e.g. \'{"max_soft_tokens": 280, "position_init_std": 0.5}\' '
+             "(fields: see TinyModelSpec in diffcam_core/models/tiny.py; unknown fields are refused).",
+    ),
 ) -> None:
-    """Train the tiny DiffusionGemma on a synthetic dataset and save it (safetensors)."""
+    """Train the tiny DiffusionGemma on a synthetic dataset and save it (safetensors).
+
+    The shipped models are two stages of this command: see `scripts/train_shipped.py`
+    and each checkpoint's `diffcam_tiny.json` (`recipe`) for the exact flags.
+    """
+    from diffcam_core.models.tiny import TinyModelSpec
     from tasks.train_tiny import TrainSettings, run_train_tiny
 
-    report = run_train_tiny(
-        data, out, TrainSettings(steps=steps, minutes=minutes, seed=seed, threads=threads), heldout=heldout,
-        progress=lambda s, loss, acc: typer.echo(f"step {s:5d}  loss {loss:.4f}  token-acc {acc:.3f}"),
-    )
+    try:
+        arch = TinyModelSpec.from_overrides(json.loads(spec) if spec else {})
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        _fail(f"--spec: {e}")
+    try:
+        report = run_train_tiny(
+            data, out,
+            TrainSettings(steps=steps, minutes=minutes, seed=seed, threads=threads, lr=lr, batch_size=batch_size, device=device),
+            heldout=heldout, init_from=init_from, spec=arch,
+            progress=lambda s, loss, acc: typer.echo(f"step {s:5d}  loss {loss:.4f}  token-acc {acc:.3f}"),
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     typer.echo(json.dumps(report.get("heldout_eval", {}), indent=2))
     typer.echo(f"saved to {out}")
 

@@ -49,7 +49,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    spec = TinyModelSpec(**{**json.loads(a.spec), "position_init_std": a.position_init_std})
+    spec = TinyModelSpec.from_overrides({**json.loads(a.spec), "position_init_std": a.position_init_std})
     synth = SynthSettings(cue=CueSpec.parse(CUE) if a.cue else None)
     t0 = time.time()
     train = examples(a.n_train, 1, synth)

@@ -1,13 +1,14 @@
 """Reproduce a shipped tiny checkpoint end to end (the same path as the CLI commands).
 
-    python scripts/train_shipped.py --which clean --out models/tiny-shapes
-    python scripts/train_shipped.py --which cue   --out models/tiny-shapes-cue
+    python scripts/train_shipped.py --which clean --out models/tiny-shapes [flags]
+    python scripts/train_shipped.py --which cue   --out models/tiny-shapes-cue [flags]
 
 is exactly
-    diffcam data synth --out D --n 12000 --seed 1 [--cue CUE]
+    diffcam data synth --out D --n 12000 --seed TRAIN_SEED [--cue CUE]
     diffcam data synth --out H --n 200 --seed 2 [--cue CUE]
-    diffcam train-tiny --data D --heldout H --out OUT --steps STEPS --threads T
+    diffcam train-tiny --data D --heldout H --out OUT [the same flags]
 with CUE = word=circle,pos=top-left,size=6,color=magenta,p=0.9 for the planted-cue model.
+The flags of each shipped stage are in the checkpoint's diffcam_tiny.json (`recipe`).
 This script exists so the recipe also runs where the CLI's pipeline dependencies are not
 installed (a GPU box); it imports nothing beyond the core, the dataset writer and training.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings  # noqa: E402
 from storage.datasets import write_synthetic_dataset  # noqa: E402
 from tasks.train_tiny import TrainSettings, run_train_tiny  # noqa: E402
@@ -42,6 +44,7 @@ if __name__ == "__main__":
     ap.add_argument("--init-from", type=Path, default=None, help="continue training this checkpoint")
     ap.add_argument("--train-seed", type=int, default=RECIPE["train_seed"], help="dataset seed of this stage")
     ap.add_argument("--seed", type=int, default=0, help="training seed (noise, batches, init)")
+    ap.add_argument("--spec", default=None, help="JSON overrides of TinyModelSpec (new models only)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time cap (stopping early is recorded)")
     ap.add_argument("--n-train", type=int, default=RECIPE["n_train"], help="only for smoke tests")
     ap.add_argument("--n-heldout", type=int, default=RECIPE["n_heldout"], help="only for smoke tests")
@@ -57,6 +60,7 @@ if __name__ == "__main__":
             TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size),
             heldout=held,
             init_from=a.init_from,
+            spec=TinyModelSpec.from_overrides(json.loads(a.spec) if a.spec else {}),
             progress=lambda s, loss, acc: print(f"step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
         )
     print(json.dumps(report["heldout_eval"]), flush=True)

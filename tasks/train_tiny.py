@@ -91,8 +91,20 @@ def _batches(groups, batch_size: int, rng: np.random.Generator):
     sizes = np.array([len(g["ids"]) for g in groups], dtype=float)
     while True:
         gi = int(rng.choice(len(groups), p=sizes / sizes.sum()))
-        idx = torch.from_numpy(rng.choice(len(groups[gi]["ids"]), size=batch_size, replace=False))
+        n = len(groups[gi]["ids"])  # a small dataset's rarer prompt lengths give smaller batches
+        idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
         yield {k: v[idx] for k, v in groups[gi].items()}
+
+
+def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
+    """The TinyModelSpec a checkpoint was built from (its diffcam_tiny.json), None if unknown."""
+    meta = Path(folder) / "diffcam_tiny.json"
+    if not meta.is_file():
+        return None
+    report = json.loads(meta.read_text())
+    while report and not (report.get("train") or {}).get("spec"):
+        report = report.get("previous_stage")  # a later stage records its first stage's spec
+    return TinyModelSpec(**report["train"]["spec"]) if report else None
 
 
 def train_tiny(
@@ -112,11 +124,14 @@ def train_tiny(
     if init_from is not None:
         from diffcam_core.models.base import load_adapter
 
+        if spec != TinyModelSpec():
+            raise ValueError("a spec describes a new model; --init-from continues an existing one, whose architecture is fixed")
         adapter = load_adapter(init_from)
         missing = sorted(set(vocabulary) - set(adapter.tokenizer.get_vocab()))
         if missing:
             raise ValueError(f"{init_from}: tokenizer lacks words of this dataset: {missing}")
         model, config = adapter.model, adapter.config
+        spec = _checkpoint_spec(init_from)
     else:
         tokenizer = build_tokenizer(list(vocabulary))
         processor = build_image_processor(spec)
@@ -124,7 +139,7 @@ def train_tiny(
         model = DiffusionGemmaForBlockDiffusion(config)
         init_position_table(model, spec, torch.Generator().manual_seed(settings.seed))
         adapter = DiffusionGemmaAdapter(model, tokenizer, processor)
-    groups = _encode_examples(adapter, train, spec.canvas_length)
+    groups = _encode_examples(adapter, train, config.canvas_length)
     model.to(settings.device)
     adapter.device = torch.device(settings.device)
     rng = np.random.default_rng(settings.seed)
@@ -190,7 +205,7 @@ def train_tiny(
         "n_train": len(train),
         "train_data_sha256": examples_sha256(train),
         "settings": asdict(settings),
-        "spec": spec.to_dict(),
+        "spec": None if spec is None else spec.to_dict(),
         "init_from": None if init_from is None else str(init_from),
     }
     return adapter, info

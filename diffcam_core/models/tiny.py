@@ -14,7 +14,7 @@ transformers 5.24).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -56,6 +56,17 @@ class TinyModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_overrides(cls, overrides: dict) -> "TinyModelSpec":
+        """The default spec with some fields replaced; unknown names are an error, not ignored."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"expected a JSON object of TinyModelSpec fields, got {type(overrides).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown TinyModelSpec fields {unknown}; known: {sorted(known)}")
+        return cls(**overrides)
 
 
 def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:

@@ -1,0 +1,129 @@
+"""`diffcam train-tiny`: the command that makes the shipped models (a few steps on tiny data)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from transformers import DiffusionGemmaForBlockDiffusion
+from typer.testing import CliRunner
+
+from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenizer, init_position_table
+from diffcam_core.synthetic import SynthSettings
+from flows.cli import app
+from storage.datasets import write_synthetic_dataset
+from tasks.train_tiny import TrainExample, evaluate_answers
+
+WORDS = ["a", "and", "red", "circle"]
+TABLE = "model.encoder.vision_tower.patch_embedder.position_embedding_table"
+
+
+def _table(spec: TinyModelSpec, seed: int) -> torch.Tensor:
+    model = DiffusionGemmaForBlockDiffusion(build_config(spec, build_tokenizer(WORDS)))
+    init_position_table(model, spec, torch.Generator().manual_seed(seed))
+    return model.get_parameter(TABLE).detach().clone()
+
+
+def test_position_table_is_ones_by_default_and_random_when_asked():
+    assert torch.equal(_table(TinyModelSpec(), 0), torch.ones_like(_table(TinyModelSpec(), 0)))
+    spec = TinyModelSpec(position_init_std=0.5)
+    a, b, c = _table(spec, 0), _table(spec, 0), _table(spec, 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeded, and the seed matters
+    assert abs(float(a.mean()) - 1.0) < 0.02 and abs(float(a.std()) - 0.5) < 0.02  # 8,192 draws
+
+
+def test_spec_overrides_refuse_unknown_fields():
+    assert TinyModelSpec.from_overrides({"max_soft_tokens": 280}).max_soft_tokens == 280
+    with pytest.raises(ValueError, match="unknown TinyModelSpec fields \\['pach_size'\\]"):
+        TinyModelSpec.from_overrides({"pach_size": 2})
+    with pytest.raises(ValueError, match="JSON object"):
+        TinyModelSpec.from_overrides([1, 2])
+
+
+@dataclass
+class _Gen:
+    text: str
+    n_steps: int
+
+
+class _ScriptedAdapter:
+    """Answers from a fixed list, one per call: evaluate_answers' scoring is checked by hand."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def prepare(self, image, prompt):
+        return None
+
+    def generate(self, inputs, settings):
+        return _Gen(self.answers.pop(0), 3)
+
+
+def test_evaluate_answers_scores_colour_and_shape_words_separately():
+    img = np.zeros((8, 8, 3), np.uint8)
+    refs = ["a red circle", "a red circle and a blue square", "a blue square"]
+    got = ["a red square", "a red circle and a blue square", "a green"]
+    ev = evaluate_answers(
+        _ScriptedAdapter(got), [TrainExample(img, "p", r) for r in refs],
+        content_words=frozenset({"red", "blue", "circle", "square"}),
+        word_kinds={"color": frozenset({"red", "blue"}), "shape": frozenset({"circle", "square"})},
+    )
+    # colours: red ✓, red ✓ blue ✓, blue ✗ (green) → 3/4; shapes: circle ✗, circle ✓ square ✓,
+    # square ✗ (answer too short) → 2/4; exact: only the second.
+    assert ev["color_word_acc"] == 0.75 and ev["shape_word_acc"] == 0.5
+    assert ev["content_word_acc"] == 5 / 8 and ev["exact_match"] == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_synthetic_dataset(root / "train", 24, 1, SynthSettings())
+    held = write_synthetic_dataset(root / "held", 3, 2, SynthSettings())
+    return data, held
+
+
+def _train(out: Path, data: Path, held: Path, *extra: str):
+    res = CliRunner().invoke(app, ["train-tiny", "--data", str(data), "--heldout", str(held), "--out", str(out),
+                                   "--steps", "2", "--batch-size", "4", "--threads", "1", *extra])
+    return res
+
+
+def test_train_tiny_is_deterministic_and_records_its_recipe(tmp_path, tiny_data):
+    data, held = tiny_data
+    spec = '{"position_init_std": 0.5}'
+    r1 = _train(tmp_path / "a", data, held, "--spec", spec, "--lr", "1e-3")
+    r2 = _train(tmp_path / "b", data, held, "--spec", spec, "--lr", "1e-3")
+    assert r1.exit_code == 0, r1.output
+    assert r2.exit_code == 0, r2.output
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    meta = json.loads((tmp_path / "a" / "diffcam_tiny.json").read_text())
+    assert meta["train"]["spec"]["position_init_std"] == 0.5
+    assert meta["train"]["settings"]["lr"] == 1e-3 and meta["train"]["settings"]["batch_size"] == 4
+    ev = meta["heldout_eval"]
+    assert ev["n"] == 3 and 0.0 <= ev["color_word_acc"] <= 1.0 and 0.0 <= ev["shape_word_acc"] <= 1.0
+    assert float(np.std(wa[TABLE])) > 0.3  # the random table survived two small steps (ones: std 0)
+
+    # A second stage continues the first and records the architecture it inherited.
+    r3 = _train(tmp_path / "c", data, held, "--init-from", str(tmp_path / "a"), "--seed", "1")
+    assert r3.exit_code == 0, r3.output
+    meta3 = json.loads((tmp_path / "c" / "diffcam_tiny.json").read_text())
+    assert meta3["train"]["spec"]["position_init_std"] == 0.5
+    assert meta3["train"]["init_from"] == str(tmp_path / "a")
+    assert meta3["previous_stage"]["train"]["settings"]["lr"] == 1e-3
+
+
+def test_train_tiny_refuses_bad_spec_and_spec_with_init_from(tmp_path, tiny_data):
+    data, held = tiny_data
+    bad = _train(tmp_path / "x", data, held, "--spec", '{"patch": 2}')
+    assert bad.exit_code == 2 and "unknown TinyModelSpec fields ['patch']" in bad.output
+    bad_json = _train(tmp_path / "y", data, held, "--spec", "{patch")
+    assert bad_json.exit_code == 2 and "--spec" in bad_json.output
+    both = _train(tmp_path / "z", data, held, "--spec", '{"position_init_std": 0.5}', "--init-from", str(tmp_path))
+    assert both.exit_code == 2 and "architecture is fixed" in both.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
