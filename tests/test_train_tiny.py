@@ -41,6 +41,9 @@ def test_spec_overrides_refuse_unknown_fields():
     assert TinyModelSpec.from_overrides({"max_soft_tokens": 280}).max_soft_tokens == 280
     with pytest.raises(ValueError, match="unknown TinyModelSpec fields \\['pach_size'\\]"):
         TinyModelSpec.from_overrides({"pach_size": 2})
+    with pytest.raises(ValueError, match="patch_size must be a non-negative int, got '2'"):
+        TinyModelSpec.from_overrides({"patch_size": "2"})
+    assert TinyModelSpec.from_overrides({"position_init_std": 1}).position_init_std == 1
     with pytest.raises(ValueError, match="JSON object"):
         TinyModelSpec.from_overrides([1, 2])
 

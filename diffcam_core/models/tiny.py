@@ -66,6 +66,11 @@ class TinyModelSpec:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown TinyModelSpec fields {unknown}; known: {sorted(known)}")
+        for name, value in overrides.items():
+            want = type(getattr(cls, name))  # every field has a default: int or float
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            if isinstance(value, bool) or not ok or value < 0:
+                raise ValueError(f"TinyModelSpec.{name} must be a non-negative {want.__name__}, got {value!r}")
         return cls(**overrides)
 
 
