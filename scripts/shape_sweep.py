@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
 from diffcam_core.synthetic import COLORS, SHAPES, CueSpec, SynthSettings, make_samples, vocabulary  # noqa: E402
 from tasks.train_tiny import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny  # noqa: E402
-
-CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
+from train_shipped import CUE  # noqa: E402  (scripts/ is on sys.path: the shipped cue, one definition)
 
 
 def examples(n: int, seed: int, settings: SynthSettings) -> list[TrainExample]:
