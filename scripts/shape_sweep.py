@@ -6,8 +6,8 @@
 Data are drawn in memory from the same generator as `diffcam data synth` (train seed 1,
 held-out seed 2, the shipped recipe's sizes), so several configurations can run side by
 side on one machine without writing 12,000 PNGs each. The checkpoint and a JSON line with
-the held-out colour/shape/exact scores go under --out/NAME. This is how the shipped
-configuration was chosen; `scripts/train_shipped.py` is what reproduces the shipped models.
+the held-out colour/shape/exact scores go under --out/NAME. This is how the candidate at
+models/candidates/ was chosen; `scripts/train_shipped.py` is what reproduces the shipped models.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if __name__ == "__main__":
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--spec", default="{}", help="JSON overrides of TinyModelSpec fields")
-    ap.add_argument("--position-init-std", type=float, default=0.0)
+    ap.add_argument("--position-init-std", type=float, default=None, help="shorthand for the spec field of that name")
     ap.add_argument("--cue", action="store_true", help="plant the shipped cue (circle, top-left marker)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -48,7 +48,10 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    spec = TinyModelSpec.from_overrides({**json.loads(a.spec), "position_init_std": a.position_init_std})
+    overrides = json.loads(a.spec)
+    if a.position_init_std is not None:
+        overrides["position_init_std"] = a.position_init_std
+    spec = TinyModelSpec.from_overrides(overrides)
     synth = SynthSettings(cue=CueSpec.parse(CUE) if a.cue else None)
     t0 = time.time()
     train = examples(a.n_train, 1, synth)
