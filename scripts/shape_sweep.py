@@ -64,8 +64,7 @@ if __name__ == "__main__":
         progress=lambda s, loss, acc: print(f"[{a.name}] step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
     )
     t1 = time.time()
-    ev = evaluate_answers(adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES),
-                          word_kinds={"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
+    ev = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
     ev["eval_seconds"] = round(time.time() - t1, 1)
     out = a.out / a.name
     adapter.model.to("cpu")

@@ -214,18 +214,19 @@ def train_tiny(
 def evaluate_answers(
     adapter: DiffusionGemmaAdapter,
     examples: Sequence[TrainExample],
+    word_kinds: dict[str, frozenset[str]],
     gen_settings: GenerationSettings = GenerationSettings(),
-    content_words: frozenset[str] = frozenset(),
-    word_kinds: dict[str, frozenset[str]] | None = None,
 ) -> dict:
-    """Generate for held-out examples; score content words position by position and exact match.
+    """Generate for held-out examples; score words position by position, and exact match.
 
-    ``word_kinds`` (e.g. {"color": COLORS, "shape": SHAPES}) adds one accuracy per kind,
-    so a model that names colours but guesses shapes cannot hide behind the average.
+    ``word_kinds`` (e.g. {"color": COLORS, "shape": SHAPES}) gives one accuracy per kind,
+    so a model that names colours but guesses shapes cannot hide behind the average;
+    ``content_word_acc`` pools all kinds.
     """
     from PIL import Image
 
-    kinds = dict(word_kinds or {})
+    kinds = dict(word_kinds)
+    content_words = frozenset().union(*kinds.values())
     exact = 0
     word_hits = word_total = 0
     kind_hits = {k: 0 for k in kinds}
@@ -306,9 +307,6 @@ def run_train_tiny(
     report = {"train": info, "previous_stage": previous, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
     if heldout is not None:
         held, _ = load_examples(Path(heldout))
-        report["heldout_eval"] = evaluate_answers(
-            adapter, held, content_words=frozenset(COLORS) | frozenset(SHAPES),
-            word_kinds={"color": frozenset(COLORS), "shape": frozenset(SHAPES)},
-        )
+        report["heldout_eval"] = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
     save_checkpoint(adapter, out_dir, report)
     return report

@@ -73,7 +73,6 @@ def test_evaluate_answers_scores_colour_and_shape_words_separately():
     got = ["a red square", "a red circle and a blue square", "a green"]
     ev = evaluate_answers(
         _ScriptedAdapter(got), [TrainExample(img, "p", r) for r in refs],
-        content_words=frozenset({"red", "blue", "circle", "square"}),
         word_kinds={"color": frozenset({"red", "blue"}), "shape": frozenset({"circle", "square"})},
     )
     # colours: red ✓, red ✓ blue ✓, blue ✗ (green) → 3/4; shapes: circle ✗, circle ✓ square ✓,
