@@ -73,7 +73,9 @@ def test_explain_cli_errors_are_actionable(tmp_path):
     assert res.exit_code == 2 and "missing.png" in res.output
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
-    res = CliRunner().invoke(app, ["explain", str(img), "--prompt", "describe", "--layer", "encoder.3"])
+    # The last encoder layer's output feeds no decoder layer (they read each layer's input).
+    last = json.loads((DEFAULT_MODEL / "config.json").read_text())["text_config"]["num_hidden_layers"] - 1
+    res = CliRunner().invoke(app, ["explain", str(img), "--prompt", "describe", "--layer", f"encoder.{last}"])
     assert res.exit_code == 2 and "not structurally valid" in res.output
 
 
