@@ -41,6 +41,7 @@ from diffcam_core import bias  # noqa: E402
 from diffcam_core.bias import BiasSettings  # noqa: E402
 from diffcam_core.settings import CamSettings  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region  # noqa: E402
+from tasks.train_tiny import training_seeds  # noqa: E402
 
 HELDOUT_SEED = 2
 DEFAULT_CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
@@ -48,12 +49,10 @@ METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
 
 
 def _check_heldout(model_dir: Path, seed: int) -> None:
-    meta = model_dir / "diffcam_tiny.json"
-    if meta.is_file():
-        info = json.loads(meta.read_text())
-        train_seed = info.get("dataset", {}).get("seed")
-        if train_seed is not None and int(train_seed) == seed:
-            raise SystemExit(f"{model_dir} was trained on synthetic seed {seed}: pick another --seed for held-out data")
+    seeds = training_seeds(model_dir)
+    if seed in seeds:
+        raise SystemExit(f"{model_dir} was trained on synthetic seeds {sorted(set(seeds))}: "
+                         f"pick another --seed for held-out data")
 
 
 def _prf(pred: set[str], truth: set[str], universe: set[str]) -> dict[str, float | int | None]:

@@ -96,6 +96,23 @@ def _batches(groups, batch_size: int, rng: np.random.Generator):
         yield {k: v[idx] for k, v in groups[gi].items()}
 
 
+def training_seeds(folder: Path) -> list[int]:
+    """Synthetic dataset seeds of every training stage of a checkpoint, newest stage first.
+
+    Read from its diffcam_tiny.json and the `previous_stage` chain, so a held-out check
+    sees the data of every stage, not only the last; [] when the folder has no record.
+    """
+    meta = Path(folder) / "diffcam_tiny.json"
+    report = json.loads(meta.read_text()) if meta.is_file() else None
+    seeds = []
+    while report:
+        seed = (report.get("dataset") or {}).get("seed")
+        if seed is not None:
+            seeds.append(int(seed))
+        report = report.get("previous_stage")
+    return seeds
+
+
 def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
     """The TinyModelSpec a checkpoint was built from (its diffcam_tiny.json), None if unknown."""
     meta = Path(folder) / "diffcam_tiny.json"

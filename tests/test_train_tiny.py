@@ -17,7 +17,7 @@ from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenize
 from diffcam_core.synthetic import SynthSettings
 from flows.cli import app
 from storage.datasets import write_synthetic_dataset
-from tasks.train_tiny import TrainExample, evaluate_answers
+from tasks.train_tiny import TrainExample, evaluate_answers, training_seeds
 
 WORDS = ["a", "and", "red", "circle"]
 TABLE = "model.encoder.vision_tower.patch_embedder.position_embedding_table"
@@ -111,13 +111,17 @@ def test_train_tiny_is_deterministic_and_records_its_recipe(tmp_path, tiny_data)
     assert ev["n"] == 3 and 0.0 <= ev["color_word_acc"] <= 1.0 and 0.0 <= ev["shape_word_acc"] <= 1.0
     assert float(np.std(wa[TABLE])) > 0.3  # the random table survived two small steps (ones: std 0)
 
-    # A second stage continues the first and records the architecture it inherited.
-    r3 = _train(tmp_path / "c", data, held, "--init-from", str(tmp_path / "a"), "--seed", "1")
+    # A second stage on fresh data continues the first and records the architecture it
+    # inherited; both stages' data seeds count as seen (a held-out check must refuse both).
+    data2 = write_synthetic_dataset(tmp_path / "data2", 24, 5, SynthSettings())
+    r3 = _train(tmp_path / "c", data2, held, "--init-from", str(tmp_path / "a"), "--seed", "1")
     assert r3.exit_code == 0, r3.output
     meta3 = json.loads((tmp_path / "c" / "diffcam_tiny.json").read_text())
     assert meta3["train"]["spec"]["position_init_std"] == 0.5
     assert meta3["train"]["init_from"] == str(tmp_path / "a")
     assert meta3["previous_stage"]["train"]["settings"]["lr"] == 1e-3
+    assert training_seeds(tmp_path / "c") == [5, 1] and training_seeds(tmp_path / "a") == [1]
+    assert training_seeds(tmp_path / "no-such-checkpoint") == []
 
 
 def test_train_tiny_refuses_bad_spec_and_spec_with_init_from(tmp_path, tiny_data):
