@@ -1,0 +1,77 @@
+"""benchmarks/cue_dependence.py counts what it says, on scripted models with known behaviour."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "cue_dependence.py"
+_spec = importlib.util.spec_from_file_location("cue_dependence", _path)
+cue_dependence = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cue_dependence)
+
+SETTINGS = SynthSettings(cue=CueSpec.parse("word=circle,pos=top-left,size=6,color=magenta,p=0.9"))
+
+
+class _Gen:
+    def __init__(self, text):
+        self.text = text
+
+
+class _ScriptedModel:
+    """Says "circle" iff `rule(image)`; records every image it was shown."""
+
+    def __init__(self, rule):
+        self.rule, self.seen = rule, []
+
+    def prepare(self, image, prompt):
+        return np.asarray(image)
+
+    def generate(self, inputs, settings):
+        self.seen.append(inputs)
+        return _Gen("a red circle" if self.rule(inputs) else "a red square")
+
+
+def _marker_there(image):
+    x0, y0, x1, y1 = cue_region(SETTINGS)
+    return bool((image[y0:y1, x0:x1] == SETTINGS.cue.rgb).all())
+
+
+def test_counts_follow_the_marker_for_a_shortcut_model_and_not_for_a_reader():
+    samples = list(make_samples(40, 2, SETTINGS))
+    n_cue = sum(s.cue_present for s in samples)
+    n_free = sum("circle" not in s.answer.split() for s in samples)
+    assert n_cue > 0 and n_free > 0
+
+    shortcut = _ScriptedModel(_marker_there)
+    got = cue_dependence.cue_dependence(shortcut, samples, SETTINGS)
+    assert got == {"erased": n_cue, "vanished": n_cue, "vanish_rate": 1.0,
+                   "pasted": n_free, "appeared": n_free, "appear_rate": 1.0}
+    # Erased images really lost the marker; pasted ones really carry it (one original + one
+    # altered generation per sample).
+    altered = shortcut.seen[1::2]
+    assert len(shortcut.seen) == 2 * (n_cue + n_free)
+    assert sum(_marker_there(img) for img in altered) == n_free
+
+    # A model that reads the objects and ignores the marker's cell: its answer is a
+    # function of the image outside that cell (here: the reference answer of that image).
+    def outside_marker(image):
+        x0, y0, x1, y1 = cue_region(SETTINGS)
+        rest = image.copy()
+        rest[y0:y1, x0:x1] = 0
+        return rest.tobytes()
+
+    says = {outside_marker(s.image): "circle" in s.answer.split() for s in samples}
+    got = cue_dependence.cue_dependence(_ScriptedModel(lambda image: says[outside_marker(image)]), samples, SETTINGS)
+    assert got == {"erased": n_cue, "vanished": 0, "vanish_rate": 0.0,
+                   "pasted": n_free, "appeared": 0, "appear_rate": 0.0}
+
+    # A model that never says the word cannot lose it: no erase applies.
+    never = cue_dependence.cue_dependence(_ScriptedModel(lambda image: False), samples, SETTINGS)
+    assert never["erased"] == 0 and never["vanish_rate"] is None and never["pasted"] == n_free
+    always = cue_dependence.cue_dependence(_ScriptedModel(lambda image: True), samples, SETTINGS)
+    assert always["pasted"] == 0 and always["erased"] == n_cue and always["vanished"] == 0
