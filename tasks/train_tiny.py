@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,32 +96,28 @@ def _batches(groups, batch_size: int, rng: np.random.Generator):
         yield {k: v[idx] for k, v in groups[gi].items()}
 
 
+def _stage_records(folder: Path) -> Iterator[dict]:
+    """A checkpoint's diffcam_tiny.json, then each earlier stage's (`previous_stage`), newest first."""
+    meta = Path(folder) / "diffcam_tiny.json"
+    report = json.loads(meta.read_text()) if meta.is_file() else None
+    while report:
+        yield report
+        report = report.get("previous_stage")
+
+
 def training_seeds(folder: Path) -> list[int]:
     """Synthetic dataset seeds of every training stage of a checkpoint, newest stage first.
 
-    Read from its diffcam_tiny.json and the `previous_stage` chain, so a held-out check
-    sees the data of every stage, not only the last; [] when the folder has no record.
+    A held-out check must see the data of every stage, not only the last; [] when the
+    folder has no record.
     """
-    meta = Path(folder) / "diffcam_tiny.json"
-    report = json.loads(meta.read_text()) if meta.is_file() else None
-    seeds = []
-    while report:
-        seed = (report.get("dataset") or {}).get("seed")
-        if seed is not None:
-            seeds.append(int(seed))
-        report = report.get("previous_stage")
-    return seeds
+    return [int(r["dataset"]["seed"]) for r in _stage_records(folder) if (r.get("dataset") or {}).get("seed") is not None]
 
 
 def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
-    """The TinyModelSpec a checkpoint was built from (its diffcam_tiny.json), None if unknown."""
-    meta = Path(folder) / "diffcam_tiny.json"
-    if not meta.is_file():
-        return None
-    report = json.loads(meta.read_text())
-    while report and not (report.get("train") or {}).get("spec"):
-        report = report.get("previous_stage")  # a later stage records its first stage's spec
-    return TinyModelSpec(**report["train"]["spec"]) if report else None
+    """The TinyModelSpec a checkpoint was built from, None if unknown (a later stage records
+    its first stage's spec, so the chain is walked)."""
+    return next((TinyModelSpec(**r["train"]["spec"]) for r in _stage_records(folder) if (r.get("train") or {}).get("spec")), None)
 
 
 def train_tiny(
