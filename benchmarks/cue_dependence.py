@@ -29,9 +29,8 @@ if str(REPO) not in sys.path:
 from diffcam_core.models.base import load_adapter  # noqa: E402
 from diffcam_core.settings import GenerationSettings  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples  # noqa: E402
+from benchmarks.bench_bias import DEFAULT_CUE  # noqa: E402  (the shipped cue, one definition)
 from tasks.train_tiny import training_seeds  # noqa: E402
-
-DEFAULT_CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
 
 
 def cue_dependence(adapter, samples, settings: SynthSettings) -> dict[str, int | float]:
