@@ -43,6 +43,7 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step (TrainSettings.compile)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=12000)
     ap.add_argument("--n-heldout", type=int, default=200)
@@ -59,7 +60,7 @@ if __name__ == "__main__":
     held = examples(a.n_heldout, 2, synth)
     print(f"[{a.name}] data {time.time() - t0:.0f}s", flush=True)
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, minutes=a.minutes,
-                             device=a.device, threads=a.threads, seed=a.seed)
+                             device=a.device, threads=a.threads, seed=a.seed, compile=a.compile)
     adapter, info = train_tiny(
         train, vocabulary(synth), settings, spec=spec,
         progress=lambda s, loss, acc: print(f"[{a.name}] step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),

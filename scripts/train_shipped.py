@@ -39,6 +39,7 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step (TrainSettings.compile)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--init-from", type=Path, default=None, help="continue training this checkpoint")
@@ -57,7 +58,8 @@ if __name__ == "__main__":
         print(f"data written in {time.time() - t0:.1f}s", flush=True)
         report = run_train_tiny(
             data, a.out,
-            TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size),
+            TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size,
+                          compile=a.compile),
             heldout=held,
             init_from=a.init_from,
             spec=TinyModelSpec.from_overrides(json.loads(a.spec) if a.spec else {}),

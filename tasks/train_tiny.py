@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from diffcam_core.models.tiny import (
     init_position_table,
 )
 from diffcam_core.settings import GenerationSettings
+from diffcam_core.synthetic import SynthSettings
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class TrainSettings:
     threads: int = 2
     minutes: float | None = None
     device: str = "cpu"  # noise and batches are drawn on the CPU either way, so only float rounding differs
+    # torch.compile the step's forward passes (encoder, self-conditioning, decoder, loss).
+    # Same objective, same batches and noise; fused kernels round differently, so a compiled
+    # run reproduces a compiled run (same threads), not an eager one. See README "Speed".
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,42 @@ def _batches(groups, batch_size: int, rng: np.random.Generator):
         yield {k: v[idx] for k, v in groups[gi].items()}
 
 
+def _denoising_step(adapter: DiffusionGemmaAdapter, vocab: int) -> Callable:
+    """The forward half of one training step: encoder, optional self-conditioning pass, decoder, loss.
+
+    One function so `torch.compile` can fuse it whole (the step is dominated by small
+    element-wise ops: norms, rotary, GELU). `temp` is a 0-d tensor so a compiled graph is
+    not specialised to each drawn temperature.
+    """
+    model = adapter.model
+
+    def forward(b: dict, noisy: torch.Tensor, temp: torch.Tensor, use_sc: bool):
+        cache = adapter.run_encoder(
+            {"input_ids": b["ids"], "pixel_values": b["pix"], "image_position_ids": b["pos"], "mm_token_type_ids": b["mm"]}
+        )
+        self_cond = None
+        if use_sc:
+            with torch.no_grad():
+                self_cond = (model(decoder_input_ids=noisy, cache=cache).logits / temp).detach()
+        logits = model(decoder_input_ids=noisy, cache=cache, self_conditioning_logits=self_cond).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), b["tgt"].reshape(-1))
+        return logits, loss
+
+    return forward
+
+
+@contextmanager
+def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch's deterministic mode for the block (when `enabled`), restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _stage_records(folder: Path) -> Iterator[dict]:
     """A checkpoint's diffcam_tiny.json, then each earlier stage's (`previous_stage`), newest first."""
     meta = Path(folder) / "diffcam_tiny.json"
@@ -126,15 +168,28 @@ def train_tiny(
     settings: TrainSettings = TrainSettings(),
     spec: TinyModelSpec = TinyModelSpec(),
     progress: Callable[[int, float, float], None] | None = None,
-    init_from: Path | None = None,
+    init_from: Path | DiffusionGemmaAdapter | None = None,
 ) -> tuple[DiffusionGemmaAdapter, dict]:
     """Build (or continue from `init_from`) and train the tiny model.
 
+    `init_from` is a checkpoint folder, or the adapter an earlier stage of the same process
+    returned (`run_train_stages`): continuing in memory gives the same weights as saving and
+    reloading, and a compiled step is reused instead of compiled again (minutes on CPU).
+    For an adapter, `spec` must be the architecture it was built from (it is recorded).
     Returns the adapter (model + tokenizer + processor) and a training log.
     """
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
-    if init_from is not None:
+    if isinstance(init_from, DiffusionGemmaAdapter):
+        adapter = init_from
+        model, config = adapter.model, adapter.config
+        built = (config.text_config.num_hidden_layers, config.text_config.hidden_size, config.canvas_length)
+        if built != (spec.text_layers, spec.text_hidden, spec.canvas_length):
+            raise ValueError(f"spec {spec} does not describe the adapter being continued (layers, hidden, canvas = {built})")
+        missing = sorted(set(vocabulary) - set(adapter.tokenizer.get_vocab()))
+        if missing:
+            raise ValueError(f"tokenizer of the continued model lacks words of this dataset: {missing}")
+    elif init_from is not None:
         from diffcam_core.models.base import load_adapter
 
         if spec != TinyModelSpec():
@@ -168,46 +223,46 @@ def train_tiny(
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    forward = _denoising_step(adapter, vocab)
+    if settings.compile:
+        forward = torch.compile(forward)
     model.train()
     t0 = time.time()
     log = {"loss": [], "acc": []}
     stopped_early = False
     batches = _batches(groups, settings.batch_size, rng)
     step = 0
-    for step in range(settings.steps):
-        b = {k: v.to(settings.device) for k, v in next(batches).items()}
-        tgt = b["tgt"]
-        bsz, length = tgt.shape
-        t = torch.rand(bsz, 1, generator=gen)
-        noise_mask = torch.rand(bsz, length, generator=gen) < t
-        noise = torch.randint(0, vocab, (bsz, length), generator=gen)
-        noisy = torch.where(noise_mask.to(settings.device), noise.to(settings.device), tgt)
-        use_sc = bool(torch.rand(1, generator=gen) < settings.self_cond_prob)
-        temp = 0.4 + 0.4 * float(torch.rand(1, generator=gen))
+    # Inductor's CPU kernels accumulate index_put/scatter gradients with atomic adds, so two
+    # compiled runs differed (measured: 100 steps, 2 threads, different weights); in
+    # deterministic mode it falls back to aten's ordered kernels (same weights whether the
+    # compile cache was cold or warm, and no slower).
+    with _deterministic_algorithms(settings.compile):
+        for step in range(settings.steps):
+            b = {k: v.to(settings.device) for k, v in next(batches).items()}
+            tgt = b["tgt"]
+            bsz, length = tgt.shape
+            t = torch.rand(bsz, 1, generator=gen)
+            noise_mask = torch.rand(bsz, length, generator=gen) < t
+            noise = torch.randint(0, vocab, (bsz, length), generator=gen)
+            noisy = torch.where(noise_mask.to(settings.device), noise.to(settings.device), tgt)
+            use_sc = bool(torch.rand(1, generator=gen) < settings.self_cond_prob)
+            temp = 0.4 + 0.4 * float(torch.rand(1, generator=gen))
 
-        cache = adapter.run_encoder(
-            {"input_ids": b["ids"], "pixel_values": b["pix"], "image_position_ids": b["pos"], "mm_token_type_ids": b["mm"]}
-        )
-        self_cond = None
-        if use_sc:
+            logits, loss = forward(b, noisy, torch.tensor(temp, device=settings.device), use_sc)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
             with torch.no_grad():
-                self_cond = (model(decoder_input_ids=noisy, cache=cache).logits / temp).detach()
-        logits = model(decoder_input_ids=noisy, cache=cache, self_conditioning_logits=self_cond).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tgt.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            acc = float((logits.argmax(-1) == tgt).float().mean())
-        log["loss"].append(float(loss.detach()))
-        log["acc"].append(acc)
-        if progress and (step % 50 == 0 or step == settings.steps - 1):
-            progress(step, float(np.mean(log["loss"][-50:])), float(np.mean(log["acc"][-50:])))
-        if settings.minutes is not None and time.time() - t0 > 60 * settings.minutes:
-            stopped_early = True
-            break
+                acc = float((logits.argmax(-1) == tgt).float().mean())
+            log["loss"].append(float(loss.detach()))
+            log["acc"].append(acc)
+            if progress and (step % 50 == 0 or step == settings.steps - 1):
+                progress(step, float(np.mean(log["loss"][-50:])), float(np.mean(log["acc"][-50:])))
+            if settings.minutes is not None and time.time() - t0 > 60 * settings.minutes:
+                stopped_early = True
+                break
     model.eval()
     info = {
         "steps_run": step + 1,
@@ -219,7 +274,7 @@ def train_tiny(
         "train_data_sha256": examples_sha256(train),
         "settings": asdict(settings),
         "spec": None if spec is None else spec.to_dict(),
-        "init_from": None if init_from is None else str(init_from),
+        "init_from": None if init_from is None else "(previous stage, in memory)" if isinstance(init_from, DiffusionGemmaAdapter) else str(init_from),
     }
     return adapter, info
 
@@ -321,5 +376,98 @@ def run_train_tiny(
     if heldout is not None:
         held, _ = load_examples(Path(heldout))
         report["heldout_eval"] = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
+    save_checkpoint(adapter, out_dir, report)
+    return report
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a multi-stage recipe: fresh synthetic data and its own schedule.
+
+    Why stages: on this task a model that has seen a 12,000-image set many times gains most
+    from a new set at a lower peak rate (README, "The shipped tiny models").
+    """
+
+    steps: int
+    lr: float
+    train_seed: int  # seed of this stage's synthetic training set (`diffcam data synth --seed`)
+    seed: int = 0  # training seed: batches and noise (and initialisation in the first stage)
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage":
+        """`STEPS:LR:TRAIN_SEED[:SEED]`, e.g. `2250:2e-3:1:0`."""
+        parts = text.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"stage {text!r}: expected STEPS:LR:TRAIN_SEED[:SEED], e.g. 2250:2e-3:1:0")
+        try:
+            stage = cls(int(parts[0]), float(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
+        except ValueError:
+            raise ValueError(f"stage {text!r}: STEPS, TRAIN_SEED and SEED are integers, LR a number") from None
+        if stage.steps < 1 or stage.lr <= 0 or stage.train_seed < 0 or stage.seed < 0:
+            raise ValueError(f"stage {text!r}: steps >= 1, lr > 0 and seeds >= 0 are required")
+        return stage
+
+
+def run_train_stages(
+    stages: Sequence[Stage],
+    out_dir: Path,
+    synth: SynthSettings,
+    base: TrainSettings,
+    spec: TinyModelSpec = TinyModelSpec(),
+    n_train: int = 12000,
+    heldout_seed: int = 2,
+    n_heldout: int = 200,
+    stage_dir: Path | None = None,
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> dict:
+    """Train a new model through `stages` in one process and save the last stage to `out_dir`.
+
+    Each stage draws its own training set in memory (the same bytes `diffcam data synth
+    --seed TRAIN_SEED` writes) and continues the previous stage's model in memory, so a
+    compiled step (`base.compile`) is built once. Every stage is scored on the same held-out
+    set; the saved record chains the stages (`previous_stage`), as separate `train-tiny`
+    runs would, plus the wall time of the whole recipe. `stage_dir`, if given, also keeps
+    each earlier stage's checkpoint. `progress(stage, step, loss, acc)`.
+    """
+    from dataclasses import replace
+
+    from diffcam_core.synthetic import COLORS, SHAPES, make_samples, vocabulary
+
+    if not stages:
+        raise ValueError("a recipe needs at least one stage")
+    t0 = time.time()
+    words = vocabulary(synth)
+    if heldout_seed in {st.train_seed for st in stages}:
+        raise ValueError(f"held-out seed {heldout_seed} is also a training seed; held-out images must be unseen")
+    held = [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n_heldout, heldout_seed, synth)]
+    adapter, report = None, None
+    for k, st in enumerate(stages, start=1):
+        train = [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n_train, st.train_seed, synth)]
+        settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
+        adapter, info = train_tiny(
+            train, words, settings, spec=spec, init_from=adapter,
+            progress=None if progress is None else (lambda s, loss, acc, k=k: progress(k, s, loss, acc)),
+        )
+        t_eval = time.time()
+        ev = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
+        ev["eval_seconds"] = round(time.time() - t_eval, 1)
+        report = {
+            "train": info,
+            "previous_stage": report,
+            "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {st.train_seed} --n {n_train})",
+                        "seed": st.train_seed, "n": n_train, "settings": synth.to_dict(),
+                        "cue": None if synth.cue is None else synth.cue.to_dict()},
+            "heldout": {"seed": heldout_seed, "n": n_heldout},
+            "heldout_eval": ev,
+        }
+        if stage_dir is not None and k < len(stages):
+            save_checkpoint(adapter, Path(stage_dir) / f"stage{k}", report)
+    report["recipe_run"] = {
+        "stages": [asdict(st) for st in stages],
+        "wall_seconds": round(time.time() - t0, 1),
+        "threads": base.threads,
+        "compile": base.compile,
+        "torch": torch.__version__,
+    }
     save_checkpoint(adapter, out_dir, report)
     return report

@@ -14,10 +14,18 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from typer.testing import CliRunner
 
 from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenizer, init_position_table
-from diffcam_core.synthetic import SynthSettings
+from diffcam_core.synthetic import SynthSettings, make_samples, vocabulary
 from flows.cli import app
 from storage.datasets import write_synthetic_dataset
-from tasks.train_tiny import TrainExample, evaluate_answers, training_seeds
+from tasks.train_tiny import (
+    Stage,
+    TrainExample,
+    TrainSettings,
+    evaluate_answers,
+    run_train_stages,
+    train_tiny,
+    training_seeds,
+)
 
 WORDS = ["a", "and", "red", "circle"]
 TABLE = "model.encoder.vision_tower.patch_embedder.position_embedding_table"
@@ -133,3 +141,90 @@ def test_train_tiny_refuses_bad_spec_and_spec_with_init_from(tmp_path, tiny_data
     both = _train(tmp_path / "z", data, held, "--spec", '{"position_init_std": 0.5}', "--init-from", str(tmp_path))
     assert both.exit_code == 2 and "architecture is fixed" in both.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_stage_parse_reads_the_recipe_syntax_and_refuses_bad_stages():
+    assert Stage.parse("2250:2e-3:1:0") == Stage(steps=2250, lr=2e-3, train_seed=1, seed=0)
+    assert Stage.parse("10:1e-3:5") == Stage(steps=10, lr=1e-3, train_seed=5, seed=0)
+    for bad, why in [("10:1e-3", "expected STEPS:LR:TRAIN_SEED"), ("x:1e-3:1", "are integers"),
+                     ("0:1e-3:1", "steps >= 1"), ("10:-1:1", "lr > 0"), ("10:1e-3:1:2:3", "expected")]:
+        with pytest.raises(ValueError, match=why):
+            Stage.parse(bad)
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def test_stages_in_one_process_equal_stage_by_stage_commands(tmp_path):
+    """`run_train_stages` (in-memory data, model continued in memory) makes the same weights
+    as one `diffcam data synth` + `diffcam train-tiny [--init-from]` per stage."""
+    spec = TinyModelSpec(text_layers=2, position_init_std=0.5)
+    stages = [Stage(steps=3, lr=1e-3, train_seed=1, seed=0), Stage(steps=2, lr=5e-4, train_seed=3, seed=1)]
+    base = TrainSettings(batch_size=4, threads=1)
+    report = run_train_stages(stages, tmp_path / "recipe", SynthSettings(), base, spec=spec, n_train=16,
+                              n_heldout=2, stage_dir=tmp_path / "stages")
+
+    held = write_synthetic_dataset(tmp_path / "held", 2, 2, SynthSettings())
+    d1 = write_synthetic_dataset(tmp_path / "d1", 16, 1, SynthSettings())
+    d2 = write_synthetic_dataset(tmp_path / "d2", 16, 3, SynthSettings())
+    common = ["--batch-size", "4", "--threads", "1"]
+    r1 = CliRunner().invoke(app, ["train-tiny", "--data", str(d1), "--heldout", str(held), "--out", str(tmp_path / "s1"),
+                                  "--steps", "3", "--lr", "1e-3", "--seed", "0", "--spec", json.dumps(spec.to_dict()), *common])
+    assert r1.exit_code == 0, r1.output
+    r2 = CliRunner().invoke(app, ["train-tiny", "--data", str(d2), "--heldout", str(held), "--out", str(tmp_path / "s2"),
+                                  "--steps", "2", "--lr", "5e-4", "--seed", "1", "--init-from", str(tmp_path / "s1"), *common])
+    assert r2.exit_code == 0, r2.output
+
+    for a, b in [(tmp_path / "stages" / "stage1", tmp_path / "s1"), (tmp_path / "recipe", tmp_path / "s2")]:
+        wa, wb = _weights(a), _weights(b)
+        assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa), (a, b)
+    s2 = json.loads((tmp_path / "s2" / "diffcam_tiny.json").read_text())
+    assert report["train"]["train_data_sha256"] == s2["train"]["train_data_sha256"]
+    assert report["previous_stage"]["train"]["train_data_sha256"] == s2["previous_stage"]["train"]["train_data_sha256"]
+    assert {k: v for k, v in report["heldout_eval"].items() if k != "eval_seconds"} == s2["heldout_eval"]
+
+    saved = json.loads((tmp_path / "recipe" / "diffcam_tiny.json").read_text())
+    assert training_seeds(tmp_path / "recipe") == [3, 1]
+    assert saved["recipe_run"]["stages"] == [{"steps": 3, "lr": 1e-3, "train_seed": 1, "seed": 0},
+                                             {"steps": 2, "lr": 5e-4, "train_seed": 3, "seed": 1}]
+    assert saved["train"]["spec"]["text_layers"] == 2 and saved["previous_stage"]["train"]["spec"]["text_layers"] == 2
+    assert not (tmp_path / "stages" / "stage2").exists()  # the last stage is the checkpoint itself
+
+
+def test_stages_refuse_a_heldout_seed_that_is_also_trained_on(tmp_path):
+    with pytest.raises(ValueError, match="held-out seed 2 is also a training seed"):
+        run_train_stages([Stage(1, 1e-3, 2)], tmp_path / "x", SynthSettings(), TrainSettings(), heldout_seed=2)
+    assert not (tmp_path / "x").exists()
+
+
+def test_continuing_an_adapter_needs_its_own_spec(tmp_path):
+    spec = TinyModelSpec(text_layers=2)
+    ex = [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(4, 1, SynthSettings())]
+    adapter, _ = train_tiny(ex, vocabulary(SynthSettings()), TrainSettings(steps=1, batch_size=4, threads=1), spec=spec)
+    with pytest.raises(ValueError, match="does not describe the adapter"):
+        train_tiny(ex, vocabulary(SynthSettings()), TrainSettings(steps=1, batch_size=4, threads=1),
+                   spec=TinyModelSpec(text_layers=4), init_from=adapter)
+
+
+@pytest.mark.slow
+def test_compiled_stages_track_eager_and_leave_torch_as_they_found_it(tmp_path):
+    """The compiled step computes the same objective (each stage's loss agrees with eager to
+    float rounding) and the deterministic mode it needs is switched off again afterwards."""
+    spec = TinyModelSpec(text_layers=1)
+    stages = [Stage(steps=3, lr=1e-3, train_seed=1), Stage(steps=2, lr=5e-4, train_seed=3, seed=1)]
+    runs = {}
+    for name, compiled in [("eager", False), ("compiled", True)]:
+        assert not torch.are_deterministic_algorithms_enabled()
+        runs[name] = run_train_stages(stages, tmp_path / name, SynthSettings(), TrainSettings(batch_size=4, threads=1,
+                                      compile=compiled), spec=spec, n_train=12, n_heldout=1)
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert runs["compiled"]["recipe_run"]["compile"] and runs["compiled"]["train"]["settings"]["compile"]
+    # Same batches and noise, fused kernels: the losses agree to float rounding, stage by stage
+    # (weights are not compared: Adam turns a rounding-size gradient into a full-size step).
+    e, c = runs["eager"], runs["compiled"]
+    while e:
+        assert c["train"]["train_data_sha256"] == e["train"]["train_data_sha256"]
+        assert c["train"]["final_loss"] == pytest.approx(e["train"]["final_loss"], rel=1e-3)
+        e, c = e["previous_stage"], c["previous_stage"]
+    assert c is None
