@@ -99,6 +99,7 @@ def train_tiny_cmd(
 
     The shipped models are stages of this command: see `scripts/train_shipped.py`
     and each checkpoint's `diffcam_tiny.json` (`recipe`) for the exact flags.
+    `scripts/train_recipe.py` runs several stages in one process (one compile for all).
     """
     from diffcam_core.models.tiny import TinyModelSpec
     from tasks.train_tiny import TrainSettings, run_train_tiny

@@ -48,7 +48,7 @@ class TrainSettings:
     device: str = "cpu"  # noise and batches are drawn on the CPU either way, so only float rounding differs
     # torch.compile the step's forward passes (encoder, self-conditioning, decoder, loss).
     # Same objective, same batches and noise; fused kernels round differently, so a compiled
-    # run reproduces a compiled run (same threads), not an eager one. See README "Speed".
+    # run reproduces a compiled run (same threads), not an eager one. README: "The shipped tiny models".
     compile: bool = False
 
 
@@ -235,8 +235,9 @@ def train_tiny(
     # Inductor's CPU kernels accumulate index_put/scatter gradients with atomic adds, so two
     # compiled runs differed (measured: 100 steps, 2 threads, different weights); in
     # deterministic mode it falls back to aten's ordered kernels (same weights whether the
-    # compile cache was cold or warm, and no slower).
-    with _deterministic_algorithms(settings.compile):
+    # compile cache was cold or warm, and no slower). CPU only: on CUDA the mode refuses
+    # cuBLAS without CUBLAS_WORKSPACE_CONFIG, and GPU runs are not the reproducible path.
+    with _deterministic_algorithms(settings.compile and torch.device(settings.device).type == "cpu"):
         for step in range(settings.steps):
             b = {k: v.to(settings.device) for k, v in next(batches).items()}
             tgt = b["tgt"]
