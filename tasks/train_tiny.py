@@ -232,8 +232,8 @@ def train_tiny(
     stopped_early = False
     batches = _batches(groups, settings.batch_size, rng)
     step = 0
-    # Inductor's CPU kernels accumulate index_put/scatter gradients with atomic adds, so two
-    # compiled runs differed (measured: 151 steps, 2 threads, different weights); in
+    # Inductor's CPU kernels accumulate index_put gradients with atomic adds (its lowering code),
+    # the likely reason two compiled runs differed (measured: 151 steps, 2 threads, different weights); in
     # deterministic mode it falls back to aten's ordered kernels (same weights whether the
     # compile cache was cold or warm, and no slower). CPU only: on CUDA the mode refuses
     # cuBLAS without CUBLAS_WORKSPACE_CONFIG, and GPU runs are not the reproducible path.
