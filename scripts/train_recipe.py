@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings  # noqa: E402
-from tasks.train_tiny import Stage, TrainSettings, run_train_stages  # noqa: E402
+from tasks.train_tiny import Stage, TrainSettings, _stage_records, run_train_stages  # noqa: E402
 from train_shipped import CUE, RECIPE  # noqa: E402  (scripts/ is on sys.path)
 
 
@@ -56,12 +56,8 @@ def main() -> None:
         n_heldout=a.n_heldout, stage_dir=a.stage_dir,
         progress=lambda k, s, loss, acc: print(f"stage {k} step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
     )
-    r, evals = report, []
-    while r:
-        evals.append(r["heldout_eval"])
-        r = r.get("previous_stage")
-    for k, ev in enumerate(reversed(evals), start=1):
-        print(f"stage {k}: " + json.dumps(ev), flush=True)
+    for k, record in enumerate(reversed(list(_stage_records(a.out))), start=1):
+        print(f"stage {k}: " + json.dumps(record["heldout_eval"]), flush=True)
     print(f"recipe wall time {report['recipe_run']['wall_seconds']:.0f}s", flush=True)
 
 

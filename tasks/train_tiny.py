@@ -14,7 +14,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -31,7 +31,7 @@ from diffcam_core.models.tiny import (
     init_position_table,
 )
 from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import SynthSettings
+from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
 
 
 @dataclass(frozen=True)
@@ -364,8 +364,6 @@ def run_train_tiny(
     spec: TinyModelSpec = TinyModelSpec(),
 ) -> dict:
     """`diffcam train-tiny`: train on a dataset folder, score held-out answers, save everything."""
-    from diffcam_core.synthetic import COLORS, SHAPES
-
     examples, meta = load_examples(Path(data_dir))
     vocab = meta.get("vocabulary") or sorted({w for ex in examples for w in (ex.prompt + " " + ex.answer).split()})
     previous = None
@@ -430,10 +428,6 @@ def run_train_stages(
     runs would, plus the wall time of the whole recipe. `stage_dir`, if given, also keeps
     each earlier stage's checkpoint. `progress(stage, step, loss, acc)`.
     """
-    from dataclasses import replace
-
-    from diffcam_core.synthetic import COLORS, SHAPES, make_samples, vocabulary
-
     if not stages:
         raise ValueError("a recipe needs at least one stage")
     t0 = time.time()
