@@ -97,9 +97,10 @@ def train_tiny_cmd(
 ) -> None:
     """Train the tiny DiffusionGemma on a synthetic dataset and save it (safetensors).
 
-    The shipped models are stages of this command: see `scripts/train_shipped.py`
-    and each checkpoint's `diffcam_tiny.json` (`recipe`) for the exact flags.
-    `scripts/train_recipe.py` runs several stages in one process (one compile for all).
+    The shipped models are stages of this command: each checkpoint's `diffcam_tiny.json`
+    (`recipe`) holds the exact command. `scripts/train_recipe.py` runs several stages in
+    one process (one compile for all; how the default is trained), `scripts/train_shipped.py`
+    one stage (how the planted-cue model is trained).
     """
     from diffcam_core.models.tiny import TinyModelSpec
     from tasks.train_tiny import TrainSettings, run_train_tiny

@@ -7,8 +7,8 @@ Data are drawn in memory from the same generator as `diffcam data synth` (train 
 held-out seed 2, the shipped recipe's sizes), so several configurations can run side by
 side on one machine without writing 12,000 PNGs each. The checkpoint and a JSON line with
 the held-out colour/shape/exact scores go under --out/NAME. This is how the 8-layer
-architecture of models/tiny-shapes was chosen, and its stage 1 (the exact command is in its
-diffcam_tiny.json `recipe`); `scripts/train_shipped.py` runs the later stages.
+architecture of models/tiny-shapes was chosen; the shipped model itself is trained by
+`scripts/train_recipe.py` (the command is in its diffcam_tiny.json `recipe`).
 """
 
 from __future__ import annotations

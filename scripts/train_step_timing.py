@@ -2,7 +2,7 @@
 
     python scripts/train_step_timing.py [--model models/tiny-shapes] [--batch-size 64] [--threads 1]
 
-Why: the shipped recipe takes 131 CPU-minutes, over the 60-minute target, and a profile
+Why: the earlier eager recipe took 131 CPU-minutes, over the 60-minute target, and a profile
 puts most of a step in small element-wise ops (norms, rotary, GELU) that a compiler can
 fuse. This measures what `torch.compile` buys before anyone wires it into training: the
 same batch (the largest prompt-length group of 128 synthetic samples, seed 11) and the
