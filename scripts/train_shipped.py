@@ -9,9 +9,10 @@ is exactly
     diffcam train-tiny --data D --heldout H --out OUT [the same flags]
 with CUE = word=circle,pos=top-left,size=6,color=magenta,p=0.9 for the planted-cue model.
 The exact command of each shipped checkpoint is in its diffcam_tiny.json (`recipe`): the
-planted-cue model's stages use this script; the default is trained by `scripts/train_recipe.py`
-(all stages in one process, compiled once). This script exists so the recipe also runs where the CLI's pipeline dependencies are not
-installed (a GPU box); it imports nothing beyond the core, the dataset writer and training.
+planted-cue model's stages use this script; the default is trained by
+`scripts/train_recipe.py` (all stages in one process, compiled once). This script exists so
+a recipe also runs where the CLI's pipeline dependencies are not installed (a GPU box); it
+imports nothing beyond the core, the dataset writer and training.
 """
 
 from __future__ import annotations
