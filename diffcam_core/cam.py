@@ -132,6 +132,11 @@ def _canvas(generation: Generation, step: int | str):
     return generation.canvases[step - 1], generation.self_cond[step - 1]
 
 
+def attribution_canvas(generation: Generation, word: WordSpan, attribution_step: str):
+    """(canvas, self-conditioning) the word is scored on: its commit step's, or the final one."""
+    return _canvas(generation, "final" if attribution_step == "final" else word.commit_step)
+
+
 def attribute(adapter, inputs, generation: Generation, settings: CamSettings) -> SampleExplanation:
     """Maps for every word of `generation` (see module docstring for the passes run)."""
     layer = settings.layer or adapter.default_layer

@@ -46,6 +46,7 @@ __all__ = [
     "object_words",
     "answer_groundings",
     "cue_region",
+    "swap_objects",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -285,6 +286,10 @@ class SynthSettings:
       avoid it whether or not the cue is drawn), so cue pixels are the only difference.
     - ``max_attempts``: placement retries per object; ``max_layouts``: full layout
       restarts before giving up with ValueError (settings too crowded).
+    - ``unnamed_objects``: inclusive range of extra flat-grey shapes (intensity in
+      ``unnamed_gray``) that the answer never names: clutter an image-only saliency map
+      lights as much as the named objects, so it fails word-specificity by construction.
+      ``(0, 0)`` (default) draws none and leaves the random stream as before.
     """
 
     image_size: int = 64
@@ -305,6 +310,8 @@ class SynthSettings:
     cue_margin: int = 2
     max_attempts: int = 100
     max_layouts: int = 50
+    unnamed_objects: tuple[int, int] = (0, 0)
+    unnamed_gray: tuple[int, int] = (100, 160)
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -367,6 +374,14 @@ class SynthSettings:
         if not 0 <= glo <= ghi <= 255:
             raise ValueError(f"clutter_gray must satisfy 0 <= lo <= hi <= 255, got {self.clutter_gray!r}")
         set_("clutter_gray", (glo, ghi))
+        ulo, uhi = (int(v) for v in self.unnamed_objects)
+        if not 0 <= ulo <= uhi:
+            raise ValueError(f"unnamed_objects must satisfy 0 <= lo <= hi, got {self.unnamed_objects!r}")
+        set_("unnamed_objects", (ulo, uhi))
+        ug0, ug1 = (int(v) for v in self.unnamed_gray)
+        if not 0 <= ug0 <= ug1 <= 255:
+            raise ValueError(f"unnamed_gray must satisfy 0 <= lo <= hi <= 255, got {self.unnamed_gray!r}")
+        set_("unnamed_gray", (ug0, ug1))
         if not float(self.min_dx) >= 0:
             raise ValueError(f"min_dx must be >= 0, got {self.min_dx!r}")
         set_("min_dx", float(self.min_dx))
@@ -451,6 +466,7 @@ class SynthSample:
     answer: str
     cue_present: bool
     cue_mask: np.ndarray | None
+    unnamed: tuple[SynthObject, ...] = ()
 
 
 def object_words(obj: SynthObject) -> tuple[str, str]:
@@ -609,12 +625,12 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
             "reduce object sizes or counts"
         )
 
-    # Left to right by centroid x; ties (only possible with min_dx == 0) by y, then names.
-    def key(item: tuple[str, str, np.ndarray]) -> tuple[float, float, str, str]:
-        ys, xs = np.nonzero(item[2])
-        return (float(xs.mean()), float(ys.mean()), item[0], item[1])
+    unnamed: tuple[SynthObject, ...] = ()
+    if settings.unnamed_objects[1] > 0:  # only then: datasets without them keep their stream
+        unnamed = _place_unnamed(rng, settings, placed, reserved)
 
-    placed.sort(key=key)
+    # Left to right by centroid x; ties (only possible with min_dx == 0) by y, then names.
+    placed.sort(key=_order_key)
     objects = tuple(SynthObject(c, s, mask, _bbox(mask)) for c, s, mask in placed)
     answer = f" {ANSWER_JOIN} ".join(f"{ANSWER_ARTICLE} {o.color} {o.shape}" for o in objects)
     prompt = settings.prompts[int(rng.integers(len(settings.prompts)))]
@@ -633,7 +649,7 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
     # Clutter: small grey dots away from objects and the cue region.
     if settings.clutter > 0:
         keep_out = reserved.copy()
-        for o in objects:
+        for o in (*objects, *unnamed):
             keep_out |= _dilate(o.mask, settings.min_gap)
         seeds = np.argwhere(rng.random((n, n)) < settings.clutter)
         dlo, dhi = settings.clutter_dot
@@ -644,6 +660,8 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
             if not keep_out[y : y + d, x : x + d].any():
                 image[y : y + d, x : x + d] = g
 
+    for o in unnamed:
+        image[o.mask] = _gray_value(o.color)
     for o in objects:
         image[o.mask] = COLORS[o.color]
 
@@ -662,4 +680,94 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
         answer=answer,
         cue_present=cue_present,
         cue_mask=cue_mask,
+        unnamed=unnamed,
     )
+
+
+def _order_key(item: tuple[str, str, np.ndarray]) -> tuple[float, float, str, str]:
+    ys, xs = np.nonzero(item[2])
+    return (float(xs.mean()), float(ys.mean()), item[0], item[1])
+
+
+def _gray_value(color: str) -> tuple[int, int, int]:
+    g = int(color.removeprefix("gray"))
+    return (g, g, g)
+
+
+def _place_unnamed(rng: np.random.Generator, settings: SynthSettings,
+                   placed: list[tuple[str, str, np.ndarray]], reserved: np.ndarray) -> tuple[SynthObject, ...]:
+    """Grey shapes the answer does not name, placed clear of the named objects (best effort:
+    one that finds no free spot within ``max_attempts`` is left out)."""
+    n = settings.image_size
+    lo, hi = settings.size_range
+    m = settings.edge_margin
+    occupied = reserved.copy()
+    for _, _, mask in placed:
+        occupied |= _dilate(mask, settings.min_gap)
+    count = int(rng.integers(settings.unnamed_objects[0], settings.unnamed_objects[1] + 1))
+    out = []
+    for _ in range(count):
+        shape = settings.shapes[int(rng.integers(len(settings.shapes)))]
+        gray = int(rng.integers(settings.unnamed_gray[0], settings.unnamed_gray[1] + 1))
+        s = int(rng.integers(lo, hi + 1))
+        for _ in range(settings.max_attempts):
+            x0 = int(rng.integers(m, n - m - s + 1))
+            y0 = int(rng.integers(m, n - m - s + 1))
+            mask = _shape_mask(shape, x0, y0, s, n)
+            if mask.any() and not (mask & occupied).any():
+                out.append(SynthObject(f"gray{gray}", shape, mask, _bbox(mask)))
+                occupied |= _dilate(mask, settings.min_gap)
+                break
+    return tuple(out)
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray | None:
+    """The mask moved by (dy, dx) pixels, or None when part of it would leave the image."""
+    ys, xs = np.nonzero(mask)
+    ys, xs = ys + dy, xs + dx
+    H, W = mask.shape
+    if ys.min() < 0 or xs.min() < 0 or ys.max() >= H or xs.max() >= W:
+        return None
+    out = np.zeros_like(mask)
+    out[ys, xs] = True
+    return out
+
+
+def swap_objects(sample: SynthSample, i: int, j: int, settings: SynthSettings | None = None) -> SynthSample | None:
+    """The same scene with objects ``i`` and ``j`` (answer order) moved to each other's places.
+
+    Each object keeps its colour and shape and is shifted so that its centroid lands
+    (rounded to a pixel) on the other's; the vacated pixels are painted the background
+    colour (flat, without the background noise). The answer is rebuilt left to right. None
+    when the swapped layout is invalid: an object would leave the image, or two objects
+    would come closer than ``min_gap`` or ``min_dx`` (such a scene is not in the dataset's
+    distribution).
+    """
+    settings = settings or SynthSettings()
+    objs = list(sample.objects)
+    if not (0 <= i < len(objs) and 0 <= j < len(objs)) or i == j:
+        raise ValueError(f"swap needs two distinct object indices below {len(objs)}, got {i}, {j}")
+    a, b = objs[i], objs[j]
+    (ax, ay), (bx, by) = a.centroid, b.centroid
+    new_a = _shift(a.mask, int(round(by - ay)), int(round(bx - ax)))
+    new_b = _shift(b.mask, int(round(ay - by)), int(round(ax - bx)))
+    if new_a is None or new_b is None:
+        return None
+    moved = {i: new_a, j: new_b}
+    items = [(o.color, o.shape, moved.get(k, o.mask)) for k, o in enumerate(objs)]
+    gap_ok = all(
+        not (_dilate(m1, settings.min_gap) & m2).any()
+        for k1, (_, _, m1) in enumerate(items) for k2, (_, _, m2) in enumerate(items) if k1 < k2
+    ) and all(not (_dilate(moved[k], settings.min_gap) & u.mask).any() for k in moved for u in sample.unnamed)
+    xs = sorted(float(np.nonzero(m)[1].mean()) for _, _, m in items)
+    if not gap_ok or any(x2 - x1 < settings.min_dx for x1, x2 in zip(xs, xs[1:])):
+        return None
+    image = sample.image.copy()
+    image[a.mask | b.mask] = settings.background
+    for k in (i, j):
+        image[moved[k]] = COLORS[objs[k].color]
+    items.sort(key=_order_key)
+    objects = tuple(SynthObject(c, s, m, _bbox(m)) for c, s, m in items)
+    answer = f" {ANSWER_JOIN} ".join(f"{ANSWER_ARTICLE} {o.color} {o.shape}" for o in objects)
+    return SynthSample(image=image, objects=objects, prompt=sample.prompt, answer=answer,
+                       cue_present=sample.cue_present, cue_mask=sample.cue_mask, unnamed=sample.unnamed)

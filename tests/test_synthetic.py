@@ -317,3 +317,56 @@ def test_crowded_settings_fail_loudly():
     st = SynthSettings(size_range=(40, 40), count_probs=(0.0, 0.0, 1.0), max_attempts=5, max_layouts=2)
     with pytest.raises(ValueError, match="could not place 3 objects"):
         next(make_samples(1, 0, st))
+
+
+# --------------------------------------------------------------------------- evidence splits
+
+
+def test_unnamed_objects_are_grey_unnamed_and_apart():
+    from diffcam_core.synthetic import SynthSettings, make_samples
+
+    st = SynthSettings(unnamed_objects=(1, 2))
+    seen = 0
+    for s in make_samples(20, 4, st):
+        for u in s.unnamed:
+            seen += 1
+            g = int(u.color.removeprefix("gray"))
+            assert 100 <= g <= 160
+            assert (s.image[u.mask] == g).all()
+            assert u.color not in s.answer
+            for o in s.objects:
+                assert not (u.mask & o.mask).any()
+    assert seen >= 20
+
+
+def test_unnamed_objects_off_keeps_the_dataset_stream():
+    import hashlib
+
+    from diffcam_core.synthetic import SynthSettings, make_samples
+
+    a = [hashlib.sha256(s.image.tobytes()).hexdigest() for s in make_samples(5, 2)]
+    b = [hashlib.sha256(s.image.tobytes()).hexdigest() for s in make_samples(5, 2, SynthSettings(unnamed_objects=(0, 0)))]
+    assert a == b
+
+
+def test_swap_objects_exchanges_places_and_rebuilds_the_answer():
+    from diffcam_core.synthetic import COLORS, make_samples, swap_objects
+
+    done = 0
+    for s in make_samples(30, 2):
+        if len(s.objects) < 2:
+            continue
+        w = swap_objects(s, 0, 1)
+        if w is None:
+            continue
+        done += 1
+        a, b = s.objects[0], s.objects[1]
+        na = next(o for o in w.objects if (o.color, o.shape) == (a.color, a.shape))
+        nb = next(o for o in w.objects if (o.color, o.shape) == (b.color, b.shape))
+        assert abs(na.centroid[0] - b.centroid[0]) <= 1.0 and abs(nb.centroid[0] - a.centroid[0]) <= 1.0
+        assert na.mask.sum() == a.mask.sum() and (w.image[na.mask] == COLORS[a.color]).all()
+        xs = [o.centroid[0] for o in w.objects]
+        assert xs == sorted(xs)
+        assert w.answer == " and ".join(f"a {o.color} {o.shape}" for o in w.objects)
+        assert w.answer != s.answer
+    assert done >= 5

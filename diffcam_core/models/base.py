@@ -71,6 +71,11 @@ class ModelAdapter(Protocol):
 
     def valid_layers(self) -> list[str]: ...
 
+    def canvas_log_probs(self, images: list, prompt: str, canvas: torch.Tensor,
+                         self_cond: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, V) log-probs of one recorded canvas given each image (faithfulness curves)."""
+        ...
+
 
 _FAMILIES: dict[str, Callable[..., ModelAdapter]] = {}
 

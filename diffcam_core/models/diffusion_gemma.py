@@ -282,6 +282,28 @@ class DiffusionGemmaAdapter:
         assert n >= 1
         return tuple(ids), tuple(words)
 
+    @torch.no_grad()
+    def canvas_log_probs(self, images: list, prompt: str, canvas: torch.Tensor,
+                         self_cond: torch.Tensor | None) -> torch.Tensor:
+        """Log-probabilities (B, L, V) of one recorded canvas given each of ``images``.
+
+        One batched prefix pass for all images (same prompt, so the same token layout),
+        then one decoder pass over the canvas repeated per image: what faithfulness curves
+        need to re-score a word on many perturbed images at once.
+        """
+        if not images:
+            raise ValueError("canvas_log_probs needs at least one image")
+        prepared = [self.prepare(im, prompt) for im in images]
+        shapes = {tuple(p["input_ids"].shape) for p in prepared}
+        if len(shapes) != 1:
+            raise ValueError(f"images give different token layouts {sorted(shapes)}: use images of one size")
+        batch = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        n = len(images)
+        cache, dec_pos = self._encode(batch)
+        cond = None if self_cond is None else self_cond.expand(n, *self_cond.shape[1:])
+        logits = self._decode(cache, dec_pos, canvas.expand(n, -1), cond)
+        return torch.log_softmax(logits.float(), dim=-1)
+
     # ------------------------------------------------------------------ attribution
     @contextlib.contextmanager
     def attribution_pass(self, inputs: dict[str, torch.Tensor], layers: list[str]) -> Iterator["_Pass"]:
