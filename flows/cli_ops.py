@@ -257,7 +257,9 @@ def serve_cmd(
 
 _WEBHOOK_HELP = """Run the registry webhook receiver: verifies signed notifications (MLflow model-registry webhooks at /hooks/mlflow, a plain JSON form at /hooks/registry) and emits the Prefect event diffcam.model.registered. It never runs an audit.
 
-The HMAC secret is read from $DIFFCAM_WEBHOOK_SECRET (at least 16 characters). Listens on 127.0.0.1 by default: put a TLS reverse proxy in front of it to expose it.
+The HMAC secret is read from $DIFFCAM_WEBHOOK_SECRET (at least 16 characters). Listens on 127.0.0.1 by default: put a TLS reverse proxy in front of it to expose it. Every delivery is logged on stderr with its id: accepted, ignored, MLflow test delivery, or rejected with the reason.
+
+MLflow side (its server's environment): MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true for a receiver on http or a private address; a fixed MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY (else a restarted MLflow server cannot use the secret). Point --registry at the MLflow server's --artifacts-destination so runs:/ and models:/ sources resolve (docs/OPERATIONS.md).
 
 Example:
   export DIFFCAM_WEBHOOK_SECRET=...   PREFECT_API_URL=http://127.0.0.1:4200/api
@@ -277,11 +279,15 @@ def webhook_cmd(
     tolerance_s: int = typer.Option(300, "--tolerance-s", min=1, help="Allowed clock skew of the timestamp."),
     max_body_bytes: int = typer.Option(65536, "--max-body-bytes", min=256),
     secret_env: str = typer.Option("DIFFCAM_WEBHOOK_SECRET", "--secret-env", help="Variable holding the secret."),
+    log_level: str = typer.Option(
+        "info", "--log-level",
+        help="Level of the receiver's own lines on stderr (info: one line per delivery, with its id)."),
 ) -> None:
-    from flows.webhook import WebhookSettings, create_app
+    from flows.webhook import WebhookSettings, configure_logging, create_app
 
     _need_server("diffcam webhook")
     try:
+        configure_logging(log_level)
         app = create_app(WebhookSettings(
             registry=registry, store=str(store), extra_registry_roots=tuple(extra_root or ()),
             dataset_roots=tuple(dataset_root or ()), aliases=tuple(alias or ()), tolerance_s=tolerance_s,

@@ -6,10 +6,18 @@ watched folder of checkpoint folders; a URI scheme registry (`SOURCES`, `registe
 in (each one lists `Checkpoint`s whose ``path`` is a local folder the audit can load, e.g. a
 download cache inside the registry roots).
 
-Folder layout (both may be mixed)::
+Folder layouts (they may be mixed)::
 
-    <root>/<checkpoint>/            model line = the root folder's name
-    <root>/<line>/<checkpoint>/     model line = <line>
+    <root>/<checkpoint>/                                  line = the root folder's name
+    <root>/<line>/<checkpoint>/                           line = <line>
+    <root>/<experiment>/<run>/artifacts/[<a>/[<b>/]]      MLflow run artifacts: line = <experiment>,
+                                                          name = <run>[/<a>[/<b>]]
+    <root>/<experiment>/models/<model id>/artifacts/      MLflow 3 logged model: line = <experiment>,
+                                                          name = <model id>
+
+The two MLflow layouts are what an MLflow tracking server writes under its
+``--artifacts-destination`` (or a local ``--default-artifact-root``): point the registry
+there and both the sweep and `FolderRegistry.resolve_source` find MLflow's checkpoints.
 
 A checkpoint folder holds ``config.json`` and ``*.safetensors`` (what `flows.audit` loads).
 Its identity is `flows.audit.model_hash` (sha256 over every file). A folder whose newest
@@ -116,6 +124,41 @@ def _visible_files(root: Path) -> list[Path]:
     # The same file set as flows.audit.model_hash (hidden files and folders are ignored).
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Visible sub-folders, sorted; [] when ``folder`` is not a readable folder."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def _mlflow_artifact_checkpoints(artifacts: Path) -> Iterator[tuple[tuple[str, ...], Path]]:
+    """(path relative to ``artifacts``, folder) of the checkpoints in an MLflow run's
+    ``artifacts`` folder: the folder itself, or up to two levels below it."""
+    if artifacts.name != "artifacts" or not artifacts.is_dir():
+        return
+    if is_checkpoint_dir(artifacts):
+        yield (), artifacts
+        return
+    for a in _subdirs(artifacts):
+        if is_checkpoint_dir(a):
+            yield (a.name,), a
+            continue
+        for b in _subdirs(a):
+            if is_checkpoint_dir(b):
+                yield (a.name, b.name), b
+
+
+def _is_plain(part: str) -> bool:
+    return bool(part) and part not in (".", "..") and not any(c in part for c in "/\\\0*?[]")
+
+
+def _plain_parts(rel: str) -> tuple[str, ...] | None:
+    """``rel`` split on "/" when every part is a plain name (no "..", no glob characters)."""
+    parts = tuple(p for p in rel.split("/") if p)
+    return parts if all(_is_plain(p) for p in parts) else None
 
 
 def _slug(text: str, n: int) -> str:
@@ -236,21 +279,29 @@ class FolderRegistry:
     def roots(self) -> tuple[Path, ...]:
         return (self.root,)
 
-    def _candidates(self) -> Iterator[tuple[str, Path]]:
-        for child in sorted(self.root.iterdir()):
-            if child.name.startswith(".") or not child.is_dir():
-                continue
+    def _candidates(self) -> Iterator[tuple[str, str, Path]]:
+        """(line, name, folder) of every checkpoint folder of the layouts in the module doc."""
+        for child in _subdirs(self.root):
             if is_checkpoint_dir(child):
-                yield self.root.name, child
+                yield self.root.name, child.name, child
                 continue
-            for grandchild in sorted(child.iterdir()):
-                if not grandchild.name.startswith(".") and is_checkpoint_dir(grandchild):
-                    yield child.name, grandchild
+            for grandchild in _subdirs(child):
+                if is_checkpoint_dir(grandchild):
+                    yield child.name, grandchild.name, grandchild
+                    continue
+                if grandchild.name == "models":  # MLflow 3 logged models: <exp>/models/<id>/artifacts
+                    for model in _subdirs(grandchild):
+                        if is_checkpoint_dir(model / "artifacts"):
+                            yield child.name, model.name, model / "artifacts"
+                    continue
+                # MLflow run artifacts: <exp>/<run>/artifacts, a checkpoint itself or up to two below
+                for rel, folder in _mlflow_artifact_checkpoints(grandchild / "artifacts"):
+                    yield child.name, "/".join((grandchild.name, *rel)), folder
 
     def list_checkpoints(self, settle_s: float = 0.0) -> list[Checkpoint]:
         out: list[Checkpoint] = []
         now = time.time()
-        for line, folder in self._candidates():
+        for line, name, folder in self._candidates():
             try:
                 path = contained_path(folder, self.roots)  # a symlink out of the registry is not ours
             except PathNotAllowed:
@@ -258,7 +309,7 @@ class FolderRegistry:
             files = _visible_files(path)
             if settle_s > 0 and files and now - max(p.stat().st_mtime for p in files) < settle_s:
                 continue
-            out.append(Checkpoint(line=line, name=folder.name, path=path,
+            out.append(Checkpoint(line=line, name=name, path=path,
                                   content_hash=self.hash_cache.content_hash(path), source=self.uri))
         return out
 
@@ -279,8 +330,79 @@ class FolderRegistry:
         raise LookupError(f"model {line!r} version {version!r}: no checkpoint folder "
                           f"{self.root}/{line}/{{{version},v{version}}}")
 
+    def resolve_source(self, source: str | None, name: str, version: str) -> Path:
+        """The local checkpoint folder of an MLflow model version whose ``source`` is not a
+        local path, tried in this order (the first checkpoint folder found wins):
+
+        - ``runs:/<run id>/<path>`` → ``<root>/<experiment>/<run id>/artifacts/<path>``
+          (whichever experiment folder holds that run);
+        - ``mlflow-artifacts:/<experiment>/<run id>/artifacts/<path>`` (an MLflow server
+          whose ``--artifacts-destination`` is this registry) → ``<root>/<that path>``;
+        - ``models:/<model id>`` (an MLflow 3 logged model) →
+          ``<root>/<experiment>/models/<model id>/artifacts``;
+        - ``models:/<name>/<version>`` → `resolve` of that name and version;
+        - finally, for any source (``s3://…``, ``models:/<name>@<alias>``, none), `resolve` of
+          the notification's own ``name`` and ``version``.
+
+        `LookupError` lists every place looked at; `PathNotAllowed` if a match resolves
+        (symlinks followed) outside the registry."""
+        tried: list[str] = []
+        src = (source or "").strip()
+        for candidate, where in self._source_candidates(src):
+            tried.append(where)
+            if candidate is not None and is_checkpoint_dir(candidate):
+                return contained_path(candidate, self.roots)
+        try:
+            return self.resolve(name, version)
+        except LookupError as e:
+            tried.append(self._version_folders(name, version, e))
+        shown = "; ".join(tried)
+        raise LookupError(f"model {name!r} version {version!r} (source {src or None!r}): no checkpoint folder "
+                          f"(config.json + *.safetensors) at {shown}")
+
+    def _source_candidates(self, src: str) -> Iterator[tuple[Path | None, str]]:
+        if src.startswith("runs:/"):
+            run_id, _, rel = src[len("runs:/"):].strip("/").partition("/")
+            parts = _plain_parts(rel)
+            if _is_plain(run_id) and parts is not None:
+                matches = sorted(self.root.glob(f"*/{run_id}/artifacts"))
+                if not matches:
+                    yield None, f"{self.root}/<experiment>/{run_id}/artifacts/{rel} (no such run folder)"
+                for m in matches:
+                    yield m.joinpath(*parts), str(m.joinpath(*parts))
+            else:
+                yield None, f"{src!r} (expected runs:/<run id>/<artifact path>)"
+        elif src.startswith("mlflow-artifacts:"):
+            from urllib.parse import urlparse
+
+            parts = _plain_parts(urlparse(src).path)
+            if parts and len(parts) >= 3 and parts[2] == "artifacts":
+                yield self.root.joinpath(*parts), str(self.root.joinpath(*parts))
+            else:
+                yield None, f"{src!r} (expected mlflow-artifacts:/<experiment>/<run id>/artifacts/<path>)"
+        elif src.startswith("models:/"):
+            ref = src[len("models:/"):].strip("/")
+            model_name, sep, model_version = ref.partition("/")
+            if not sep and _is_plain(ref) and "@" not in ref:  # models:/<model id>
+                matches = sorted(self.root.glob(f"*/models/{ref}/artifacts"))
+                if not matches:
+                    yield None, f"{self.root}/<experiment>/models/{ref}/artifacts (no such logged model)"
+                for m in matches:
+                    yield m, str(m)
+            elif sep and _is_plain(model_name) and _is_plain(model_version):  # models:/<name>/<version>
+                try:
+                    yield self.resolve(model_name, model_version), f"{self.root}/{model_name}/{model_version}"
+                except LookupError as e:
+                    yield None, self._version_folders(model_name, model_version, e)
+
+    def _version_folders(self, name: str, version: str, error: LookupError) -> str:
+        if _is_plain(name) and _is_plain(version):
+            return f"{self.root}/{name}/{{{version},v{version}}}"
+        return str(error)
+
     def line_of(self, path: Path) -> str:
-        """The model line of a checkpoint folder inside this registry."""
+        """The model line of a checkpoint folder inside this registry (the experiment folder
+        for MLflow's layouts)."""
         rel = path.resolve().relative_to(self.root)
         return self.root.name if len(rel.parts) == 1 else rel.parts[0]
 

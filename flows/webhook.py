@@ -3,7 +3,12 @@
 ``create_app(settings)`` returns a FastAPI app with two endpoints:
 
 - ``POST /hooks/mlflow`` — MLflow model-registry webhooks (``model_version.created``,
-  ``model_version_alias.created``; other MLflow events are answered 200 "ignored"). Headers
+  ``model_version_alias.created``; other MLflow events are answered 200 "ignored"; MLflow's
+  own test delivery, model ``example_model``, is answered 200 "test" once its signature is
+  verified, unless the registry really has an ``example_model`` line). A version whose
+  ``source`` is not a local path is mapped to a folder by the registry
+  (`flows.registry.FolderRegistry.resolve_source`: ``runs:/``, ``models:/``,
+  ``mlflow-artifacts:/`` URIs, then ``<registry>/<name>/[v]<version>``). Headers
   ``X-MLflow-Delivery-Id``, ``X-MLflow-Timestamp`` (unix seconds) and ``X-MLflow-Signature:
   v1,<base64 HMAC-SHA256(secret, "{delivery_id}.{timestamp}.{raw body}")>``.
 - ``POST /hooks/registry`` — a plain JSON form (``{"checkpoint": "<folder>", "model_line":
@@ -28,6 +33,8 @@ Every request is checked, in this order, and refused with a clear message:
 503    the Prefect API is unreachable (the delivery id is released, so the sender may retry)
 =====  ====================================================================
 
+Every answer is logged with the delivery id (a refused request's id is the header's, marked
+"unverified"); `configure_logging` makes those lines visible whatever the root logger's level.
 Only an accepted (or ignored) delivery stays in the replay cache; a refused one is released,
 so its retry gets the same answer. Accepted → 202 with the event id. The receiver never runs an audit: it emits
 `flows.deploy.EVENT_REGISTERED` with a payload validated by `flows.deploy.validate_payload`,
@@ -61,11 +68,15 @@ __all__ = [
     "sign",
     "signature_header",
     "MIN_SECRET_LEN",
+    "MLFLOW_TEST_MODEL",
+    "configure_logging",
 ]
 
 log = logging.getLogger("diffcam.webhook")
 
 MIN_SECRET_LEN = 16
+#: The model name of MLflow's own test delivery (`MlflowClient.test_webhook`'s example payload).
+MLFLOW_TEST_MODEL = "example_model"
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _EVENT_NS = uuid.UUID("6f1c1f5e-9a39-4b0e-8a55-6c1b8a3f2d10")  # uuid5 namespace: delivery id → event id
 _PLAIN_KEYS = {"checkpoint", "model_line", "version", "dataset", "settings", "limit", "force"}
@@ -172,6 +183,38 @@ def prefect_emitter(event: str, resource: dict[str, str], related: list[dict[str
     return str(ev.id)
 
 
+class _TestDelivery(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _unverified_id(raw: str | None) -> str:
+    """The delivery-id header of a request that was not (yet) authenticated, made safe to log."""
+    if not raw:
+        return "(no delivery id header)"
+    safe = raw[:128] if _DELIVERY_RE.match(raw[:128]) else repr(raw[:64])
+    return f"{safe} (unverified)"
+
+
+def configure_logging(level: int | str = logging.INFO, stream: Any = None) -> logging.Logger:
+    """Send the receiver's log to ``stream`` (stderr) at ``level``, whatever the root logger's
+    level: Prefect's logging set-up (loaded as soon as Prefect is imported) leaves the root at
+    WARNING, which would hide the accept/ignore lines. Idempotent; returns the logger."""
+    lvl = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(lvl, int):
+        raise ValueError(f"unknown log level {level!r}")
+    log.setLevel(lvl)
+    for h in [h for h in log.handlers if getattr(h, "_diffcam_webhook", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s diffcam.webhook: %(message)s"))
+    handler._diffcam_webhook = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.propagate = False
+    return log
+
+
 class _Reject(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -271,6 +314,8 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
         name, version = data.get("name"), data.get("version")
         if not isinstance(name, str) or not name or version is None:
             raise _Reject(422, "MLflow payload needs data.name and data.version")
+        if is_test_delivery(name):
+            raise _TestDelivery(kind)
         version = str(version)
         if kind == "model_version_alias.created":
             alias = data.get("alias")
@@ -280,8 +325,11 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
         if isinstance(src, str) and (src.startswith("file:") or src.startswith("/")):
             path = checkpoint_path(src)
         else:
+            resolve_source = getattr(source, "resolve_source", None)
             try:
-                path = checkpoint_path(str(source.resolve(name, version)))
+                found = (resolve_source(src if isinstance(src, str) else None, name, version) if resolve_source
+                         else source.resolve(name, version))
+                path = checkpoint_path(str(found))
             except LookupError as e:
                 raise _Reject(422, f"cannot map {name} version {version} (source {src!r}) to a local "
                                    f"checkpoint: {e}") from None
@@ -307,6 +355,13 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
                 "settings": body.get("settings"), "limit": body.get("limit"), "force": body.get("force", False),
                 "notification": {"kind": "plain", "delivery_id": delivery}}
 
+    def is_test_delivery(name: str) -> bool:
+        # MLflow's `test_webhook` posts its documented example payload, whose model is
+        # "example_model"; a registry that really has such a model line gets it audited.
+        if name != MLFLOW_TEST_MODEL:
+            return False
+        return not any((Path(r) / name).is_dir() for r in roots)
+
     async def handle(request: Request, prefix: str, parse: Callable[[dict[str, Any], str], dict[str, Any] | None]):
         delivery = None
         try:
@@ -318,7 +373,15 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
                 raise _Reject(400, f"body is not JSON: {e}") from None
             if not isinstance(doc, dict):
                 raise _Reject(400, "body must be a JSON object")
-            payload = parse(doc, delivery)
+            try:
+                payload = parse(doc, delivery)
+            except _TestDelivery as t:
+                log.info("delivery %s: MLflow test delivery (%s for model %r): signature verified, "
+                         "nothing audited", delivery, t.kind, MLFLOW_TEST_MODEL)
+                return JSONResponse({"status": "test", "delivery_id": delivery,
+                                     "detail": f"MLflow test delivery ({t.kind}, model {MLFLOW_TEST_MODEL!r}) "
+                                               "received and its signature verified; nothing is audited"},
+                                    status_code=200)
             if payload is None:
                 log.info("delivery %s: ignored (%s.%s)", delivery, doc.get("entity"), doc.get("action"))
                 return JSONResponse({"status": "ignored", "delivery_id": delivery}, status_code=200)
@@ -337,7 +400,8 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
                 replay.release(delivery)
                 log.error("delivery %s: could not emit the event: %s: %s", delivery, type(e).__name__, e)
                 raise _Reject(503, f"could not hand the event to Prefect ({type(e).__name__}); retry later") from None
-            log.info("delivery %s: accepted %s → event %s", delivery, payload["checkpoint"], emitted)
+            log.info("delivery %s: accepted %s/%s at %s → event %s", delivery, payload["model_line"],
+                     payload["version"] or Path(payload["checkpoint"]).name, payload["checkpoint"], emitted)
             return JSONResponse({"status": "accepted", "event": EVENT_REGISTERED, "event_id": emitted,
                                  "delivery_id": delivery, "checkpoint": payload["checkpoint"],
                                  "model_line": payload["model_line"]}, status_code=202)
@@ -346,7 +410,8 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
                 # Only an emitted (or deliberately ignored) delivery stays in the replay cache:
                 # a retry of a refused one gets the same answer, not "replay".
                 replay.release(delivery)
-            log.warning("delivery %s: rejected %d: %s", delivery or "?", r.status, r.detail)
+            shown = delivery or _unverified_id(request.headers.get(f"{prefix}-Delivery-Id"))
+            log.warning("delivery %s: rejected %d: %s", shown, r.status, r.detail)
             return JSONResponse({"status": "rejected", "detail": r.detail}, status_code=r.status)
 
     @app.post("/hooks/mlflow")

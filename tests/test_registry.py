@@ -81,6 +81,56 @@ def test_resolve_version_and_refuse_traversal(registry: Path) -> None:
             src.resolve(line, version)
 
 
+def test_sweep_finds_mlflow_artifact_layouts(tmp_path: Path) -> None:
+    """An MLflow server's --artifacts-destination as the registry: run artifacts
+    (<exp>/<run>/artifacts/[a/[b/]]) and MLflow 3 logged models (<exp>/models/<id>/artifacts)."""
+    root = tmp_path / "mlartifacts"
+    make_ckpt(root / "shapes" / "v1", b"plain")
+    make_ckpt(root / "1" / "run-a" / "artifacts" / "model", b"a")
+    make_ckpt(root / "1" / "run-b" / "artifacts", b"b")
+    make_ckpt(root / "1" / "run-c" / "artifacts" / "checkpoints" / "step-100", b"c")
+    make_ckpt(root / "2" / "models" / "m-0f3e" / "artifacts", b"m")
+    make_ckpt(root / "1" / "run-d" / "artifacts" / "x" / "y" / "too-deep", b"d")  # 3 below artifacts: not listed
+    (root / "1" / "run-e" / "artifacts" / "metrics.json").parent.mkdir(parents=True)  # no checkpoint
+    found = {(c.line, c.name): c.path.relative_to(root.resolve()).as_posix()
+             for c in FolderRegistry(root).list_checkpoints()}
+    assert found == {
+        ("shapes", "v1"): "shapes/v1",
+        ("1", "run-a/model"): "1/run-a/artifacts/model",
+        ("1", "run-b"): "1/run-b/artifacts",
+        ("1", "run-c/checkpoints/step-100"): "1/run-c/artifacts/checkpoints/step-100",
+        ("2", "m-0f3e"): "2/models/m-0f3e/artifacts",
+    }
+
+
+def test_resolve_source_maps_what_mlflow_sends(tmp_path: Path) -> None:
+    root = tmp_path / "mlartifacts"
+    v3 = make_ckpt(root / "shapes" / "v3", b"3")
+    run = make_ckpt(root / "4" / "0a1b2c" / "artifacts" / "model", b"r")
+    logged = make_ckpt(root / "4" / "models" / "m-77" / "artifacts", b"m")
+    reg = FolderRegistry(root)
+    assert reg.resolve_source("runs:/0a1b2c/model", "shapes", "9") == run.resolve()
+    assert reg.resolve_source("runs:/0a1b2c/model/", "shapes", "9") == run.resolve()
+    assert reg.resolve_source("mlflow-artifacts:/4/0a1b2c/artifacts/model", "shapes", "9") == run.resolve()
+    assert reg.resolve_source("models:/m-77", "shapes", "9") == logged.resolve()
+    assert reg.resolve_source("models:/shapes/3", "other", "9") == v3.resolve()
+    # anything else (or a source that is not found) falls back to <registry>/<name>/[v]<version>
+    for src in ("s3://bucket/shapes/3", "models:/shapes@champion", None, "runs:/0a1b2c/missing", "runs:/../../etc"):
+        assert reg.resolve_source(src, "shapes", "3") == v3.resolve(), src
+    with pytest.raises(LookupError) as e:
+        reg.resolve_source("runs:/ffff/model", "shapes", "8")
+    msg = str(e.value)
+    assert "source 'runs:/ffff/model'" in msg and f"{root.resolve()}/<experiment>/ffff/artifacts/model" in msg
+    assert f"{root.resolve()}/shapes/{{8,v8}}" in msg
+    with pytest.raises(LookupError, match="no such logged model"):
+        reg.resolve_source("models:/m-404", "shapes", "8")
+    # a run folder that is a symlink out of the registry is refused, not followed
+    outside = make_ckpt(tmp_path / "outside" / "artifacts" / "model", b"o")
+    (root / "4" / "evil").symlink_to(outside.parent.parent)
+    with pytest.raises(PathNotAllowed):
+        reg.resolve_source("runs:/evil/model", "shapes", "3")
+
+
 def test_contained_path(registry: Path, tmp_path: Path) -> None:
     inside = registry / "shapes" / "v1"
     assert contained_path(inside, [registry]) == inside.resolve()

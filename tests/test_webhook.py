@@ -279,3 +279,113 @@ def test_default_emitter_answers_503_when_prefect_is_down(env) -> None:
         r = post(TestClient(app), "/hooks/mlflow", body, delivery="d-down")
     assert r.status_code == 503 and "retry later" in r.json()["detail"]
     assert post(env["client"], "/hooks/mlflow", body, delivery="d-down").status_code == 202
+
+
+# ------------------------------------------------- what MLflow really sends (issue 19)
+
+
+@pytest.fixture
+def receiver_log() -> Any:
+    """The receiver's log as `configure_logging` (what `diffcam webhook` calls) sets it up,
+    written to a buffer; the logger is restored afterwards (caplog relies on propagation)."""
+    import io
+    import logging
+
+    logger = logging.getLogger("diffcam.webhook")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    buf = io.StringIO()
+    from flows.webhook import configure_logging
+
+    configure_logging("info", stream=buf)
+    yield buf
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def mlflow_test_delivery(kind: str = "created") -> dict[str, Any]:
+    """The payloads `MlflowClient.test_webhook` sent (MLflow 3.17.2, recorded from a real server)."""
+    if kind == "created":
+        return {"entity": "model_version", "action": "created", "timestamp": "2026-12-02T05:56:23.057254+00:00",
+                "data": {"name": "example_model", "version": "1", "source": "models:/123",
+                         "run_id": "abcd1234abcd5678", "tags": {"example_key": "example_value"},
+                         "description": "An example model version"}}
+    return {"entity": "model_version_alias", "action": "created", "timestamp": "2026-12-02T05:56:24.178232+00:00",
+            "data": {"name": "example_model", "alias": "example_alias", "version": "1"}}
+
+
+@pytest.mark.parametrize("kind", ["created", "alias"])
+def test_mlflow_test_delivery_is_a_clear_2xx_and_a_log_line(env, receiver_log, kind: str) -> None:
+    r = post(env["client"], "/hooks/mlflow", mlflow_test_delivery(kind), delivery=f"t-{kind}")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "test" and "signature verified" in r.json()["detail"]
+    assert env["rec"].events == []  # nothing audited
+    line = [ln for ln in receiver_log.getvalue().splitlines() if f"t-{kind}" in ln]
+    assert len(line) == 1 and "MLflow test delivery" in line[0] and " INFO " in line[0], receiver_log.getvalue()
+    # a test delivery with a wrong signature is refused like any other request
+    r = post(env["client"], "/hooks/mlflow", mlflow_test_delivery(kind), secret="not-the-secret-0123456789")
+    assert r.status_code == 401
+
+
+def test_a_real_example_model_line_is_audited_not_treated_as_a_test(env) -> None:
+    make_ckpt(env["reg"] / "example_model" / "v1", b"e")
+    r = post(env["client"], "/hooks/mlflow", mlflow_test_delivery("created"))
+    assert r.status_code == 202, r.text
+    assert r.json()["checkpoint"] == str((env["reg"] / "example_model" / "v1").resolve())
+
+
+def test_runs_uri_resolves_through_the_mlflow_artifact_layout(env) -> None:
+    """What a real MLflow server sends for `create_model_version(source="runs:/<run>/model")`
+    when the registry is its --artifacts-destination."""
+    run = "f7a798b502b443268b156f10c74f6cf4"
+    ckpt = make_ckpt(env["reg"] / "1" / run / "artifacts" / "model", b"mlflow")
+    body = mlflow_created(f"runs:/{run}/model", version="7")
+    body["data"]["run_id"] = run
+    r = post(env["client"], "/hooks/mlflow", body)
+    assert r.status_code == 202, r.text
+    p = env["rec"].events[0]["payload"]
+    assert p["checkpoint"] == str(ckpt.resolve()) and p["model_line"] == "shapes" and p["version"] == "7"
+    # a run the registry does not hold: 422 naming where it looked
+    r = post(env["client"], "/hooks/mlflow", mlflow_created("runs:/0123abcd/model", version="8"))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "<experiment>/0123abcd/artifacts/model" in detail and "shapes/{8,v8}" in detail, detail
+
+
+def test_refusals_log_the_delivery_id_of_the_header(env, receiver_log) -> None:
+    body = mlflow_created(f"file://{env['reg'] / 'shapes' / 'v1'}")
+    assert post(env["client"], "/hooks/mlflow", body, delivery="bad-sig-1",
+                secret="not-the-secret-0123456789").status_code == 401
+    assert post(env["client"], "/hooks/mlflow", body, delivery="stale-1", ts=NOW - 3600).status_code == 401
+    raw = json.dumps(body).encode()
+    weird = "x\ny" * 3
+    r = env["client"].post("/hooks/mlflow", content=raw, headers={
+        "X-MLflow-Delivery-Id": weird, "X-MLflow-Timestamp": str(int(NOW)), "X-MLflow-Signature": "v1,AAAA"})
+    assert r.status_code == 401
+    text = receiver_log.getvalue()
+    assert "delivery bad-sig-1 (unverified): rejected 401" in text, text
+    assert "delivery stale-1 (unverified): rejected 401: timestamp" in text
+    assert "delivery 'x\\ny" in text and "delivery ?" not in text  # logged quoted, never raw
+
+
+def test_accepted_and_ignored_deliveries_are_logged_at_info_with_their_id(env, receiver_log) -> None:
+    import logging
+
+    # what the issue measured: with only the default logging (as under Prefect), INFO is dropped
+    assert logging.getLogger().getEffectiveLevel() > logging.INFO
+    body = mlflow_created(f"file://{env['reg'] / 'shapes' / 'v1'}")
+    assert post(env["client"], "/hooks/mlflow", body, delivery="ok-1").status_code == 202
+    other = {"entity": "model_version_tag", "action": "set", "timestamp": 0, "data": {"name": "shapes"}}
+    assert post(env["client"], "/hooks/mlflow", other, delivery="ign-1").status_code == 200
+    lines = receiver_log.getvalue().splitlines()
+    [acc] = [ln for ln in lines if "ok-1" in ln]
+    [ign] = [ln for ln in lines if "ign-1" in ln]
+    assert " INFO " in acc and "accepted shapes/1 at" in acc and str((env["reg"] / "shapes" / "v1").resolve()) in acc
+    assert " INFO " in ign and "ignored (model_version_tag.set)" in ign
+
+
+def test_configure_logging_refuses_an_unknown_level() -> None:
+    from flows.webhook import configure_logging
+
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        configure_logging("loud")
