@@ -1,6 +1,6 @@
 """The audit flow: model + dataset → committed tables, validation verdict, report.
 
-``audit(...)`` (a Prefect 3 flow) does, in order (docs/ARCHITECTURE.md § Data flow):
+``audit(...)`` (a Prefect 3 flow) does, in order:
 
 1. resolve the model folder (content hash) and the dataset (`storage.datasets.load_dataset`,
    content hash); a missing dataset means the built-in synthetic one;
@@ -11,14 +11,16 @@
    maps its samples over the Ray worker pool (`tasks.worker.CamPool`) and commits the shard
    atomically; progress (shards done/total, samples/s, ETA) goes to ``get_run_logger()``;
 5. validate (`storage.validation`), 6. report (`storage.report`),
-7. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason.
+7. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason;
+   what happened to the Ray workers (deaths, replacements, retries) is logged and kept in the
+   row's ``config_json`` under ``audit.pool``.
 
 Runs with no Prefect server configured (Prefect starts a temporary local one) and with no
 Ray cluster (a local Ray is started and shut down). Re-running a run id skips committed
 shards, so an interrupted run resumes without duplicating or losing rows.
 
 Design choice: one Prefect task per shard, Ray actors called inside it (not prefect-ray's
-RayTaskRunner, which starts Ray per flow run and a Prefect server per Ray worker; STACK.md).
+RayTaskRunner, which starts Ray per flow run and a Prefect server per Ray worker).
 Shards run one after another on the driver; the samples inside a shard run in parallel on
 the pool. Cost of that barrier: at the end of each shard, workers idle for at most one
 batch while the slowest batch finishes.
@@ -199,6 +201,21 @@ def _run_shards(task, pending, pool, st, run_id: str, n_samples: int, logger):
     return results, failed, computed
 
 
+def _record_pool(st, run_id: str, config: dict[str, Any], pool, logger) -> None:
+    """Put what happened to the Ray workers (deaths, replacements, retries: `CamPool.stats`)
+    in the audit's log and in the run row (``config_json`` → ``audit.pool``; the resume check
+    ignores it). A pool that never started its workers records nothing."""
+    if not pool.n_workers:
+        return
+    stats = pool.stats_summary()
+    config["audit"]["pool"] = {"workers": pool.n_workers, **stats}
+    (logger.warning if any(stats.values()) else logger.info)(pool.stats_line())
+    try:
+        st.update_run(run_id, config_json=json.dumps(config, sort_keys=True))
+    except Exception as e:  # noqa: BLE001 - the audit's own outcome matters more; say so
+        logger.error("could not record the worker statistics in the run row: %s: %s", type(e).__name__, e)
+
+
 INTEGRITY_EXPECTATION = "committed files match their commit markers (sha256)"
 
 
@@ -343,6 +360,7 @@ def audit(
         finally:
             if pool is not None:
                 pool.close()
+                _record_pool(st, run_id, config, pool, logger)
         timings["shards_s"] = time.perf_counter() - t_shards
         if failed:
             reason = "; ".join(f"shard {sid}: {type(e).__name__}: {e}" for sid, e in failed)[:4000]
@@ -401,6 +419,7 @@ def audit(
         "workers": pool.n_workers if pool is not None else 0,
         "cpus_per_worker": pool.cpus_per_worker if pool is not None else 0,
         "gpus_per_worker": pool.gpus_per_actor if pool is not None else 0.0,
+        "pool": config["audit"].get("pool", {}),
         "validation_failed": [f"{e['table']}: {e['expectation']}" for e in verdict.failed],
         "timings": timings,
     }

@@ -60,7 +60,7 @@ from typing import Any
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
 __all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256", "FAULTS_ENV", "parse_faults",
-           "WorkerCrash", "WorkerTimeout"]
+           "WorkerCrash", "WorkerTimeout", "RayClusterError", "check_ray_cluster", "POOL_STATS"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 FAULTS_ENV = "DIFFCAM_FAULTS"
 _FAULT_LISTS = ("kill_on", "kill_once_on", "oom_on", "memory_error_on", "hang_on")
 _FAULT_KEYS = (*_FAULT_LISTS, "state_dir", "oom_stage", "hang_s")
+#: The counters of `CamPool.stats` (module docstring), reported in the audit's log and run row.
+POOL_STATS = ("worker_deaths", "replaced", "retried", "isolated", "task_errors", "timeouts", "poison")
 
 
 class WorkerCrash(RuntimeError):
@@ -146,7 +148,18 @@ class CamWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (also the readiness probe of the pool)."""
-        return {"pid": os.getpid(), "device": self.device, "threads": self.threads, "load_s": self.load_s}
+        import socket
+
+        node_id = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside Ray there is no node
+            node_id = None
+        return {"pid": os.getpid(), "device": self.device, "threads": self.threads, "load_s": self.load_s,
+                "host": socket.gethostname(), "node_id": node_id}
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Audit each item; returns one result per item (see `process_one`)."""
@@ -363,7 +376,11 @@ class CamPool:
         local_cpus = os.cpu_count() or 1
         if cfg.ray_address:
             if not ray.is_initialized():
-                ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+                check_ray_cluster(cfg.ray_address)
+                try:
+                    ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+                except (ConnectionError, ray.exceptions.RayError) as exc:
+                    raise RayClusterError(_connect_failure(cfg.ray_address, exc)) from exc
                 self._started_ray = True
         elif not ray.is_initialized():
             workers = cfg.workers or min(local_cpus, 4)
@@ -411,6 +428,24 @@ class CamPool:
             f"{n} worker(s) ready in {self.timings['workers_ready_s']:.1f} s "
             f"(device {'/'.join(devices)}, {cpus_per} CPU + {self.gpus_per_actor:g} GPU each)"
         )
+        if cfg.ray_address:  # where the workers run (the minimal Ray install has no state API)
+            for slot, info in enumerate(self.worker_info):
+                self._log(f"worker {slot}: pid {info.get('pid')} on {info.get('host', '?')} "
+                          f"(Ray node {str(info.get('node_id') or '?')[:12]})")
+
+    def stats_summary(self) -> dict[str, int]:
+        """Every counter of ``stats`` (zeros included), for the run row and the audit's output."""
+        return {k: int(self.stats.get(k, 0)) for k in POOL_STATS}
+
+    def stats_line(self) -> str:
+        """One line for the audit's log: what went wrong with the workers, or that nothing did."""
+        s = self.stats_summary()
+        if not any(s.values()):
+            return f"workers: {self.n_workers}, no worker deaths, restarts or retries"
+        return (f"workers: {self.n_workers}; {s['worker_deaths']} worker death(s), {s['replaced']} actor(s) "
+                f"replaced, {s['retried']} sample call(s) retried, {s['isolated']} sample(s) isolated from "
+                f"failed batches, {s['task_errors']} call error(s), {s['timeouts']} timeout(s), "
+                f"{s['poison']} poison sample(s)")
 
     def _new_actor(self) -> Any:
         cfg = self.config
@@ -600,3 +635,56 @@ class CamPool:
 
 def log_info(msg: str) -> None:
     log.info(msg)
+
+
+class RayClusterError(RuntimeError):
+    """The Ray cluster at ``ray_address`` cannot be used (unreachable, or it refused us)."""
+
+
+_AUTH_HELP = ("the cluster uses token authentication (on by default in Ray 2.60): set RAY_AUTH_MODE=token "
+              "and give the cluster's token as RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> "
+              "(on the head node: `ray get-auth-token` prints it) in the environment of the "
+              "process that runs the audit (for deployments: the Prefect worker or `diffcam serve`)")
+
+
+def _auth_mode() -> str:
+    return os.environ.get("RAY_AUTH_MODE") or "unset"
+
+
+def check_ray_cluster(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with a message that says what to fix, where ``ray.init(address=…)``
+    would wait ~40 s and then report only "Failed to connect to Ray cluster": for a
+    ``host:port`` address, a TCP connection to the GCS port and one authenticated GCS call.
+    ``auto`` and ``ray://`` addresses are left to `ray.init` (their errors are wrapped by
+    `CamPool`). Raises `RayClusterError`."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RayClusterError(f"Ray address {address!r}: expected HOST:PORT (the GCS address `ray start --head` "
+                              "prints), auto, or ray://HOST:10001")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayClusterError(f"cannot reach the Ray cluster at {address}: {type(e).__name__}: {e} (is `ray start "
+                              f"--head --port {port}` running there, and the port open from this host?)") from None
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError, RayError
+
+    try:
+        GcsClient(address=address).internal_kv_get(b"diffcam-connect-check", None, timeout=timeout_s)
+    except AuthenticationError as e:
+        raise RayClusterError(f"the Ray cluster at {address} refused the connection: authentication failed "
+                              f"({str(e).split('.')[0]}; RAY_AUTH_MODE is {_auth_mode()}): {_AUTH_HELP}") from None
+    except RayError as e:  # reachable but not answering as a GCS: ray.init says the rest
+        log.warning("Ray GCS check of %s failed (%s: %s); trying ray.init anyway", address, type(e).__name__, e)
+
+
+def _connect_failure(address: str, exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if "auth" in text.lower() or "token" in text.lower():
+        return f"could not connect to the Ray cluster at {address}: authentication failed ({text[:300]}): {_AUTH_HELP}"
+    return (f"could not connect to the Ray cluster at {address}: {text[:500]}. If the cluster was started with "
+            f"token authentication, {_AUTH_HELP.split(': ', 1)[1]} (RAY_AUTH_MODE is {_auth_mode()})")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -346,15 +347,12 @@ def _copy_model(dst: Path, note: str) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    from storage.datasets import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("ops-loop")
-    registry, store = root / "registry", root / "store"
-    (registry / "shapes").mkdir(parents=True)
-    _copy_model(registry / "shapes" / "v1", "v1")
-    dataset = write_synthetic_dataset(root / "dataset", 3, 11)
+@contextlib.contextmanager
+def ops_loop(root: Path, registry: Path, store: Path, dataset: Path,
+             extra: dict[str, subprocess.Popen] | None = None) -> Iterator[Loop]:
+    """``prefect server start`` on loopback, ``diffcam serve --config ops.toml`` and
+    ``diffcam webhook --registry REGISTRY`` as subprocesses (logs in ROOT/<name>.log); the
+    processes are stopped on exit. ``extra``: more processes to stop at the end."""
     (root / "ops.toml").write_text(
         f'[ops]\nregistry = "{registry}"\nstore = "{store}"\ndataset = "{dataset}"\nlimit = 3\nsettle_s = 0\n'
         f'cron = "0 2 * * *"\n[ops.settings]\nmethods = ["diffusion-cam"]\n'
@@ -370,7 +368,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
                   "PREFECT_RUNNER_POLL_FREQUENCY": "1", "DIFFCAM_WEBHOOK_SECRET": secret}
     bin_dir = Path(sys.executable).parent
     logs = {n: root / f"{n}.log" for n in ("server", "serve", "webhook")}
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = list((extra or {}).values())
 
     def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         p = subprocess.Popen(cmd, env=env, cwd=root, stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT,
@@ -408,6 +406,19 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    from storage.datasets import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ops-loop")
+    registry, store = root / "registry", root / "store"
+    (registry / "shapes").mkdir(parents=True)
+    _copy_model(registry / "shapes" / "v1", "v1")
+    dataset = write_synthetic_dataset(root / "dataset", 3, 11)
+    with ops_loop(root, registry, store, dataset) as lp:
+        yield lp
 
 
 @pytest.mark.slow
