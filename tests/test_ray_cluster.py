@@ -126,3 +126,35 @@ def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_
     assert pool["worker_deaths"] == 1 and pool["retried"] == 1 and pool["poison"] == 0, pool
     print(f"\nray start --head up in {ray_head['start_s']:.0f} s; refused without token in {took:.0f} s; "
           f"audit with token (one worker killed) {took_ok:.0f} s")
+
+
+# ------------------------------------------------------------------ fast, no cluster
+
+
+def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
+    from tasks.worker import RayClusterError, check_ray_cluster
+
+    port = _free_port()  # nobody listens there
+    t0 = time.time()
+    with pytest.raises(RayClusterError, match=rf"cannot reach the Ray cluster at 127\.0\.0\.1:{port}: "
+                                              r"ConnectionRefusedError.*ray start --head --port"):
+        check_ray_cluster(f"127.0.0.1:{port}")
+    assert time.time() - t0 < 5  # Ray's own client would retry for ~40 s
+    for bad in ("nonsense", "host:", ":6379", "host:port"):
+        with pytest.raises(RayClusterError, match="expected HOST:PORT"):
+            check_ray_cluster(bad)
+    check_ray_cluster("auto")  # left to ray.init (it finds a local cluster and its token itself)
+    check_ray_cluster("ray://head:10001")
+
+
+def test_pool_stats_line_names_every_counter() -> None:
+    from tasks.worker import POOL_STATS, CamPool, PoolConfig
+
+    pool = CamPool(PoolConfig(model_dir="unused", settings={}))
+    pool.n_workers = 2
+    assert pool.stats_summary() == dict.fromkeys(POOL_STATS, 0)
+    assert pool.stats_line() == "workers: 2, no worker deaths, restarts or retries"
+    pool.stats.update({"worker_deaths": 2, "replaced": 1, "retried": 3, "poison": 1})
+    line = pool.stats_line()
+    assert line.startswith("workers: 2; 2 worker death(s), 1 actor(s) replaced, 3 sample call(s) retried")
+    assert "1 poison sample(s)" in line and "0 timeout(s)" in line
