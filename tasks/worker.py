@@ -641,7 +641,8 @@ class RayClusterError(RuntimeError):
     """The Ray cluster at ``ray_address`` cannot be used (unreachable, or it refused us)."""
 
 
-_AUTH_HELP = ("the cluster uses token authentication (on by default in Ray 2.60): set RAY_AUTH_MODE=token "
+_AUTH_HELP = ("the cluster requires token authentication (Ray 2.60's `ray start --head` turns it on whenever "
+              "a token exists): set RAY_AUTH_MODE=token "
               "and give the cluster's token as RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> "
               "(on the head node: `ray get-auth-token` prints it) in the environment of the "
               "process that runs the audit (for deployments: the Prefect worker or `diffcam serve`)")
