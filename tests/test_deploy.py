@@ -348,11 +348,10 @@ def _copy_model(dst: Path, note: str) -> Path:
 
 
 @contextlib.contextmanager
-def ops_loop(root: Path, registry: Path, store: Path, dataset: Path,
-             extra: dict[str, subprocess.Popen] | None = None) -> Iterator[Loop]:
-    """``prefect server start`` on loopback, ``diffcam serve --config ops.toml`` and
-    ``diffcam webhook --registry REGISTRY`` as subprocesses (logs in ROOT/<name>.log); the
-    processes are stopped on exit. ``extra``: more processes to stop at the end."""
+def ops_loop(root: Path, registry: Path, store: Path, dataset: Path) -> Iterator[Loop]:
+    """``prefect server start`` on loopback, ``diffcam serve --config ROOT/ops.toml`` and
+    ``diffcam webhook --registry REGISTRY`` as subprocesses (logs in ROOT/<name>.log),
+    stopped on exit."""
     (root / "ops.toml").write_text(
         f'[ops]\nregistry = "{registry}"\nstore = "{store}"\ndataset = "{dataset}"\nlimit = 3\nsettle_s = 0\n'
         f'cron = "0 2 * * *"\n[ops.settings]\nmethods = ["diffusion-cam"]\n'
@@ -368,7 +367,7 @@ def ops_loop(root: Path, registry: Path, store: Path, dataset: Path,
                   "PREFECT_RUNNER_POLL_FREQUENCY": "1", "DIFFCAM_WEBHOOK_SECRET": secret}
     bin_dir = Path(sys.executable).parent
     logs = {n: root / f"{n}.log" for n in ("server", "serve", "webhook")}
-    procs: list[subprocess.Popen] = list((extra or {}).values())
+    procs: list[subprocess.Popen] = []
 
     def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         p = subprocess.Popen(cmd, env=env, cwd=root, stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT,
