@@ -171,7 +171,7 @@ class Checkpoint:
     """One checkpoint found by a source."""
 
     line: str  #: model line (MLflow: the registered model name)
-    name: str  #: checkpoint name within its line (folder name; MLflow: the version)
+    name: str  #: checkpoint name within its line (folder name; MLflow run artifacts: <run>/<path>)
     path: Path  #: local folder (resolved)
     content_hash: str  #: flows.audit.model_hash of the folder
     source: str  #: URI of the source that found it

@@ -199,8 +199,8 @@ def _unverified_id(raw: str | None) -> str:
 
 def configure_logging(level: int | str = logging.INFO, stream: Any = None) -> logging.Logger:
     """Send the receiver's log to ``stream`` (stderr) at ``level``, whatever the root logger's
-    level: Prefect's logging set-up (loaded as soon as Prefect is imported) leaves the root at
-    WARNING, which would hide the accept/ignore lines. Idempotent; returns the logger."""
+    level: the root stays at WARNING (Python's default, which Prefect's logging set-up keeps),
+    which would hide the accept/ignore lines. Idempotent; returns the logger."""
     lvl = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(lvl, int):
         raise ValueError(f"unknown log level {level!r}")
