@@ -25,12 +25,16 @@ Choices METHOD.md leaves open, made here:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from diffcam_core import evidence
+from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
 from diffcam_core.models.base import Generation
 from diffcam_core.refine import refine_stack
 from diffcam_core.settings import CamSettings
@@ -41,26 +45,77 @@ _EPS = 1e-8
 
 
 def explain(
-    adapter, image, prompt: str, settings: CamSettings = CamSettings(), on_stage=None
+    adapter, image, prompt: str, settings: CamSettings = CamSettings(), on_stage=None, faithfulness: bool = False,
+    inputs=None,
 ) -> SampleExplanation:
     """Answer `prompt` about `image` and explain every word of the answer.
 
     `on_stage("generate" | "attribute")`, if given, is called on entering each phase so a
-    caller can say where a failure happened.
+    caller can say where a failure happened. `faithfulness=True` also measures deletion /
+    insertion curves and the vanish test for every content word under every map
+    (`WordMaps.faithfulness`; timed as `faithfulness_s`). `inputs`: the result of
+    `adapter.prepare(image, prompt)` when the caller already has it.
     """
     adapter.check_layer(settings.layer or adapter.default_layer)  # fail before spending a generation
     if on_stage:
         on_stage("generate")
     t0 = time.perf_counter()
-    inputs = adapter.prepare(image, prompt)
+    inputs = adapter.prepare(image, prompt) if inputs is None else inputs
     generation = adapter.generate(inputs, settings.generation)
     t1 = time.perf_counter()
     if on_stage:
         on_stage("attribute")
     result = attribute(adapter, inputs, generation, settings)
+    pixels = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    result = with_chance_maps(result, pixels, settings.methods)
     t2 = time.perf_counter()
     result.timings.update({"generate_s": t1 - t0, "attribution_s": t2 - t1, "total_s": t2 - t0})
+    if faithfulness and result.words:
+        result = measure_faithfulness(adapter, pixels, prompt, generation, result, settings)
+        t3 = time.perf_counter()
+        result.timings.update({"faithfulness_s": t3 - t2, "total_s": t3 - t0})
     return result
+
+
+def with_chance_maps(result: SampleExplanation, pixels: np.ndarray, methods) -> SampleExplanation:
+    """Add the model-free maps `random` and `objectness` to every word, if `methods` asks.
+
+    The random map is seeded by the image's bytes and the word's index, so a rerun of the
+    same sample draws the same map.
+    """
+    want = [m for m in ("random", "objectness") if m in methods]
+    if not want or not result.words:
+        return result
+    objectness = evidence.objectness_map(pixels, result.grid).astype(np.float32)
+    digest = int.from_bytes(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).digest()[:8], "little")
+    words = []
+    for w in result.words:
+        maps = dict(w.maps)
+        if "random" in want:
+            maps["random"] = evidence.random_map(result.grid, np.random.default_rng([digest, w.word.index])).astype(np.float32)
+        if "objectness" in want:
+            maps["objectness"] = objectness
+        words.append(replace(w, maps=maps))
+    return replace(result, words=tuple(words))
+
+
+def measure_faithfulness(adapter, pixels: np.ndarray, prompt: str, generation: Generation,
+                         result: SampleExplanation, settings: CamSettings) -> SampleExplanation:
+    """Deletion / insertion AUC and vanish for every content word under each of its maps."""
+    words = []
+    cache: dict = {}  # shared by the words: images they have in common run once
+    for w in result.words:
+        if w.word.is_function:
+            words.append(w)
+            continue
+        canvas, cond = attribution_canvas(generation, w.word, settings.attribution_step)
+        canvas_key = "final" if settings.attribution_step == "final" else str(w.word.commit_step)
+        score, said = adapter_scorer(adapter, prompt, canvas, cond, w.word, settings.generation, cache=cache,
+                                     canvas_key=canvas_key)
+        faith = word_faithfulness(pixels, w.maps, score, said, word_key=str(w.word.index),
+                                  seed=settings.generation.seed)
+        words.append(replace(w, faithfulness=faith))
+    return replace(result, words=tuple(words))
 
 
 def raw_diffusion_cam(features: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -48,6 +48,7 @@ __all__ = [
     "curve_auc",
     "word_faithfulness",
     "adapter_scorer",
+    "selected_for_faithfulness",
 ]
 
 #: Shares of the grid's cells removed (deletion) or restored (insertion) along a curve.
@@ -203,31 +204,56 @@ def word_faithfulness(
     return out
 
 
-def adapter_scorer(adapter, prompt: str, canvas, self_cond, word, settings=None, batch_size: int = 64):
+def adapter_scorer(adapter, prompt: str, canvas, self_cond, word, settings=None, batch_size: int = 64,
+                   cache: dict | None = None, canvas_key: str = ""):
     """(score_images, still_said) for one word of a generation, built on a model adapter.
 
     ``score_images`` re-runs the prefix pass on each image and scores ``word`` (its
     generated token ids at its canvas positions, summed log-probabilities) on the given
     attribution canvas; ``still_said`` regenerates the answer with ``settings`` (a
     `GenerationSettings`) and checks whether the word's text is among its words.
+
+    ``cache``: one dict shared by the words of a sample. The log-probabilities of an image
+    on a canvas (``canvas_key`` names it) and the regenerated answer of an image do not
+    depend on the word, so images that several words share (intact, blank, the objectness
+    map's perturbations) run once.
     """
     import torch
     from PIL import Image
 
     positions, token_ids = list(word.positions), list(word.token_ids)
+    cache = {} if cache is None else cache
+
+    def key(kind: str, image: np.ndarray) -> tuple[str, str, bytes]:
+        return (kind, canvas_key if kind == "lp" else "", hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest())
 
     def score_images(images: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            chunk = [Image.fromarray(np.asarray(im)) for im in images[i:i + batch_size]]
-            lp = adapter.canvas_log_probs(chunk, prompt, canvas, self_cond)
-            out.append(lp[:, positions, token_ids].sum(dim=1).double().cpu().numpy())
-        return np.concatenate(out)
+        keys = [key("lp", im) for im in images]
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            pil = [Image.fromarray(np.asarray(images[first[k]])) for k in chunk]
+            lp = adapter.canvas_log_probs(pil, prompt, canvas, self_cond)
+            for k, row in zip(chunk, lp):
+                cache[k] = row
+        return np.array([float(cache[k][positions, token_ids].sum()) for k in keys])
 
     def still_said(image: np.ndarray) -> bool:
-        with torch.no_grad():
-            inputs = adapter.prepare(Image.fromarray(np.asarray(image)), prompt)
-            gen = adapter.generate(inputs, settings)
-        return word.text in {w.text for w in gen.words}
+        k = key("answer", image)
+        if k not in cache:
+            with torch.no_grad():
+                inputs = adapter.prepare(Image.fromarray(np.asarray(image)), prompt)
+                cache[k] = {w.text for w in adapter.generate(inputs, settings).words}
+        return word.text in cache[k]
 
     return score_images, (still_said if settings is not None else None)
+
+
+def selected_for_faithfulness(sample_id: str, fraction: float) -> bool:
+    """Whether an audit measures faithfulness on this sample: a hash of its id below
+    ``fraction``, so every run (and every resume) picks the same samples."""
+    if fraction <= 0.0:
+        return False
+    h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2.0**64
+    return h < fraction

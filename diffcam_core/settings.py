@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 DISTRACTOR_MODES = ("previous", "others-mean", "none")
+#: Map methods `cam.explain` can compute (the chance maps `random` and `objectness` need no model).
+MAP_METHODS = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "token-gradxinput",
+               "random", "objectness")
 ATTRIBUTION_STEPS = ("commit", "final")
 
 
@@ -36,16 +39,33 @@ class CamSettings:
     `layer`: a name from `adapter.layer_names()` (`projector` = image features entering
     the LM, `encoder.<i>` = output of prompt-encoder layer i). `None` uses the adapter's
     default, chosen by the layer sweep in `benchmarks/bench_method.py`.
+    `methods` may include the chance maps `random` and `objectness` (computed from the
+    image alone, no model): every method table carries them so a method can be judged
+    against what no model achieves.
+    `faithfulness`: the share of samples (chosen by a hash of the sample id, so the same
+    samples in every run) whose words get deletion / insertion curves and the vanish test
+    (`diffcam_core.faithfulness`); 0 skips it.
     """
 
     layer: str | None = None
     distractor: str = "others-mean"
     attribution_step: str = "commit"
     refine_preset: str = "full"
-    methods: tuple[str, ...] = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm")
+    methods: tuple[str, ...] = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    faithfulness: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.faithfulness, bool) or not 0.0 <= float(self.faithfulness) <= 1.0:
+            raise ValueError(f"faithfulness must be a fraction of samples in [0, 1], got {self.faithfulness!r}")
+        object.__setattr__(self, "faithfulness", float(self.faithfulness))
+        unknown = [m for m in self.methods if m not in MAP_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown} in {list(self.methods)}; valid: {list(MAP_METHODS)}")
+        from diffcam_core.refine import PRESETS
+
+        if self.refine_preset not in PRESETS:
+            raise ValueError(f"refine_preset {self.refine_preset!r} is not one of {sorted(PRESETS)}")
         if self.distractor not in DISTRACTOR_MODES:
             raise ValueError(f"distractor {self.distractor!r} is not one of {DISTRACTOR_MODES}")
         if self.attribution_step not in ATTRIBUTION_STEPS:

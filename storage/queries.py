@@ -139,7 +139,9 @@ WITH m AS (
            count(*) FILTER (WHERE isinf(contrast)) AS n_contrast_inf,
            avg(contrast_score) AS contrast_score, avg(concentration) AS concentration,
            avg(f3) AS mean_word_f3, avg(CAST(pointing_hit AS DOUBLE)) AS pointing_rate,
-           avg(inside_frac) AS inside_frac
+           avg(inside_frac) AS inside_frac,
+           avg(specificity) AS specificity, avg(CAST(multi_pointing AS DOUBLE)) AS multi_pointing_rate,
+           count(specificity) AS n_multi
     FROM token_maps
     WHERE run_id = $run_id AND has_mask
     GROUP BY method)
@@ -147,9 +149,28 @@ SELECT method, n_maps, n_samples, obj_iou, obj_iou_any, contrast, n_contrast_inf
        CASE WHEN least(obj_iou, contrast_score, concentration) > 0
             THEN 3.0 / (1.0 / obj_iou + 1.0 / contrast_score + 1.0 / concentration)
             ELSE 0.0 END AS f3,
-       mean_word_f3, pointing_rate, inside_frac
+       mean_word_f3, pointing_rate, inside_frac, specificity, multi_pointing_rate, n_multi
 FROM m
 ORDER BY f3 DESC, method
+""",
+    run_id=REQUIRED,
+)
+
+_q(
+    "faithfulness_table",
+    "Per method, over the words whose faithfulness was measured (audit --faithfulness; no masks needed): "
+    "mean deletion AUC (lower = removing what the map ranks first hurts the word sooner), mean insertion AUC "
+    "(higher = better), vanish rate (the word left the regenerated answer after removing the top 1/8 of "
+    "cells); most faithful first.",
+    """
+SELECT method, count(vanished) AS n_words, count(DISTINCT sample_id) AS n_samples,
+       count(deletion_auc) AS n_informative,
+       avg(deletion_auc) AS deletion_auc, avg(insertion_auc) AS insertion_auc,
+       avg(CAST(vanished AS DOUBLE)) AS vanish_rate
+FROM token_maps
+WHERE run_id = $run_id AND (vanished IS NOT NULL OR deletion_auc IS NOT NULL)
+GROUP BY method
+ORDER BY deletion_auc ASC NULLS LAST, method
 """,
     run_id=REQUIRED,
 )

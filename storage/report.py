@@ -177,7 +177,10 @@ def _validation(ctx: ReportContext) -> SectionContent:
 
 
 _METHOD_COLS = ["method", "n_maps", "obj_iou", "contrast", "n_contrast_inf", "contrast_score", "concentration", "f3",
-                "mean_word_f3", "pointing_rate"]
+                "mean_word_f3", "pointing_rate", "specificity", "multi_pointing_rate", "n_multi"]
+_FAITH_COLS = ["method", "n_words", "n_samples", "n_informative", "deletion_auc", "insertion_auc", "vanish_rate"]
+#: Chance rows a method has to beat (docs/EVALUATION.md).
+_CHANCE = ("random", "objectness")
 
 
 def _method_table(ctx: ReportContext) -> SectionContent:
@@ -186,8 +189,45 @@ def _method_table(ctx: ReportContext) -> SectionContent:
         msg = "No word in this run has a ground-truth mask, so there is no method table."
         return SectionContent(f"<p>{_esc(msg)}</p>", msg)
     note = ("<p>Over words with a mask. F3 is the harmonic mean of the means of Obj-IoU, Contrast score "
-            "and Concentration (as in the paper's tables); mean_word_f3 is the mean of per-word F3.</p>")
+            "and Concentration (as in the paper's tables); mean_word_f3 is the mean of per-word F3. "
+            "<code>random</code> and <code>objectness</code> are chance rows computed from the image alone, no "
+            "model: a method that does not beat <code>objectness</code> is on <em>some</em> object, not "
+            "necessarily on the one its word names. specificity = mass per area on the named object / (that + on "
+            "the other objects), over the n_multi words of images with several masked objects (0.5 = no "
+            "preference).</p>")
     return SectionContent(note + _html_table(rows, _METHOD_COLS), _md_table(rows, _METHOD_COLS))
+
+
+def faithfulness_ranking(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences: which map the model's answers depend on most, and against the chance rows."""
+    ranked = [r for r in rows if r.get("deletion_auc") is not None]
+    if not ranked:
+        return ["No measured word depended on the image enough to rank the maps (no deletion AUC)."]
+    best = ranked[0]
+    out = [f"Most faithful on this model: {best['method']} (deletion AUC {best['deletion_auc']:.3f}, "
+           f"insertion AUC {best['insertion_auc']:.3f}, vanish rate {best['vanish_rate']:.2f} over "
+           f"{best['n_words']} words)."]
+    base = next((r for r in ranked if r["method"] == "objectness"), None)
+    if base is not None:
+        beat = [r["method"] for r in ranked if r["method"] not in _CHANCE and r["deletion_auc"] < base["deletion_auc"]]
+        out.append(f"Lower deletion AUC than the model-free objectness map ({base['deletion_auc']:.3f}): "
+                   + (", ".join(beat) if beat else "no attribution method") + ".")
+    return out
+
+
+def _faithfulness(ctx: ReportContext) -> SectionContent:
+    rows = ctx.query("faithfulness_table", run_id=ctx.run_id)
+    if not rows:
+        msg = ("Faithfulness was not measured in this run (audit --faithfulness 0). Without it and without masks, "
+               "nothing in this report shows which map the model's answers depend on.")
+        return SectionContent(f"<p>{_esc(msg)}</p>", msg)
+    sentences = faithfulness_ranking(rows)
+    note = ("<p>Each measured content word's image is perturbed in the order each map ranks its cells: "
+            "deletion paints the top cells with the background colour, insertion restores them on a blank image; "
+            "the word's log-probability is re-scored on its attribution canvas and normalised between the blank "
+            "(0) and intact (1) image. Needs no masks.</p>")
+    html = note + "".join(f"<p><strong>{_esc(t)}</strong></p>" for t in sentences) + _html_table(rows, _FAITH_COLS)
+    return SectionContent(html, " ".join(sentences) + "\n\n" + _md_table(rows, _FAITH_COLS))
 
 
 def _histograms(ctx: ReportContext) -> SectionContent:
@@ -336,6 +376,7 @@ DEFAULT_SECTIONS: tuple[Section, ...] = (
     Section("run", "Run", _header),
     Section("validation", "Validation", _validation),
     Section("methods", "Method table", _method_table),
+    Section("faithfulness", "Faithfulness", _faithfulness),
     Section("distributions", "Map statistics", _histograms),
     Section("gallery", "Best and worst samples", _gallery),
     Section("flags", "Flags", _flags),

@@ -30,14 +30,18 @@ __all__ = [
     "RUNS", "SAMPLES", "TOKEN_MAPS", "FLAGS", "FAILURES",
     "TABLES", "KEYS", "SHARDED_TABLES", "RUN_STATUSES", "TRIGGERS", "FAILURE_STAGES", "METHODS",
     "quantize_map", "dequantize_map", "empty_table", "table_from_rows", "conform_table",
-    "make_flag_id", "format_region", "parse_region", "field_range", "field_values",
+    "make_flag_id", "format_region", "parse_region", "field_range", "field_values", "SCHEMA_VERSION",
 ]
 
+#: Bumped when a table gains or changes columns (2: token_maps' specificity and
+#: faithfulness columns). Older runs stay readable: new columns are nullable and the
+#: catalog reads files by column name.
+SCHEMA_VERSION = 2
 RUN_STATUSES = ("running", "succeeded", "failed", "validation_failed")
 TRIGGERS = ("manual", "schedule", "event")
 FAILURE_STAGES = ("load", "validate", "generate", "attribute", "write", "worker")
 #: Methods the core computes today (CONTRACTS.md). The column is open: other names are valid.
-METHODS = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm")
+METHODS = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness")
 
 _UNIT = "0,1"  # the closed unit interval
 _NONNEG = "0,"
@@ -106,6 +110,7 @@ SAMPLES = pa.schema([
     _f("t_generate_s", F32, range=_NONNEG),
     _f("t_attribution_s", F32, range=_NONNEG),
     _f("t_total_s", F32, range=_NONNEG),
+    _f("t_faithfulness_s", F32, True, range=_NONNEG, doc="faithfulness curves + vanish test; null when not measured"),
     _f("mean_inside_frac", F32, True, range=_UNIT, doc="diffusion-cam, mean over masked words"),
     _f("mean_obj_iou", F32, True, range=_UNIT, doc="diffusion-cam, mean over masked words"),
     _f("mean_f3", F32, True, range=_UNIT, doc="diffusion-cam, mean over masked words"),
@@ -123,7 +128,7 @@ TOKEN_MAPS = pa.schema([
     _f("distractor", S, True),
     _f("target_score", F32),
     _f("distractor_score", F32, True),
-    _f("method", S, doc="gradcam | diffusion-cam-raw | diffusion-cam | token-gradnorm | other"),
+    _f("method", S, doc="gradcam | diffusion-cam-raw | diffusion-cam | token-gradnorm | random | objectness (chance maps) | other"),
     _f("grid_h", I16, range="1,"),
     _f("grid_w", I16, range="1,"),
     _f("map", pa.binary(), doc="h*w uint8, row-major, round(255*m/max) (zeros for a zero map)"),
@@ -154,7 +159,17 @@ TOKEN_MAPS = pa.schema([
     _f("concentration", F32, True, range=_UNIT, doc="sum inside / total"),
     _f("f3", F32, True, range=_UNIT,
        doc="harmonic mean of obj_iou, contrast_score, concentration; null when contrast is undefined"),
-])
+    # word specificity: only for a masked word in an image with other masked objects
+    _f("specificity", F32, True, range=_UNIT,
+       doc="mass per area on the named object / (that + mass per area on the other objects); 0.5 = no preference"),
+    _f("multi_pointing", B, True, doc="argmax on the named object and on no other object"),
+    # faithfulness (diffcam_core.faithfulness): only on the samples selected by --faithfulness
+    _f("deletion_auc", F32, True, range=_UNIT,
+       doc="normalised area under the word's score as top-ranked cells are removed; lower = more faithful"),
+    _f("insertion_auc", F32, True, range=_UNIT,
+       doc="normalised area under the word's score as top-ranked cells are restored; higher = more faithful"),
+    _f("vanished", B, True, doc="the word left the regenerated answer after removing the top 1/8 of cells"),
+], metadata={"diffcam_schema_version": str(SCHEMA_VERSION)})
 
 FLAGS = pa.schema([
     _f("run_id", S),

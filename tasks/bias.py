@@ -774,6 +774,27 @@ def _word_mean_maps(ctx: ReportContext) -> str:
             f"<table><thead><tr><th>word</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str | None:
+    """How faithful the maps the flags were raised on are, measured in this same run."""
+    from storage.queries import run_query
+
+    rows = run_query(ctx.con, "faithfulness_table", run_id=ctx.run_id).to_pylist()
+    ranked = [r for r in rows if r["deletion_auc"] is not None]
+    if not ranked or not methods:
+        return None
+    parts = []
+    for m in methods:
+        pos = next((i for i, r in enumerate(ranked) if r["method"] == m), None)
+        if pos is None:
+            parts.append(f"{m}: not measured")
+            continue
+        r = ranked[pos]
+        parts.append(f"{m}: deletion AUC {r['deletion_auc']:.3f}, insertion AUC {r['insertion_auc']:.3f}, "
+                     f"vanish rate {r['vanish_rate']:.2f} (rank {pos + 1} of {len(ranked)} by deletion AUC)")
+    return ("Faithfulness of the maps these flags were raised on, measured in this run (see the Faithfulness "
+            "section): " + "; ".join(parts) + ".")
+
+
 def bias_section(ctx: ReportContext) -> SectionContent:
     """The "Bias audit" report section (`storage.report.Section` builder).
 
@@ -802,6 +823,10 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     parts.append(f"<p><b>{html.escape(verdict)}</b> Thresholds and their calibration: docs/BIAS.md; "
                  "every row's evidence_json holds the numbers it was decided on.</p>")
     md.append(verdict)
+    faith = _flag_method_faithfulness(ctx, sorted({f["method"] for f in flags if f["method"]}))
+    if faith:
+        parts.append(f"<p>{html.escape(faith)}</p>")
+        md.append(faith)
     if by_word:
         parts.append("<h3>Flags by word</h3>" + _table(by_word, ["word", "method", "level", "kind", "n_flags"]))
         md.append(_md(by_word, ["word", "method", "level", "kind", "n_flags"]))

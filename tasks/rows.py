@@ -32,6 +32,11 @@ the contract readers use):
   contrast is undefined and ``contrast``, ``contrast_score`` and ``f3`` are null;
 - ``obj_iou_any`` = best Obj-IoU over every distinct mask of the image (the reference's
   variant), only for words that have a mask of their own.
+- ``specificity`` / ``multi_pointing`` (`diffcam_core.evidence`): only for a word with a
+  mask in an image with at least one other distinct mask; null otherwise.
+- ``deletion_auc`` / ``insertion_auc`` / ``vanished`` (`diffcam_core.faithfulness`): only
+  on the samples and content words where faithfulness was measured; the AUCs are also
+  null when the word's score does not depend on the image.
 
 Samples-row summaries (``mean_inside_frac``, ``mean_obj_iou``, ``mean_f3``,
 ``pointing_rate``) are over the ``diffusion-cam`` maps of words with a mask; null when there
@@ -46,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core import metrics
+from diffcam_core import evidence, metrics
 from diffcam_core.stats import map_stats
 from diffcam_core.types import SampleExplanation
 from storage.datasets import SampleError
@@ -143,6 +148,8 @@ def map_columns(
         "contrast_score": None,
         "concentration": None,
         "f3": None,
+        "specificity": None,
+        "multi_pointing": None,
     }
     if mask is not None:
         mk = metrics.validate_mask(mask)
@@ -151,6 +158,10 @@ def map_columns(
             out["inside_frac"] = out["concentration"]
             out["enrichment"] = 0.0
         out["obj_iou_any"] = metrics.obj_iou_any(a, list(all_masks) or [mk])
+        others = [x for x in all_masks if x is not mask]
+        spec = evidence.specificity(a, mk, others) if others else None
+        out["specificity"] = _f(spec)
+        out["multi_pointing"] = evidence.multi_pointing(a, mk, others) if others else None
         if not mk.all():
             c = metrics.contrast(a, mk)
             cs = metrics.contrast_score(c)
@@ -158,6 +169,14 @@ def map_columns(
             out["contrast_score"] = cs
             out["f3"] = metrics.f3(out["obj_iou"], cs, out["concentration"])
     return out
+
+
+def faithfulness_columns(result: Any) -> dict[str, Any]:
+    """``deletion_auc``, ``insertion_auc``, ``vanished`` of one word × map (all null when not measured)."""
+    if result is None:
+        return {"deletion_auc": None, "insertion_auc": None, "vanished": None}
+    return {"deletion_auc": _f(result.deletion_auc), "insertion_auc": _f(result.insertion_auc),
+            "vanished": result.vanished}
 
 
 def token_map_rows(
@@ -192,6 +211,7 @@ def token_map_rows(
                 "distractor_score": _f(wm.distractor_score),
                 "method": method,
                 **map_columns(wm.maps[method], mask, all_masks),
+                **faithfulness_columns(wm.faithfulness.get(method)),
             })
     return rows
 
@@ -236,6 +256,7 @@ def sample_row(
         "t_generate_s": float(t.get("generate_s", 0.0)),
         "t_attribution_s": float(t.get("attribution_s", 0.0)),
         "t_total_s": float(t.get("total_s", 0.0)),
+        "t_faithfulness_s": _f(t.get("faithfulness_s")),
         "mean_inside_frac": _mean([r["inside_frac"] for r in summary]),
         "mean_obj_iou": _mean([r["obj_iou"] for r in summary]),
         "mean_f3": _mean([r["f3"] for r in summary]),

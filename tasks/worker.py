@@ -171,6 +171,7 @@ class CamWorker:
         Exactly one of ``samples`` / ``failures`` is set.
         """
         from diffcam_core.cam import explain
+        from diffcam_core.faithfulness import selected_for_faithfulness
         from diffcam_core.models.base import check_inputs
         from storage.datasets import load_image
         from storage.schemas import table_from_rows
@@ -190,8 +191,10 @@ class CamWorker:
             sha = file_sha256(item["image_path"])
             masks = item_sample(item).object_masks(image.size)  # [(word, bool (H, W))], manifest order
             set_stage("generate")
-            check_inputs(self.adapter, self.adapter.prepare(image, item["prompt"]))  # refuse before running
-            expl = explain(self.adapter, image, item["prompt"], self.settings, on_stage=set_stage)
+            inputs = self.adapter.prepare(image, item["prompt"])
+            check_inputs(self.adapter, inputs)  # refuse before running
+            expl = explain(self.adapter, image, item["prompt"], self.settings, on_stage=set_stage, inputs=inputs,
+                           faithfulness=selected_for_faithfulness(sid, self.settings.faithfulness))
             stage = "write"
             idx = ground_words([w.word.text for w in expl.words], [w for w, _ in masks])
             word_masks = [None if i is None else masks[i][1] for i in idx]

@@ -13,6 +13,7 @@ import pytest
 
 from flows.paths import DEFAULT_MODEL
 from storage.catalog import run_sql
+from diffcam_core.settings import CamSettings
 from storage.schemas import KEYS
 from storage.store import Store
 
@@ -80,7 +81,7 @@ def test_audit_flow_end_to_end(prefect_harness, make_dataset, tmp_path):
     assert fail["synth-000002"]["stage"] == "load" and "not-an-image" in fail["synth-000002"]["message"]
     assert fail["synth-000004"]["stage"] == "load" and "missing" in fail["synth-000004"]["message"]
     n_methods = len({m for m in maps.column("method").to_pylist()})
-    assert n_methods == 4
+    assert n_methods == len(CamSettings().methods)  # four attribution methods + the random and objectness maps
     assert maps.num_rows == sum(samples.column("n_words").to_pylist()) * n_methods
 
     run = st.read_run("e2e")

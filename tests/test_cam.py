@@ -110,7 +110,7 @@ def test_explain_is_deterministic_and_covers_every_word():
     assert a.answer == b.answer
     assert [w.word.text for w in a.words] == a.answer.split()
     for x, y in zip(a.words, b.words):
-        assert set(x.maps) == {"gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm"}
+        assert set(x.maps) == {"gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness"}
         for m in x.maps:
             assert x.maps[m].shape == a.grid
             np.testing.assert_array_equal(x.maps[m], y.maps[m])

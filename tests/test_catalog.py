@@ -11,7 +11,7 @@ import pytest
 
 from storage import catalog, queries
 from storage.catalog import ReadOnlyError, check_read_only, connect, run_sql
-from storage.schemas import TABLES, table_from_rows
+from storage.schemas import METHODS, TABLES, table_from_rows
 from storage.store import Store
 from tests.test_store import build_rows, fabricate_run
 
@@ -39,7 +39,7 @@ def test_views_have_schema_types_and_committed_rows(shared_store: Store) -> None
     con = connect(shared_store)
     try:
         assert con.sql("SELECT count(*) FROM samples").fetchall()[0][0] == 2
-        assert con.sql("SELECT count(*) FROM token_maps").fetchall()[0][0] == 24
+        assert con.sql("SELECT count(*) FROM token_maps").fetchall()[0][0] == 2 * 3 * len(METHODS)
         assert con.sql("SELECT count(*) FROM failures").fetchall()[0][0] == 1
         assert con.sql("SELECT count(*) FROM flags WHERE sample_id IS NULL").fetchall()[0][0] == 1
         for name in catalog.VIEWS:
@@ -153,7 +153,7 @@ def test_catalog_file_has_views(shared_store: Store) -> None:
 
 def test_method_table_f3_is_harmonic_mean_of_means(shared_store: Store) -> None:
     t = queries.run_query(shared_store, "method_table", run_id="run-1").to_pylist()
-    assert {r["method"] for r in t} == {"gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm"}
+    assert {r["method"] for r in t} == set(METHODS)
     tm = shared_store.read_table("token_maps", "run-1").to_pylist()
     for row in t:
         rows = [r for r in tm if r["method"] == row["method"] and r["has_mask"]]

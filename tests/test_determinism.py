@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.paths import DEFAULT_MODEL
+from diffcam_core.settings import CamSettings
 from storage.schemas import table_from_rows
 from storage.store import Store, StoreCorruptError
 from tests.test_faults import VOLATILE, comparable
@@ -178,7 +179,7 @@ def _drop_row_and_fix_marker(st: Store) -> None:
     (_truncate, {STORE_CHECK}),
     (_delete, {STORE_CHECK}),
     (_forge_marker, {STORE_CHECK}),
-    (_drop_row_and_fix_marker, {("token_maps", "every word has all 4 methods (run config)")}),
+    (_drop_row_and_fix_marker, {("token_maps", f"every word has all {len(CamSettings().methods)} methods (run config)")}),
 ], ids=["truncated-file", "deleted-file", "forged-marker-path", "row-dropped-marker-rewritten"])
 def test_damaged_tables_fail_validation_never_pass(tmp_path, damage, must_fail):
     res, failed = _verdict(tmp_path, damage)

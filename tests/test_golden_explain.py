@@ -42,7 +42,7 @@ def test_explain_cli_writes_documented_outputs_that_match_independent_values(tmp
     assert [w["word"] for w in doc["words"]] == doc["answer"].split()
     for w in doc["words"]:
         assert (out / w["overlay"]).is_file()
-        assert set(w["maps"]) == {"gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm"}
+        assert set(w["maps"]) == {"gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness"}
 
     # The colour word is right on this model (colour accuracy is 100% on held-out data) and
     # its maps must equal the literal, hook-free computation.

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage.schemas import METHODS
 from storage.store import Store
 from storage.validation import ValidationResult, validate_run
 from tests.test_store import fabricate_run
@@ -73,7 +74,7 @@ def test_tampered_run_fails_with_named_expectations(tmp_path: Path) -> None:
     assert ("token_maps", "(run_id, sample_id, word_index, method) unique") in failed
     assert ("token_maps", "0 <= inside_frac <= 1") in failed
     assert ("token_maps", "has_mask -> obj_iou not null") in failed
-    assert ("token_maps", "every word has all 4 methods (run config)") in failed
+    assert ("token_maps", f"every word has all {len(METHODS)} methods (run config)") in failed
     assert ("samples", "samples.n_words == words with maps") in failed
     assert ("samples+failures", "samples + failures == runs.n_samples") in failed
     assert ("samples", "row count == runs.n_results") in failed
