@@ -296,3 +296,42 @@ def test_driver_killed_mid_run_resumes(make_dataset, tmp_path):
     assert {k: st.shard_marker("killed", k) for k in first} == first
     ids = st.read_table("samples", "killed").column("sample_id").to_pylist()
     assert sorted(ids) == sorted(_manifest_ids(root)) and len(ids) == len(set(ids))
+
+
+def test_worker_measures_evidence_columns(make_dataset):
+    """faithfulness=1: every content word × map gets AUCs/vanish; function words and chance rows behave."""
+    from storage.datasets import load_dataset
+    from storage.schemas import table_from_rows
+    from tasks.plan import plan_shards
+    from tasks.worker import CamWorker
+
+    root = make_dataset(n=4)
+    ds = load_dataset(root)
+    items = [{**it, "run_id": "r", "shard_id": 0} for it in plan_shards(ds.samples, root=ds.root)[0].items]
+    w = CamWorker(str(DEFAULT_MODEL), {"methods": ["diffusion-cam-raw", "token-gradnorm", "random", "objectness"],
+                                       "faithfulness": 1.0}, threads=1)
+    out = w.process(items)
+    assert all(r["failures"] is None for r in out)
+    rows = [t for r in out for t in r["token_maps"]]
+    table_from_rows("token_maps", rows)  # the new columns fit the schema
+    content = [t for t in rows if not t["is_function"]]
+    assert content and all(t["vanished"] is not None for t in content)
+    assert all(t["deletion_auc"] is None and t["vanished"] is None for t in rows if t["is_function"])
+    informative = [t for t in content if t["deletion_auc"] is not None]
+    assert len(informative) >= len(content) // 2
+    assert all(0.0 <= t["deletion_auc"] <= 1.0 and 0.0 <= t["insertion_auc"] <= 1.0 for t in informative)
+    assert all(r["samples"]["t_faithfulness_s"] > 0 for r in out)
+    # specificity exists exactly for masked words of images with another masked object
+    for r in out:
+        n_obj = r["samples"]["n_objects"]
+        for t in r["token_maps"]:
+            assert (t["specificity"] is not None) == (t["has_mask"] and n_obj >= 2 and t["map_max"] > 0), t
+    # the objectness map is the same for every word of a sample; the random map is not
+    for r in out:
+        obj = {t["map"] for t in r["token_maps"] if t["method"] == "objectness"}
+        rnd = [t["map"] for t in r["token_maps"] if t["method"] == "random"]
+        assert len(obj) == 1 and len(set(rnd)) == len(rnd)
+    # off: nothing measured, and the selection is by sample id, reproducible
+    w.settings = CamSettings.from_dict({"methods": ["token-gradnorm"], "faithfulness": 0.0})
+    off = w.process(items[:1])[0]
+    assert all(t["vanished"] is None for t in off["token_maps"]) and off["samples"]["t_faithfulness_s"] is None

@@ -152,3 +152,14 @@ def test_bad_settings_are_refused_with_the_valid_choices():
         CamSettings(distractor="nearest")
     with pytest.raises(ValueError, match="commit"):
         CamSettings(attribution_step="middle")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"methods": ("diffusoin-cam",)}, "unknown method.*valid"),
+    ({"refine_preset": "fulll"}, "refine_preset 'fulll' is not one of"),
+    ({"faithfulness": 1.5}, "fraction of samples"),
+    ({"methods": ()}, "unknown method"),
+])
+def test_settings_refuse_bad_names_before_any_model_work(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CamSettings(**kw)

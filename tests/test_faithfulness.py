@@ -144,3 +144,12 @@ def test_adapter_batched_scores_equal_the_attribution_pass():
     expected = float(single[list(word.positions), list(word.token_ids)].sum())
     assert score([s.image])[0] == pytest.approx(expected, abs=1e-4)
     assert said(s.image) is True  # the intact image still yields the word
+
+
+def test_sample_selection_is_by_id_and_matches_the_fraction():
+    ids = [f"s{i}" for i in range(4000)]
+    picked = [fa.selected_for_faithfulness(i, 0.1) for i in ids]
+    assert 0.08 < np.mean(picked) < 0.12
+    assert picked == [fa.selected_for_faithfulness(i, 0.1) for i in ids]
+    assert not any(fa.selected_for_faithfulness(i, 0.0) for i in ids[:100])
+    assert all(fa.selected_for_faithfulness(i, 1.0) for i in ids[:100])
