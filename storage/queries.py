@@ -161,7 +161,7 @@ _q(
     "Per method, over the words whose faithfulness was measured (audit --faithfulness; no masks needed): "
     "mean deletion AUC (lower = removing what the map ranks first hurts the word sooner), mean insertion AUC "
     "(higher = better), vanish rate (the word left the regenerated answer after removing the top 1/8 of "
-    "cells); most faithful first.",
+    "cells); ranked by vanish rate (the word-specific measure, docs/EVALUATION.md), then deletion AUC.",
     """
 SELECT method, count(vanished) AS n_words, count(DISTINCT sample_id) AS n_samples,
        count(deletion_auc) AS n_informative,
@@ -170,7 +170,7 @@ SELECT method, count(vanished) AS n_words, count(DISTINCT sample_id) AS n_sample
 FROM token_maps
 WHERE run_id = $run_id AND (vanished IS NOT NULL OR deletion_auc IS NOT NULL)
 GROUP BY method
-ORDER BY deletion_auc ASC NULLS LAST, method
+ORDER BY vanish_rate DESC NULLS LAST, deletion_auc ASC NULLS LAST, method
 """,
     run_id=REQUIRED,
 )

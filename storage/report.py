@@ -200,18 +200,29 @@ def _method_table(ctx: ReportContext) -> SectionContent:
 
 def faithfulness_ranking(rows: list[dict[str, Any]]) -> list[str]:
     """Plain sentences: which map the model's answers depend on most, and against the chance rows."""
-    ranked = [r for r in rows if r.get("deletion_auc") is not None]
+    ranked = [r for r in rows if r.get("vanish_rate") is not None]
     if not ranked:
-        return ["No measured word depended on the image enough to rank the maps (no deletion AUC)."]
-    best = ranked[0]
-    out = [f"Most faithful on this model: {best['method']} (deletion AUC {best['deletion_auc']:.3f}, "
-           f"insertion AUC {best['insertion_auc']:.3f}, vanish rate {best['vanish_rate']:.2f} over "
-           f"{best['n_words']} words)."]
+        return ["No word was measured, so the maps cannot be ranked."]
+    best = next((r for r in ranked if r["method"] not in _CHANCE), ranked[0])
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    out = [f"Most faithful attribution method on this model: {best['method']} (removing its top 1/8 of cells "
+           f"removes the word from the regenerated answer in {100 * best['vanish_rate']:.0f} % of "
+           f"{best['n_words']} words; deletion AUC {fmt(best['deletion_auc'])}, insertion AUC "
+           f"{fmt(best['insertion_auc'])})."]
     base = next((r for r in ranked if r["method"] == "objectness"), None)
     if base is not None:
-        beat = [r["method"] for r in ranked if r["method"] not in _CHANCE and r["deletion_auc"] < base["deletion_auc"]]
-        out.append(f"Lower deletion AUC than the model-free objectness map ({base['deletion_auc']:.3f}): "
+        methods = [r for r in ranked if r["method"] not in _CHANCE]
+        beat = [r["method"] for r in methods if r["vanish_rate"] > base["vanish_rate"]]
+        out.append(f"Higher vanish rate than the model-free objectness map ({100 * base['vanish_rate']:.0f} %): "
                    + (", ".join(beat) if beat else "no attribution method") + ".")
+        if base["deletion_auc"] is not None:
+            beat_d = [r["method"] for r in methods if r["deletion_auc"] is not None
+                      and r["deletion_auc"] < base["deletion_auc"]]
+            out.append(f"Lower deletion AUC than objectness ({base['deletion_auc']:.3f}): "
+                       + (", ".join(beat_d) if beat_d else "no attribution method") + ".")
     return out
 
 

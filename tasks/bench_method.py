@@ -405,6 +405,22 @@ def contract_rows(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"method": m, **{k: row.get(k) for k in keep}} for m, row in table.items()]
 
 
+def markdown_rows(rows: list[dict[str, Any]]) -> str:
+    """The README's table: one line per method, fractions x100, Contrast as a ratio."""
+    cols = [("obj_iou", "Obj-IoU"), ("pointing", "pointing"), ("multi_pointing", "multi-pointing"),
+            ("specificity", "specificity"), ("swap_follow", "swap follows"), ("deletion_auc", "deletion AUC ↓"),
+            ("insertion_auc", "insertion AUC"), ("vanish_rate", "vanish rate"), ("contrast", "Contrast mean"),
+            ("contrast_median", "Contrast median"), ("concentration", "Concentration"), ("dataset_f3", "F3 (dataset)")]
+    lines = ["| method | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append("–" if v is None else (f"{v:.2f}×" if k.startswith("contrast") else f"{100 * v:.1f}"))
+        lines.append(f"| `{r['method']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _best(table: dict[str, dict[str, Any]], key: str = "obj_iou", method: str = "diffusion-cam-raw") -> float:
     v = table.get(method, {}).get(key)
     return -1.0 if v is None else float(v)
@@ -510,6 +526,7 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
              f"refine {rt['vectorised_ms']:.3f} ms ({rt['speedup']:.1f}x); refine_stack per answer "
              f"{rt['stack_ms_per_map']:.3f} ms ({rt['speedup_stack']:.1f}x), all maps {rt['stack_ms_per_map_overall']:.3f} ms "
              f"(total literal / total stack time {rt['speedup_stack_overall']:.1f}x); whole answer {rt['stack_ms_per_answer']:.3f} ms = {share:.3f}% of the attribution pass")
+    echo("\nMarkdown (README):\n" + markdown_rows(out["rows"]))
     if json_out:
         Path(json_out).write_text(json.dumps(out, indent=2, default=_json_default))
         echo(f"wrote {json_out}")

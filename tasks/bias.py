@@ -779,7 +779,7 @@ def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str
     from storage.queries import run_query
 
     rows = run_query(ctx.con, "faithfulness_table", run_id=ctx.run_id).to_pylist()
-    ranked = [r for r in rows if r["deletion_auc"] is not None]
+    ranked = [r for r in rows if r["vanish_rate"] is not None]
     if not ranked or not methods:
         return None
     parts = []
@@ -789,8 +789,9 @@ def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str
             parts.append(f"{m}: not measured")
             continue
         r = ranked[pos]
-        parts.append(f"{m}: deletion AUC {r['deletion_auc']:.3f}, insertion AUC {r['insertion_auc']:.3f}, "
-                     f"vanish rate {r['vanish_rate']:.2f} (rank {pos + 1} of {len(ranked)} by deletion AUC)")
+        auc = "–" if r["deletion_auc"] is None else f"{r['deletion_auc']:.3f}"
+        parts.append(f"{m}: vanish rate {r['vanish_rate']:.2f} (rank {pos + 1} of {len(ranked)} maps), "
+                     f"deletion AUC {auc}")
     return ("Faithfulness of the maps these flags were raised on, measured in this run (see the Faithfulness "
             "section): " + "; ".join(parts) + ".")
 

@@ -113,3 +113,20 @@ def test_run_without_masks_or_rows(tmp_path: Path) -> None:
     assert "No flags." in page and "No failures." in page
     with pytest.raises(KeyError):
         build_report(st, "missing")
+
+
+def test_faithfulness_ranking_names_the_best_method_and_the_objectness_bar():
+    from storage.report import faithfulness_ranking
+
+    rows = [
+        {"method": "oracle-like", "n_words": 10, "vanish_rate": 0.9, "deletion_auc": 0.3, "insertion_auc": 0.8},
+        {"method": "objectness", "n_words": 10, "vanish_rate": 0.5, "deletion_auc": 0.1, "insertion_auc": 0.9},
+        {"method": "weak", "n_words": 10, "vanish_rate": 0.2, "deletion_auc": 0.6, "insertion_auc": 0.5},
+        {"method": "random", "n_words": 10, "vanish_rate": 0.1, "deletion_auc": 0.7, "insertion_auc": 0.4},
+    ]
+    text = " ".join(faithfulness_ranking(rows))
+    assert "Most faithful attribution method on this model: oracle-like" in text
+    assert "90 % of 10 words" in text
+    assert "objectness map (50 %): oracle-like." in text
+    assert "Lower deletion AUC than objectness (0.100): no attribution method." in text
+    assert faithfulness_ranking([]) == ["No word was measured, so the maps cannot be ranked."]
