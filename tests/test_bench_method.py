@@ -1,0 +1,36 @@
+"""`diffcam bench method`'s JSON contract on a few images (slow: real model, every row)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.paths import DEFAULT_MODEL
+
+
+@pytest.mark.slow
+def test_bench_method_json_contract(tmp_path):
+    from tasks.bench_method import main
+
+    out_file = tmp_path / "bench.json"
+    main(n=4, model=DEFAULT_MODEL, json_out=out_file, sweep=True, sweep_n=2, faith_n=2, clutter_n=2,
+         echo=lambda *_: None)
+    doc = json.loads(out_file.read_text())
+    assert doc["tuning_seed"] != doc["report_seed"]
+    methods = [r["method"] for r in doc["rows"]]
+    for m in ("random", "objectness", "all-objects", "oracle", "gradcam", "diffusion-cam-raw", "diffusion-cam",
+              "token-gradnorm"):
+        assert m in methods
+    fields = ("obj_iou", "pointing", "multi_pointing", "specificity", "deletion_auc", "insertion_auc", "vanish_rate")
+    for r in doc["rows"]:
+        for f in fields:
+            assert f in r
+            assert r[f] is None or 0.0 <= r[f] <= 1.0, (r["method"], f, r[f])
+    by = {r["method"]: r for r in doc["rows"]}
+    # the oracle is the named object itself: on a multi-object image it points there every time
+    if by["oracle"]["multi_pointing"] is not None:
+        assert by["oracle"]["multi_pointing"] == 1.0 and by["oracle"]["specificity"] > 0.95
+    assert by["random"]["n_faithfulness"] == by["oracle"]["n_faithfulness"] > 0
+    assert set(doc["tuning"]["chosen_on_tuning_seed"]) == {"layer", "distractor", "attribution_step", "dacg_sigma"}
+    assert doc["clutter"]["n_images"] == 2
