@@ -166,11 +166,12 @@ def bench_method_cmd(
 ) -> None:
     """Method table with the evidence that maps are right (docs/EVALUATION.md).
 
-    Rows: chance maps (random, objectness = no model, all-objects, oracle) and every method
-    with the ablation presets. Columns: localisation (Obj-IoU, pointing, Contrast mean and
-    median, Concentration, F3), word specificity (multi-object pointing, specificity, swap
-    test) and faithfulness (deletion / insertion AUC, vanish rate). Choices are swept on the
-    tuning seed (11) and the table is reported on the report seed (2); the JSON says which.
+    Rows: chance maps (random, objectness = no model, all-objects, oracle), then every method and ablation preset.
+
+    Columns: localisation (Obj-IoU, pointing, Contrast, Concentration, F3), word specificity (multi-object
+    pointing, specificity, swap test), faithfulness (deletion / insertion AUC, vanish rate).
+
+    Choices are swept on the tuning seed (11); the table is reported on the report seed (2). The JSON says which.
     """
     from tasks.bench_method import main as bench_main
 
