@@ -168,8 +168,7 @@ def bench_method_cmd(
 
     Rows: chance maps (random, objectness = no model, all-objects, oracle), then every method and ablation preset.
 
-    Columns: localisation (Obj-IoU, pointing, Contrast, Concentration, F3), word specificity (multi-object
-    pointing, specificity, swap test), faithfulness (deletion / insertion AUC, vanish rate).
+    Columns: localisation (Obj-IoU, pointing, Contrast, F3), word specificity (specificity, swap test), faithfulness.
 
     Choices are swept on the tuning seed (11); the table is reported on the report seed (2). The JSON says which.
     """
