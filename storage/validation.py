@@ -16,7 +16,8 @@ in exactly one of them, stored ``n_results`` / ``n_failures`` equal to the count
 every (sample, word) has a map for every method (the run config's ``methods`` if it
 lists them, else every method seen in the run), every sample's ``n_words`` words have
 maps, maps belong to audited samples, a map's bytes match its grid, a masked word has
-its mask metrics (`MASK_METRICS`), and the committed files still match their commit markers' sha256.
+its mask metrics (`MASK_METRICS`), specificity only on masked words and faithfulness only
+on content words, and the committed files still match their commit markers' sha256.
 
 The flow records the verdict: ``store.update_run(run_id, validation_json=res.to_json(),
 status="validation_failed" if not res.success else ...)``; the report reads it back.
@@ -245,6 +246,11 @@ def validate_run(store: Store | str | os.PathLike[str], run_id: str, *, check_fi
     for col in MASK_METRICS:
         s.add("token_maps", f"has_mask -> {col} not null", "ExpectColumnValuesToNotBeNull", column=col,
               when=("has_mask", True))
+    # evidence columns: specificity only where the word has a mask; faithfulness only on content words
+    s.add("token_maps", "has_mask false -> specificity null", "ExpectColumnValuesToBeNull", column="specificity",
+          when=("has_mask", False))
+    s.add("token_maps", "function word -> vanished null", "ExpectColumnValuesToBeNull", column="vanished",
+          when=("is_function", True))
     s.add("token_maps", "maps belong to audited samples", "ExpectColumnValuesToBeInSet",
           column="_in_samples", value_set=[True])
 

@@ -62,6 +62,9 @@ def test_tampered_run_fails_with_named_expectations(tmp_path: Path) -> None:
         maps[5]["inside_frac"] = 1.5
         # 3. a masked map without its Obj-IoU
         next(r for r in maps if r["has_mask"])["obj_iou"] = None
+        # 3b. evidence columns where they cannot exist: specificity without a mask, faithfulness on a function word
+        next(r for r in maps if not r["has_mask"])["specificity"] = 0.5
+        next(r for r in maps if r["is_function"])["vanished"] = True
         # 4. s0's word 1 loses its gradcam map; s0 claims 5 words
         rows["shards"][0]["token_maps"] = [r for r in maps if not (r["word_index"] == 1 and r["method"] == "gradcam")]
         rows["shards"][0]["samples"][0]["n_words"] = 5
@@ -74,6 +77,8 @@ def test_tampered_run_fails_with_named_expectations(tmp_path: Path) -> None:
     assert ("token_maps", "(run_id, sample_id, word_index, method) unique") in failed
     assert ("token_maps", "0 <= inside_frac <= 1") in failed
     assert ("token_maps", "has_mask -> obj_iou not null") in failed
+    assert ("token_maps", "has_mask false -> specificity null") in failed
+    assert ("token_maps", "function word -> vanished null") in failed
     assert ("token_maps", f"every word has all {len(METHODS)} methods (run config)") in failed
     assert ("samples", "samples.n_words == words with maps") in failed
     assert ("samples+failures", "samples + failures == runs.n_samples") in failed
