@@ -1,10 +1,10 @@
-"""Diffusion-CAM and its baselines for every word of a generated answer (METHOD.md §2, §4).
+"""Diffusion-CAM and its baselines for every word of a generated answer (docs/METHOD.md §2, §4).
 
 One call, `explain`, does: prepare → generate (recording every denoising step) → one
 prefix pass with gradients → one decoder pass per distinct attribution canvas → one
 backward per word and score → maps → refinement.
 
-Deviations from the reference code (kept true here, METHOD.md §7):
+Deviations from the reference code (kept true here, docs/METHOD.md §7):
 1. The score is class-specific: the log-prob of the generated token id at its own canvas
    position(s), summed over the word's sub-tokens (reference: a vocabulary sum at indices
    that land inside the image span).
@@ -13,7 +13,7 @@ Deviations from the reference code (kept true here, METHOD.md §7):
    at the step that committed it; `"final"` uses the final clean canvas (the reference).
 4. No random noise anywhere; generation is seeded through a local generator.
 
-Choices METHOD.md leaves open, made here:
+Choices docs/METHOD.md leaves open, made here:
 - The distractor is scored on the *same* decoder pass as the target (w's attribution
   canvas), at the distractor's own positions and generated ids. `previous` falls back to
   no contrast for the first content word (nothing precedes it).

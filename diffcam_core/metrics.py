@@ -1,11 +1,11 @@
-"""Localisation metrics of METHOD.md §5 as pure numpy functions.
+"""Localisation metrics of docs/METHOD.md §5 as pure numpy functions.
 
 A map lives on the patch grid (h, w); a mask at image resolution (H, W). Every metric
 first upsamples the map to the mask's size with `upsample_bilinear` (the semantics of
 `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`, which is also
 what the reference's `cv2.resize` does when enlarging).
 
-Conventions chosen where METHOD.md §5 leaves a gap (each repeated in its docstring):
+Conventions chosen where docs/METHOD.md §5 leaves a gap (each repeated in its docstring):
 - Quantisation for Otsu: the upsampled map is min-max normalised and truncated to uint8
   (`floor(255·x)`, the reference's `(x*255).astype(uint8)` on its [0, 1] maps); a
   constant map quantises to all zeros and so has an empty foreground.
@@ -44,7 +44,7 @@ __all__ = [
     "validate_mask",
 ]
 
-#: Contrast is divided by this and capped at 1 to give the contrast score (METHOD.md §5).
+#: Contrast is divided by this and capped at 1 to give the contrast score (docs/METHOD.md §5).
 CONTRAST_SCALE = 20.0
 
 
@@ -158,7 +158,7 @@ def _foreground(map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def obj_iou(map: np.ndarray, mask: np.ndarray) -> float:
-    """Obj-IoU (METHOD.md §5): IoU of the Otsu foreground of the upsampled map with the mask.
+    """Obj-IoU (docs/METHOD.md §5): IoU of the Otsu foreground of the upsampled map with the mask.
 
     The mask is the named object's; a zero or constant map has an empty foreground → 0.
     """
@@ -189,7 +189,7 @@ def _inside_outside(map: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def contrast(map: np.ndarray, mask: np.ndarray) -> float:
-    """Contrast (METHOD.md §5): mean of the upsampled map inside the mask / mean outside.
+    """Contrast (docs/METHOD.md §5): mean of the upsampled map inside the mask / mean outside.
 
     Defined values: inside and outside both 0 (zero map) → 0.0; outside 0 and inside > 0
     → `math.inf` (explicit: all the mass is on the object; `contrast_score` gives 1). A mask
@@ -206,7 +206,7 @@ def contrast(map: np.ndarray, mask: np.ndarray) -> float:
 
 
 def contrast_score(contrast_value: float) -> float:
-    """min(Contrast / 20, 1) (METHOD.md §5); `inf` → 1.0. Negative or NaN → ValueError."""
+    """min(Contrast / 20, 1) (docs/METHOD.md §5); `inf` → 1.0. Negative or NaN → ValueError."""
     c = float(contrast_value)
     if math.isnan(c) or c < 0:
         raise ValueError(f"contrast must be >= 0, got {contrast_value!r}")
@@ -214,7 +214,7 @@ def contrast_score(contrast_value: float) -> float:
 
 
 def concentration(map: np.ndarray, mask: np.ndarray) -> float:
-    """Concentration (METHOD.md §5): share of the upsampled map's mass inside the mask.
+    """Concentration (docs/METHOD.md §5): share of the upsampled map's mass inside the mask.
 
     A zero map has no mass → 0.0 (reference: 0/(0 + 1e-8) = 0 too).
     """
@@ -265,7 +265,7 @@ def func_iou(
     content_maps: Sequence[np.ndarray],
     size: tuple[int, int] | None = None,
 ) -> float:
-    """Func-IoU (TAM; METHOD.md §5): how much function words stay quiet where content lights up.
+    """Func-IoU (TAM; docs/METHOD.md §5): how much function words stay quiet where content lights up.
 
     T = mean over content words of the Otsu threshold of their uint8 map; for each function
     word, the fraction of pixels of its min-max normalised map below T/255; returns the mean

@@ -1,10 +1,10 @@
-"""The four refinement modules of Diffusion-CAM (METHOD.md §3) as pure numpy functions.
+"""The four refinement modules of Diffusion-CAM (docs/METHOD.md §3) as pure numpy functions.
 
 Every function takes an (h, w) map, returns a new float64 array and never mutates its
 inputs. The full method runs AKD → DACG → CBA → clip to [0, max raw] and min-max → SICD;
 `refine` applies a named preset from `PRESETS`. All constants live in `RefineSettings`.
 
-Deviations from the authors' reference code (METHOD.md §7), each repeated where it applies:
+Deviations from the authors' reference code (docs/METHOD.md §7), each repeated where it applies:
 - AKD: the kernel size really adapts (reference: a constant step ratio and `side/512` gave
   k = 3 always); "nearest odd" replaces the reference's truncate-then-bump; no random noise
   is added before filtering; a window with zero variation returns its median (reference:
@@ -52,7 +52,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Every constant of METHOD.md §3 in one saved-with-the-run object (STYLE habit 8)."""
+    """Every constant of docs/METHOD.md §3 in one saved-with-the-run object."""
 
     # AKD (kernel size: k = nearest odd of akd_base · f_step · f_std · f_size)
     akd_base: float = 3.0
@@ -115,7 +115,7 @@ DEFAULT_SETTINGS = RefineSettings()
 
 @dataclass(frozen=True)
 class Preset:
-    """Which modules a preset runs; the order is fixed by METHOD.md §3."""
+    """Which modules a preset runs; the order is fixed by docs/METHOD.md §3."""
 
     akd: bool = False
     dacg: bool = False
@@ -234,7 +234,7 @@ def _blur_matrix(n: int, size: int, sigma: float) -> np.ndarray:
 
 
 def akd_kernel_size(H: np.ndarray, n_steps: int, settings: RefineSettings = DEFAULT_SETTINGS) -> int:
-    """AKD kernel size k (METHOD.md §3): larger with more steps, more variation, bigger grids.
+    """AKD kernel size k (docs/METHOD.md §3): larger with more steps, more variation, bigger grids.
 
     k = nearest odd of 3·f_step·f_std·f_size (ties go up), clamped to [3, k_max] with
     f_step = min(n_steps/16, 2), f_std = min(5·std(H), 2) (population std), f_size =
@@ -271,7 +271,7 @@ def akd(
     *,
     kernel_size: int | None = None,
 ) -> np.ndarray:
-    """Adaptive Kernel Denoising: rank-Gaussian filter (METHOD.md §3, AKD).
+    """Adaptive Kernel Denoising: rank-Gaussian filter (docs/METHOD.md §3, AKD).
 
     Each pixel's k×k window (numpy `reflect` padding, as the reference) is sorted; with
     m = mean and σ = std/m of the window, weights w_j ∝ exp(−(j − ⌊k²/2⌋)²/(2σ²)) over the
@@ -372,7 +372,7 @@ def _dacg_thresholds(X: np.ndarray, s: RefineSettings) -> tuple[np.ndarray, np.n
 
 
 def dacg(H: np.ndarray, settings: RefineSettings = DEFAULT_SETTINGS) -> np.ndarray:
-    """Distribution-Aware Confidence Gating (METHOD.md §3, DACG).
+    """Distribution-Aware Confidence Gating (docs/METHOD.md §3, DACG).
 
     Pixels > ζ (see `dacg_threshold`) are high-confidence and returned bit-identical;
     pixels ≤ ζ take the value of the whole map blurred with a 3×3 Gaussian (σ_g = 1.0,
@@ -416,7 +416,7 @@ def _cba_deltas(X: np.ndarray, s: RefineSettings) -> np.ndarray:
 
 
 def cba(H: np.ndarray, settings: RefineSettings = DEFAULT_SETTINGS) -> np.ndarray:
-    """Contextual Background Attenuation (METHOD.md §3, CBA).
+    """Contextual Background Attenuation (docs/METHOD.md §3, CBA).
 
     v < δ → v·clip(v/δ, floor, 1): values ≥ δ unchanged, δ·floor ≤ v < δ become v²/δ,
     lower values are multiplied by floor. Monotone and continuous, so ranking is kept
@@ -454,7 +454,7 @@ def _clip_minmax(X: np.ndarray, raw_max: np.ndarray, settings: RefineSettings) -
 def heuristic_interference(
     H: np.ndarray, repeat_share: float, settings: RefineSettings = DEFAULT_SETTINGS
 ) -> np.ndarray:
-    """Reference SICD interference when the answer has no function words (METHOD.md §3).
+    """Reference SICD interference when the answer has no function words (docs/METHOD.md §3).
 
     I = 0.05·r + 0.02·1[H > μ + 2σ], r = share of repeated content tokens (the caller
     excludes padding and end tokens). Computed on the map SICD receives.
@@ -473,7 +473,7 @@ def _heuristic_interference(X: np.ndarray, r: np.ndarray, s: RefineSettings) -> 
 
 
 def sicd(H: np.ndarray, interference: np.ndarray, settings: RefineSettings = DEFAULT_SETTINGS) -> np.ndarray:
-    """Single-Instance Causal Debiasing (METHOD.md §3, SICD): subtract the non-specific part.
+    """Single-Instance Causal Debiasing (docs/METHOD.md §3, SICD): subtract the non-specific part.
 
     α* = ⟨H,I⟩/⟨I,I⟩ (least squares of H ≈ α·I) clipped to [0, 0.5]; H′ = max(H − α*·I, 0);
     H is kept instead if range(H′) < 0.9·range(H) (the subtraction ate the signal). An
@@ -510,7 +510,7 @@ def refine(
 ) -> np.ndarray:
     """Apply a refinement preset to a raw map: AKD → DACG → CBA → clip/min-max → SICD.
 
-    `raw` returns a float64 copy of H. Every other preset runs its modules in METHOD.md §3
+    `raw` returns a float64 copy of H. Every other preset runs its modules in docs/METHOD.md §3
     order, then the clip to [0, max raw] and min-max, then SICD if enabled, with the
     function-word `interference` map or, when None, `heuristic_interference(·, repeat_share)`.
     `n_steps` is the real number of denoising steps (drives AKD's kernel size). An all-zero

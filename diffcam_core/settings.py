@@ -30,7 +30,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class CamSettings:
-    """What Diffusion-CAM computes for each word (METHOD.md §2–§4).
+    """What Diffusion-CAM computes for each word (docs/METHOD.md §2–§4).
 
     `distractor`: `others-mean` by measurement (benchmarks/bench_method.py, 100 held-out
     images, projector layer): raw Diffusion-CAM Obj-IoU 25.7 / dataset F3 15.0 against

@@ -2,14 +2,14 @@
 
 `map_stats` describes one (h, w) map on its patch grid — mass, centre of mass, spread,
 peak, entropy, Gini, border and centre energy — and, given the named object's mask at
-image resolution, how much of it lands on the object (METHOD.md §5 metrics on the map
+image resolution, how much of it lands on the object (docs/METHOD.md §5 metrics on the map
 upsampled with `metrics.upsample_bilinear`). `STAT_KEYS` lists every key with its type
 and nullability so the storage layer can build an explicit schema from it.
 
 Coordinates are normalised image coordinates: x = (col + 0.5)/w, y = (row + 0.5)/h, so
 cell centres lie in (0, 1) and the image centre is (0.5, 0.5); y grows downwards.
 
-Zero map (no positive value; a valid result, METHOD.md §2): `zero_map` True,
+Zero map (no positive value; a valid result, docs/METHOD.md §2): `zero_map` True,
 `total_mass` 0, `peak_value` 0, every distribution statistic (centre of mass, spread,
 peak location, entropy, Gini, border/centre/inside fractions and enrichments) None —
 a zero map has no location or shape, and a null is skipped by SQL aggregates where a

@@ -1,6 +1,6 @@
 """Words of an answer: grouping sub-tokens into words, and the closed function-word list.
 
-SICD (METHOD.md §3) needs to know which words are *function words* — what the model
+SICD (docs/METHOD.md §3) needs to know which words are *function words* — what the model
 says whatever the image shows — and Func-IoU (§5) scores their maps separately.
 """
 

@@ -1,7 +1,7 @@
 """Environment defaults that must be in place before Prefect, Ray or GX are imported.
 
 `set_env_defaults` only fills variables that are unset, so a user's or CI's own setting
-always wins. Reasons (docs/STACK.md):
+always wins. Reasons (measured on the 2-core development machine):
 
 - ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=60``: with no ``PREFECT_API_URL`` a
   temporary local server starts on the first flow call (~8-12 s); Prefect's default

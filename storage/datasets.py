@@ -1,6 +1,6 @@
 """Dataset input: validated manifests (JSONL / CSV / Parquet), COCO instances, synthetic writer.
 
-Formats (see docs/ARCHITECTURE.md, "Command line and formats"):
+Formats (the README's "Datasets" paragraph is the user-facing summary):
 
 - A dataset folder holds exactly one ``manifest.jsonl`` / ``manifest.csv`` /
   ``manifest.parquet`` plus the files it names, or (no manifest) one COCO

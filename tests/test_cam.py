@@ -17,7 +17,7 @@ GEN = GenerationSettings(seed=4, max_denoising_steps=5)
 
 
 def _literal_map(F: np.ndarray, G: np.ndarray, grid) -> np.ndarray:
-    """METHOD.md §2.7 written out with loops."""
+    """docs/METHOD.md §2.7 written out with loops."""
     n, c = F.shape
     alpha = [sum(max(G[p, k], 0.0) for p in range(n)) / n for k in range(c)]
     H = np.zeros(n)

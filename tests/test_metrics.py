@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md §5 on hand-made maps and masks with answers worked out by hand."""
+"""Metrics of docs/METHOD.md §5 on hand-made maps and masks with answers worked out by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Refinement modules (METHOD.md §3): each does what it claims, and equals the literal version."""
+"""Refinement modules (docs/METHOD.md §3): each does what it claims, and equals the literal version."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The model-adapter protocol and the family registry.
 
-Diffusion-CAM needs four things from a model family (ARCHITECTURE.md § Model adapters):
+Diffusion-CAM needs four things from a model family (docs/METHOD.md §2):
 prepare inputs with the family's own processor, generate while recording the canvas at
 every denoising step, re-run one structurally valid pass with gradients, and say which
 passes are valid. Everything else in the core is family-agnostic.
@@ -107,6 +107,7 @@ def load_adapter(model_dir: str | Path, device: str = "cpu", trust_remote_code: 
     """
     # Import for the registration side effect of the built-in families.
     from diffcam_core.models import diffusion_gemma  # noqa: F401
+    from diffcam_core.models import llada  # noqa: F401
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"

@@ -5,7 +5,7 @@ exactly the same input path as a released checkpoint (tokenizer placeholders + t
 family's `Gemma4ImageProcessorPil`). Nothing here touches files: saving is the caller's
 job (`tasks/train_tiny.py`).
 
-Why these sizes (STACK.md, measured on this machine): with a 2-layer vision tower a
+Why these sizes (measured on the 2-core development machine): with a 2-layer vision tower a
 briefly trained tiny ViT keeps no locality and every CAM is at chance; with **0 vision
 layers** (patch embedding + 2-D position table only) the image tokens stay local and
 Grad-CAM localises. Pooling must be ≥ 2 (pooling 1 drops every image feature in
