@@ -881,9 +881,12 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
     An occurrence of the flag's word is flagged when either
     - saliency: its map (the flag's method) puts at least ``member_enrichment_min`` × the
       window's area share of its mass in the flag's region — the test that makes a
-      cluster member "consistent"; or
+      cluster member "consistent" — and the sample was not tested; or
     - counterfactual: ``tests[sample_id]`` (the sample regenerated with only the region
-      erased, `tasks.bias.region_counterfactuals`) shows the word vanish.
+      erased, and with a control window erased instead, `tasks.bias.region_counterfactuals`)
+      shows the word vanish without the region and not without the control.
+    A tested sample whose word did not vanish is never flagged, however salient the region:
+    its own counterfactual says the answer does not depend on it.
     Score = the share, threshold = that minimum (so a row reached only by the
     counterfactual has score < threshold); ``confirmed`` = whether the word vanished
     (None: the sample was not tested). Evidence: the share, its enrichment over a uniform
@@ -906,16 +909,16 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
         share = float(sums[r, c])
         test = tests.get(analysis["sample_ids"][i])
         vanished = None if test is None else bool(test["vanished"])
-        if share < need and not vanished:
+        if vanished is False or (share < need and not vanished):
             continue
         cov = analysis["objects_cov"][i]
         off = np.ones_like(sums, dtype=bool) if cov is None else _window_max(cov, win) <= settings.object_overlap_max
         bg = float(np.median(sums[off] if off.any() else sums))
         sid, wi = analysis["sample_ids"][i], analysis["word_indices"][i]
         e = {"sample_id": sid, "word_index": int(wi), "word": flag["word"], "method": flag["method"],
-             "rule": "score >= threshold (share of the map's mass in the dataset flag's region >= "
-                     "member_enrichment_min x the region's area share) or the word vanishes when only the "
-                     "region is erased (confirmed)",
+             "rule": "untested and score >= threshold (share of the map's mass in the dataset flag's region >= "
+                     "member_enrichment_min x the region's area share), or the word vanishes when only the "
+                     "region is erased and not when a control window is (confirmed)",
              "reached_by": [k for k, hit in (("saliency", share >= need), ("counterfactual", bool(vanished))) if hit],
              "counterfactual": None if test is None else dict(test),
              "region_share": share, "region_enrichment": share / area, "member_enrichment_min":

@@ -376,11 +376,15 @@ def region_counterfactuals(
 
     The dataset-level `counterfactual` tests a few cluster members to decide the flag;
     this asks each sample the flag could concern (up to ``region_cf_max_samples``, in
-    sample-id order): regenerate the original image and the image with only the region
-    erased (object pixels excluded, as the dataset-level "no_region" variant); the word
-    *vanishes* when it is in the first answer and not in the second. Samples whose answer
-    lacks the word are not tested (nothing can vanish). Returns ({sample_id: test},
-    summary); `diffcam_core.bias.region_sample_flags` turns the tests into flags.
+    sample-id order): regenerate the original image, the image with only the region
+    erased (object pixels excluded, as the dataset-level "no_region" variant) and, as a
+    control, the image with a same-size off-object window erased instead (the dataset
+    flag's `_control_box`, chosen per sample so it avoids that sample's objects). The word
+    *vanished* (the sample depends on the region) when it is in the first answer, not in
+    the second, and still in the control's: a model that drops the word whatever patch is
+    erased shows no dependence on this region. Samples whose answer lacks the word are not
+    tested (nothing can vanish). Returns ({sample_id: test}, summary);
+    `diffcam_core.bias.region_sample_flags` turns the tests into flags.
     """
     from PIL import Image
 
@@ -389,29 +393,49 @@ def region_counterfactuals(
 
     word = normalise_word(flag["word"])
     box = tuple(float(v) for v in flag["region"].split(","))
+    ev = json.loads(flag["evidence_json"])
+    grid = tuple(ev["grid"]) if ev.get("grid") else None
+    proto = np.asarray(ev["prototype"], dtype=np.float64) if ev.get("prototype") is not None else None
     candidates = sorted(sid for sid, s in samples.items() if word in _words_of(s.get("answer") or ""))
     todo = candidates[: settings.region_cf_max_samples]
     tests: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
+    n_gen = 0
+    ring = settings.cf_ring_fraction
     for sid in todo:
         img = np.asarray(load_image(images[sid]))
         all_obj = np.zeros(img.shape[:2], dtype=bool)
         for _, m, _ in objects.get(sid, []):
             all_obj |= m
+        ctrl = None
+        if grid is not None and proto is not None:
+            ctrl = _control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+        variants = [("original", img), ("no_region", erase_region(img, box, exclude=all_obj, ring_fraction=ring))]
+        if ctrl is not None:
+            region = box_mask(img.shape[:2], box)
+            variants.append(("control", erase_region(img, ctrl, exclude=all_obj | region, ring_fraction=ring)))
         answers = {}
-        for name, arr in (("original", img), ("no_region", erase_region(img, box, exclude=all_obj,
-                                                                        ring_fraction=settings.cf_ring_fraction))):
+        for name, arr in variants:
             answers[name] = adapter.generate(adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"]),
                                              gen_settings).text
+            n_gen += 1
+            if name == "original" and word not in _words_of(answers[name]):
+                break
         present = {k: word in _words_of(v) for k, v in answers.items()}
         if not present["original"]:
             continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
+        vanished_control = None if "control" not in present else not present["control"]
         tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
-                      "vanished": not present["no_region"]}
+                      "answer_without_control": answers.get("control"),
+                      "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+                      "vanished_region": not present["no_region"], "vanished_control": vanished_control,
+                      "vanished": (not present["no_region"]) and not vanished_control}
     summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
                "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
-               "n_vanished": sum(t["vanished"] for t in tests.values()), "n_generations": 2 * len(todo),
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "n_vanished": sum(t["vanished"] for t in tests.values()),
+               "n_vanished_region": sum(t["vanished_region"] for t in tests.values()),
+               "n_vanished_control": sum(bool(t["vanished_control"]) for t in tests.values()),
+               "n_generations": n_gen, "seconds": round(time.perf_counter() - t0, 3)}
     return tests, summary
 
 

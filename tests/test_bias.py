@@ -546,9 +546,10 @@ def test_cluster_eigensolver_and_subsampling_agree_with_the_dense_path() -> None
 
 
 def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> None:
-    """An occurrence is flagged by saliency (share in the region >= 1.5 x its area share)
-    or by its own counterfactual (the word vanished without the region); `confirmed`
-    records the counterfactual, None where the sample was not tested."""
+    """An untested occurrence is flagged by saliency (share in the region >= 1.5 x its area
+    share), a tested one only by its own counterfactual (the word vanished without the
+    region and not without the control); `confirmed` records the counterfactual, None where
+    the sample was not tested."""
     grid = (8, 8)
     uniform = np.full(grid, 1 / 64)
     hot = uniform.copy()
@@ -563,12 +564,64 @@ def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> N
              "s1": {"vanished": True, "answer": "a red circle", "answer_without_region": "a red square"},
              "s3": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"}}
     rows = {r["sample_id"]: r for r in bias.region_sample_flags(flag, analysis, BiasSettings(), tests)}
-    assert sorted(rows) == ["s0", "s1", "s2"]  # s3: low share and the word persisted; s4: low share, untested
+    # s0: salient but its own counterfactual says the word stays -> not a dependence, not raised;
+    # s3: low share and the word persisted; s4: low share, untested
+    assert sorted(rows) == ["s1", "s2"]
     ev = {k: json.loads(r["evidence_json"]) for k, r in rows.items()}
-    assert rows["s0"]["confirmed"] is False and ev["s0"]["reached_by"] == ["saliency"]
     assert rows["s1"]["confirmed"] is True and ev["s1"]["reached_by"] == ["counterfactual"]
     assert rows["s1"]["score"] < rows["s1"]["threshold"] and ev["s1"]["counterfactual"]["answer_without_region"] == "a red square"
     assert rows["s2"]["confirmed"] is None and ev["s2"]["counterfactual"] is None
-    assert rows["s0"]["threshold"] == pytest.approx(1.5 / 64) and rows["s0"]["score"] >= rows["s0"]["threshold"]
+    assert rows["s2"]["threshold"] == pytest.approx(1.5 / 64) and rows["s2"]["score"] >= rows["s2"]["threshold"]
     # without tests it is the saliency rule alone
     assert sorted(r["sample_id"] for r in bias.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]
+
+
+class _FragileAdapter(_HansAdapter):
+    """Says the word only on an untouched image: any erased patch (a flat fill) loses it.
+
+    The per-sample counterfactual must not read this as a dependence on the region: the
+    control erasure loses the word too."""
+
+    def __init__(self, word, rgb, originals):
+        super().__init__(word, rgb)
+        self.originals = {np.asarray(o).tobytes() for o in originals}
+
+    def generate(self, inputs, settings):
+        self.calls += 1
+        intact = inputs["image"].tobytes() in self.originals
+        return type("G", (), {"text": f"a red {self.word}" if intact else "a red thing"})()
+
+
+def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None:
+    """Hans model: the word vanishes without the cue and stays without the control → dependence.
+    Fragile model: the word vanishes whatever is erased → no dependence, no suspect_region raised."""
+    from storage.datasets import load_dataset, load_image
+    from tasks.bias import _object_masks, load_run_maps, region_counterfactuals
+
+    st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
+    run = load_run_maps(st, "r1", ["token-gradnorm"])
+    ds = load_dataset(ds_dir)
+    objects = _object_masks(ds, sorted(run["words"]))
+    images = {s.sample_id: s.image_path for s in ds.samples}
+    grid = (8, 8)
+    proto = np.zeros(grid)
+    proto[0, 0] = 1.0
+    flag = {"flag_id": "f", "word": "circle", "method": "token-gradnorm", "score": 0.5, "confirmed": True,
+            "region": "0.0000,0.0000,0.1250,0.1250",
+            "evidence_json": json.dumps({"window": [0, 0, 1, 1], "grid": list(grid), "prototype": proto.tolist()})}
+    settings = BiasSettings()
+    hans = _HansAdapter("circle", ss.cue.rgb)
+    tests, summary = region_counterfactuals(hans, None, flag, run["samples"], images, objects, settings)
+    cue_ids = {f"synth-{i:06d}" for i, s in enumerate(samples) if s.cue_present}
+    assert {sid for sid, t in tests.items() if t["vanished"]} == cue_ids
+    assert all(t["control_region"] is not None and t["vanished_control"] is False for t in tests.values())
+    assert summary["n_generations"] == hans.calls and summary["n_vanished_control"] == 0
+
+    originals = [np.asarray(load_image(p)) for p in images.values()]
+    fragile = _FragileAdapter("circle", ss.cue.rgb, originals)
+    tests, summary = region_counterfactuals(fragile, None, flag, run["samples"], images, objects, settings)
+    assert tests and all(t["vanished_region"] and t["vanished_control"] for t in tests.values())
+    assert summary["n_vanished"] == 0 and summary["n_vanished_region"] == len(tests)
+    analysis = {"ps": np.stack([proto / proto.sum()] * len(tests)), "objects_cov": [None] * len(tests),
+                "sample_ids": sorted(tests), "word_indices": [2] * len(tests)}
+    assert bias.region_sample_flags(flag, analysis, settings, tests) == []  # salient everywhere, dependent nowhere
