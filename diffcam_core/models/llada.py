@@ -14,7 +14,7 @@ The LLaDA language model is a Llama-type decoder run with *full* attention: the 
 gets `is_causal=False` (transformers 5.24's `create_causal_mask` then builds a
 bidirectional mask) and every attention module's own `is_causal` flag is cleared, so the
 SDPA path cannot fall back to a causal kernel when the mask is skipped.
-`test_llada.py` checks that a later canvas token changes the first position's output.
+`tests/test_llada.py` checks that a later canvas token changes the first position's output.
 
 Image features follow LLaVA: the SigLIP tower's last hidden state *before* its
 post-layernorm (the published tower has its last layer removed and no head), then the
