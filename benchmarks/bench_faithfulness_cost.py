@@ -44,7 +44,7 @@ def run_audit(store: Path, n: int, fraction: float, workers: int, model: Path | 
 
     files = str(store / "runs" / "**" / "samples" / "*.parquet")
     con = duckdb.connect()
-    total, faith, n_faith, n_samples = con.sql(
+    total, faith, n_faith, n_samples = con.execute(
         f"SELECT sum(t_total_s), avg(t_faithfulness_s), count(t_faithfulness_s), count(*) "
         f"FROM read_parquet('{files}', hive_partitioning=false, union_by_name=true)").fetchone()
     return {"wall_s": wall, "compute_s": float(total), "n_samples": int(n_samples),
