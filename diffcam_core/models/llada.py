@@ -24,7 +24,9 @@ Generation is LLaDA's low-confidence remasking in semi-autoregressive blocks: th
 canvas (`gen_length` tokens) starts all `<|mdm_mask|>` (id 126336 on released checkpoints);
 in each block of `block_length` tokens, `steps / n_blocks` steps each unmask the
 `num_transfer_tokens` masked positions of the block with the highest probability of their
-argmax (`mask_count // steps` per step, the first `mask_count % steps` steps one more).
+argmax (`mask_count // steps` per step, the first `mask_count % steps` steps one more); as
+in LLaDA-V, a block's remaining steps are skipped once it has no mask left (more steps
+than tokens), so `n_steps` counts the forward passes actually run.
 Temperature 0 is plain argmax; above 0 the argmax is taken on Gumbel-perturbed
 probabilities drawn from a local seeded generator. Committed tokens are never revised.
 
@@ -60,6 +62,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+from transformers.initialization import no_init_weights
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from diffcam_core.models.base import Generation, ImageSpan, InputLimitError, register_family
@@ -298,11 +301,17 @@ class LladaVAdapter:
         if mm_hidden != vision_cfg.hidden_size:
             raise ValueError(f"{model_dir}: mm_hidden_size {mm_hidden} != vision_config.hidden_size {vision_cfg.hidden_size}")
         merge = config.get("mm_patch_merge_type", "flat") or "flat"
-        model = LladaVModel(text_config_from(config), vision_cfg, config.get("mm_projector_type", "mlp2x_gelu"),
-                            image_newline="unpad" in merge)
         state: dict[str, torch.Tensor] = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             state.update(load_file(str(f)))
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        # float32 on CPU (bf16 matmuls there are slow and imprecise); the checkpoint's dtype elsewhere.
+        dtype = torch.float32 if str(device) == "cpu" or not floats else floats[0]
+        # Every weight is overwritten from the checkpoint: skip the random init (minutes at 8B).
+        with no_init_weights(), torch.device(device):
+            model = LladaVModel(text_config_from(config), vision_cfg, config.get("mm_projector_type", "mlp2x_gelu"),
+                                image_newline="unpad" in merge)
+        model = model.to(dtype)
         missing, unexpected = _state_mismatch(model, state)
         if missing or unexpected:
             raise ValueError(
@@ -311,8 +320,7 @@ class LladaVAdapter:
                 f"({len(missing)} missing, {len(unexpected)} unexpected)"
             )
         model.load_state_dict(state, strict=True)
-        if device == "cpu":
-            model = model.float()
+        del state
         # `config=` keeps AutoTokenizer from parsing config.json as a transformers config it
         # does not know (`llava_llada` is not a transformers model type).
         tokenizer = AutoTokenizer.from_pretrained(model_dir, config=model.text_config, trust_remote_code=False)
@@ -322,7 +330,7 @@ class LladaVAdapter:
         if "anyres" in aspect:
             warnings.warn(f"{model_dir}: image_aspect_ratio={aspect!r}: anyres multi-crop input is not implemented; "
                           "diffcam runs the single resized base view", stacklevel=2)
-        return cls(model.to(device), tokenizer, processor, image_aspect_ratio=aspect,
+        return cls(model, tokenizer, processor, image_aspect_ratio=aspect,
                    gen_length=kw.get("gen_length", gen.get("gen_length", DEFAULT_GEN_LENGTH)),
                    block_length=kw.get("block_length", gen.get("block_length", DEFAULT_BLOCK_LENGTH)),
                    temperature=kw.get("temperature", gen.get("temperature", 0.0)),
@@ -350,7 +358,7 @@ class LladaVAdapter:
         """
         if not prompt or not prompt.strip():
             raise ValueError("prompt is empty")
-        img = image.convert("RGB") if hasattr(image, "convert") else image
+        img = (image if hasattr(image, "convert") else _pil(image)).convert("RGB")
         if self.image_aspect_ratio == "pad":
             img = _expand_to_square(img, self.image_processor.image_mean)
         pixel_values = self.image_processor(images=[img], return_tensors="pt")["pixel_values"]
@@ -436,9 +444,6 @@ class LladaVAdapter:
         if steps < n_blocks or steps % n_blocks:
             raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks {n_blocks} "
                              f"(gen_length {gen_length} / block_length {block_length})")
-        if steps // n_blocks > block_length:
-            raise ValueError(f"{steps // n_blocks} steps per block > block_length {block_length}: "
-                             "some steps would unmask nothing; use at most one step per token")
         return gen_length, block_length, steps // n_blocks
 
     @torch.no_grad()
@@ -463,6 +468,8 @@ class LladaVAdapter:
             end = (b + 1) * block_length
             schedule = num_transfer_tokens(int((x[0, b * block_length:end] == mask_id).sum()), steps)
             for k in schedule:
+                if not bool((x[0, b * block_length:end] == mask_id).any()):
+                    break  # more steps than tokens: LLaDA-V moves on once its block is full
                 step += 1
                 masked = x[0] == mask_id
                 canvases.append(x.clone())
@@ -610,6 +617,12 @@ def _generation_defaults(model_dir: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     return {k: data[k] for k in ("gen_length", "block_length", "temperature") if k in data}
+
+
+def _pil(image):
+    from PIL import Image
+
+    return Image.fromarray(np.asarray(image))
 
 
 def _expand_to_square(img, mean) -> object:
