@@ -238,6 +238,7 @@ def _reference_generate(model: LladaVModel, input_ids, pixel_values, gen_length,
                 emb[0, (x[0] == IMAGE_TOKEN_INDEX).nonzero().flatten()] = feats[0]
                 emb[0, (x[0] == IMAGE_NEWLINE_INDEX).nonzero().flatten()] = model.model.image_newline
                 logits = model.lm_head(model.model(inputs_embeds=emb).last_hidden_state)
+                logits[..., mask_id] = -np.inf
                 x0 = logits.argmax(-1)
                 p = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None])[..., 0]
                 p[:, hi:] = -np.inf
@@ -268,6 +269,18 @@ def test_generation_equals_the_plain_reference_loop(adapter, steps, forwards):
         assert w.commit_step == max(unmasked_at[p] for p in w.positions)
         assert all(int(gen.canvases[w.commit_step - 1][0, p]) == adapter.mask_token_id for p in w.positions)
     assert len({w.commit_step for w in gen.words}) > 1, "words should commit at different steps"
+
+
+def test_suppressed_tokens_are_never_said(adapter):
+    inputs = adapter.prepare(image(), PROMPT)
+    said = adapter.generate(inputs, settings(8)).argmax[-1][0]
+    top = int(said[0])
+    adapter.suppress_tokens = (top,)
+    try:
+        again = adapter.generate(inputs, settings(8)).argmax[-1][0]
+    finally:
+        adapter.suppress_tokens = ()
+    assert top not in again.tolist() and adapter.mask_token_id not in again.tolist()
 
 
 def test_sampling_with_temperature_is_seeded(adapter):

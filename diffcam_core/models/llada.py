@@ -29,6 +29,9 @@ in LLaDA-V, a block's remaining steps are skipped once it has no mask left (more
 than tokens), so `n_steps` counts the forward passes actually run.
 Temperature 0 is plain argmax; above 0 the argmax is taken on Gumbel-perturbed
 probabilities drawn from a local seeded generator. Committed tokens are never revised.
+Logits of `suppress_tokens` (generation_config.json; LLaDA-V's own loop suppresses its
+eos and header ids this way) and of the mask token are set to -inf before the argmax and
+the confidence: a committed mask would leave the answer unfinished.
 
 Feasibility rule (what `check_layer` enforces). A single-stack model re-encodes image +
 prompt + canvas at every step, so each step is its own forward pass; the structurally
@@ -225,7 +228,8 @@ class LladaVAdapter:
 
     def __init__(self, model: LladaVModel, tokenizer, image_processor, *, image_aspect_ratio: str = "square",
                  gen_length: int = DEFAULT_GEN_LENGTH, block_length: int = DEFAULT_BLOCK_LENGTH,
-                 temperature: float = 0.0, mask_token_id: int | None = None) -> None:
+                 temperature: float = 0.0, mask_token_id: int | None = None,
+                 suppress_tokens: tuple[int, ...] = ()) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -233,6 +237,7 @@ class LladaVAdapter:
         self.gen_length = int(gen_length)
         self.block_length = int(block_length)
         self.temperature = float(temperature)
+        self.suppress_tokens = tuple(int(t) for t in suppress_tokens)
         self.device = next(model.parameters()).device
         self.config = model.text_config
         # `base.check_inputs` reads the canvas length from here.
@@ -334,6 +339,7 @@ class LladaVAdapter:
                    gen_length=kw.get("gen_length", gen.get("gen_length", DEFAULT_GEN_LENGTH)),
                    block_length=kw.get("block_length", gen.get("block_length", DEFAULT_BLOCK_LENGTH)),
                    temperature=kw.get("temperature", gen.get("temperature", 0.0)),
+                   suppress_tokens=tuple(kw.get("suppress_tokens", gen.get("suppress_tokens") or ())),
                    mask_token_id=config.get("mask_token_id"))
 
     @staticmethod
@@ -463,6 +469,7 @@ class LladaVAdapter:
         x = torch.full((1, gen_length), mask_id, dtype=torch.long, device=self.device)
         commit = torch.zeros(gen_length, dtype=torch.long)
         canvases, argmaxes = [], []
+        suppress = sorted({mask_id, *self.suppress_tokens})
         step = 0
         for b in range(gen_length // block_length):
             end = (b + 1) * block_length
@@ -474,6 +481,7 @@ class LladaVAdapter:
                 masked = x[0] == mask_id
                 canvases.append(x.clone())
                 logits = self.model.canvas_logits(inputs["input_ids"], feats, x)[0].double()
+                logits[:, suppress] = -np.inf
                 probs = torch.softmax(logits, dim=-1)
                 if temperature > 0:
                     noise = torch.rand(probs.shape, dtype=torch.float64, generator=rng, device=self.device)
@@ -608,7 +616,7 @@ def _state_mismatch(model: nn.Module, state: dict) -> tuple[list[str], list[str]
 
 
 def _generation_defaults(model_dir: Path) -> dict:
-    """`gen_length` / `block_length` / `temperature` from generation_config.json when it names them."""
+    """`gen_length` / `block_length` / `temperature` / `suppress_tokens` from generation_config.json."""
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return {}
@@ -616,7 +624,7 @@ def _generation_defaults(model_dir: Path) -> dict:
         data = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return {k: data[k] for k in ("gen_length", "block_length", "temperature") if k in data}
+    return {k: data[k] for k in ("gen_length", "block_length", "temperature", "suppress_tokens") if k in data}
 
 
 def _pil(image):
