@@ -164,7 +164,17 @@ def test_weights_in_another_layout_are_refused(folder32, tmp_path):
     state = load_file(str(dst / "model.safetensors"))
     state["model.transformer.wte.weight"] = state.pop("model.embed_tokens.weight")  # LLaDA's original name
     save_file(state, str(dst / "model.safetensors"))
-    with pytest.raises(ValueError, match="LLaDA-V layout.*model.embed_tokens.weight"):
+    with pytest.raises(ValueError, match="LLaDA-V layout.*model.embed_tokens.weight.*original block names"):
+        load_adapter(dst)
+
+
+def test_original_llada_config_fields_are_refused(folder32, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(folder32, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["d_model"], config["n_layers"] = config.pop("hidden_size"), config.pop("num_hidden_layers")
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="LaViDa layout"):
         load_adapter(dst)
 
 

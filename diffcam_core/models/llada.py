@@ -46,7 +46,9 @@ differ for every canvas: they are listed by `layer_names` and refused by `check_
 Not supported (refused with a message, never silently approximated): code shipped in the
 model folder (`auto_map` / `trust_remote_code`), a config without a `vision_config` block
 (the released one names its tower by hub id; nothing is downloaded), projectors other than
-`linear` / `mlp<N>x_gelu`, classifier-free guidance and `random` remasking. Checkpoints
+`linear` / `mlp<N>x_gelu`, classifier-free guidance and `random` remasking, and the LaViDa
+layout (LLaDA's original `model.transformer.blocks.*` names and OLMo-style config fields;
+LaViDa also pools image features, which is not reproduced here). Checkpoints
 configured for `anyres` multi-crop input are run on the single resized base view (a
 warning says so; the grid is then the base view's).
 """
@@ -289,6 +291,14 @@ class LladaVAdapter:
             )
         if config.get("model_type") != FAMILY:
             raise ValueError(f"{model_dir}: model_type {config.get('model_type')!r} is not {FAMILY!r}")
+        if "hidden_size" not in config or "num_hidden_layers" not in config:
+            olmo = [k for k in ("d_model", "n_layers", "n_heads") if k in config]
+            raise ValueError(
+                f"{model_dir}: config.json has no Llama-style hidden_size / num_hidden_layers"
+                + (f" but LLaDA's original fields {olmo} (the LaViDa layout: original LLaDA block names and "
+                   "pooled image features, which this family does not reproduce)" if olmo else "")
+                + "; the llava_llada family reads the LLaDA-V layout"
+            )
         vision = config.get("vision_config")
         if not isinstance(vision, dict):
             raise ValueError(
@@ -319,6 +329,10 @@ class LladaVAdapter:
         model = model.to(dtype)
         missing, unexpected = _state_mismatch(model, state)
         if missing or unexpected:
+            if any(k.startswith("model.transformer.") for k in unexpected):
+                unexpected.insert(0, "(model.transformer.* are LLaDA's original block names: rename them to the "
+                                     "Llama names LLaDA-V uses, e.g. attn_out -> self_attn.o_proj, ff_out -> "
+                                     "mlp.down_proj, wte -> embed_tokens)")
             raise ValueError(
                 f"{model_dir}: weights do not follow the LLaDA-V layout: missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
