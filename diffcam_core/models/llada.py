@@ -120,7 +120,8 @@ def build_projector(kind: str, mm_hidden: int, hidden: int) -> nn.Module:
         return nn.Linear(mm_hidden, hidden)
     m = re.fullmatch(r"mlp(\d+)x_gelu", kind or "")
     if not m or int(m.group(1)) < 1:
-        raise ValueError(f"mm_projector_type {kind!r} is not supported; use 'linear' or 'mlp<N>x_gelu' (LLaDA-V: mlp2x_gelu)")
+        raise ValueError(f"mm_projector_type {kind!r} is not supported; use 'linear' or 'mlp<N>x_gelu' "
+                         "(LLaDA-V: mlp2x_gelu)")
     mods: list[nn.Module] = [nn.Linear(mm_hidden, hidden)]
     for _ in range(int(m.group(1)) - 1):
         mods += [nn.GELU(), nn.Linear(hidden, hidden)]
@@ -201,7 +202,8 @@ class LladaVModel(nn.Module):
             emb = torch.where(newline, self.model.image_newline.to(emb.dtype), emb)
         return emb
 
-    def canvas_logits(self, input_ids: torch.Tensor, image_features: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    def canvas_logits(self, input_ids: torch.Tensor, image_features: torch.Tensor,
+                      canvas: torch.Tensor) -> torch.Tensor:
         """(B, canvas_len, vocab) logits of one full pass over prompt (with image) + canvas."""
         ids = torch.cat([input_ids, canvas], dim=1)
         hidden = self.model(inputs_embeds=self.embed(ids, image_features)).last_hidden_state
@@ -309,12 +311,14 @@ class LladaVAdapter:
             )
         for key in ("cfg_scale", "remasking"):
             if key in config and config[key] not in (0, 0.0, "low_confidence", None):
-                raise ValueError(f"{model_dir}: {key}={config[key]!r} is not supported (low-confidence remasking, no CFG)")
+                raise ValueError(f"{model_dir}: {key}={config[key]!r} is not supported "
+                                 "(low-confidence remasking, no CFG)")
         vision = {k: v for k, v in vision.items() if k not in ("model_type", "architectures")}
         vision_cfg = SiglipVisionConfig(**{"vision_use_head": False, **vision})
         mm_hidden = config.get("mm_hidden_size", vision_cfg.hidden_size)
         if mm_hidden != vision_cfg.hidden_size:
-            raise ValueError(f"{model_dir}: mm_hidden_size {mm_hidden} != vision_config.hidden_size {vision_cfg.hidden_size}")
+            raise ValueError(f"{model_dir}: mm_hidden_size {mm_hidden} != vision_config.hidden_size "
+                             f"{vision_cfg.hidden_size}")
         merge = config.get("mm_patch_merge_type", "flat") or "flat"
         state: dict[str, torch.Tensor] = {}
         for f in sorted(model_dir.glob("*.safetensors")):
@@ -335,7 +339,8 @@ class LladaVAdapter:
                                      "mlp.down_proj, wte -> embed_tokens)")
             raise ValueError(
                 f"{model_dir}: weights do not follow the LLaDA-V layout: missing {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''} "
                 f"({len(missing)} missing, {len(unexpected)} unexpected)"
             )
         model.load_state_dict(state, strict=True)
@@ -390,8 +395,8 @@ class LladaVAdapter:
         ids = before + image_ids + after
         max_pos = self.config.max_position_embeddings
         if len(ids) + self.gen_length > max_pos:
-            raise InputLimitError("input-too-long", f"prompt and image take {len(ids)} tokens + {self.gen_length} canvas "
-                                  f"> max_position_embeddings {max_pos}; shorten the prompt")
+            raise InputLimitError("input-too-long", f"prompt and image take {len(ids)} tokens + {self.gen_length} "
+                                  f"canvas > max_position_embeddings {max_pos}; shorten the prompt")
         return {"input_ids": torch.tensor([ids], dtype=torch.long, device=self.device),
                 "pixel_values": pixel_values.to(self.device)}
 
@@ -431,7 +436,8 @@ class LladaVAdapter:
     # ------------------------------------------------------------------ layers
     def layer_names(self) -> list[str]:
         vc = self.grid_info["vision_layers"]
-        return [PROJECTOR] + [f"vision.{i}" for i in range(vc)] + [f"lm.{i}" for i in range(self.grid_info["lm_layers"])]
+        lm = self.grid_info["lm_layers"]
+        return [PROJECTOR] + [f"vision.{i}" for i in range(vc)] + [f"lm.{i}" for i in range(lm)]
 
     def valid_layers(self) -> list[str]:
         """Layers upstream of the canvas (same tensor for every step's pass)."""
@@ -474,8 +480,8 @@ class LladaVAdapter:
         gen_length, block_length, steps = self._schedule(settings)
         max_pos = self.config.max_position_embeddings
         if inputs["input_ids"].shape[1] + gen_length > max_pos:
-            raise InputLimitError("input-too-long", f"{inputs['input_ids'].shape[1]} prompt tokens + {gen_length} canvas "
-                                  f"> max_position_embeddings {max_pos}")
+            raise InputLimitError("input-too-long", f"{inputs['input_ids'].shape[1]} prompt tokens + {gen_length} "
+                                  f"canvas > max_position_embeddings {max_pos}")
         temperature = float(getattr(settings, "temperature", None) or self.temperature)
         rng = torch.Generator(device=self.device).manual_seed(int(settings.seed))
         feats = self.model.image_features(inputs["pixel_values"])
@@ -516,7 +522,8 @@ class LladaVAdapter:
         token_ids, words = self._words(x[0], commit)
         return Generation(
             token_ids=token_ids,
-            text=" ".join(w.text for w in words) if self._word_level() else self.tokenizer.decode(list(token_ids)).strip(),
+            text=(" ".join(w.text for w in words) if self._word_level()
+                  else self.tokenizer.decode(list(token_ids)).strip()),
             words=words,
             n_steps=step,
             canvases=canvases,
