@@ -26,7 +26,10 @@ in each block of `block_length` tokens, `steps / n_blocks` steps each unmask the
 `num_transfer_tokens` masked positions of the block with the highest probability of their
 argmax (`mask_count // steps` per step, the first `mask_count % steps` steps one more); as
 in LLaDA-V, a block's remaining steps are skipped once it has no mask left (more steps
-than tokens), so `n_steps` counts the forward passes actually run.
+than tokens), so `n_steps` counts the forward passes actually run. The step budget is
+`settings.steps` when the settings have one, else `settings.max_denoising_steps` (used
+as the exact LLaDA `steps`, not a maximum); `gen_length` / `block_length` / `temperature`
+come from the settings when they carry them, else from generation_config.json.
 Temperature 0 is plain argmax; above 0 the argmax is taken on Gumbel-perturbed
 probabilities drawn from a local seeded generator. Committed tokens are never revised.
 Logits of `suppress_tokens` (generation_config.json; LLaDA-V's own loop suppresses its
@@ -512,7 +515,7 @@ class LladaVAdapter:
                 conf[end:] = -np.inf
                 conf = torch.where(masked, conf, torch.full_like(conf, -np.inf))
                 pred = torch.where(masked, pred, x[0])
-                chosen = torch.topk(conf, k).indices if k else torch.empty(0, dtype=torch.long)
+                chosen = torch.topk(conf, k).indices if k else torch.empty(0, dtype=torch.long, device=x.device)
                 x[0, chosen] = pred[chosen]
                 commit[chosen.cpu()] = step
                 argmaxes.append(pred[None].clone())
