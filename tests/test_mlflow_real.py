@@ -6,7 +6,9 @@ cached). The MLflow server gets the three environment variables an operator must
 ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY``) and ``--artifacts-destination`` = diffcam's registry.
 MLflow's own client then creates the webhook, sends MLflow's test delivery, logs the tiny
 model as a run's artifacts and registers it with source ``runs:/<run>/model``; diffcam's
-receiver maps it through the artifact layout and the event deployment audits it.
+receiver maps it through the artifact layout and the event deployment audits it. Then the
+MLflow server is restarted with the same encryption key, and a second registration still
+reaches diffcam.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ print(json.dumps({"webhook_id": wh.webhook_id, "test": {"success": test.success,
                   "experiment_id": exp, "run_id": run, "version": mv.version, "source": mv.source}))
 '''
 
+REGISTER_AGAIN = r'''
+import sys
+from mlflow import MlflowClient
+
+uri, run = sys.argv[1:3]
+print(MlflowClient(uri).create_model_version("shapes", source=f"runs:/{run}/model", run_id=run).version)
+'''
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the first run builds MLflow's virtualenv (~1 min); later runs ~1.5 min
@@ -65,12 +75,16 @@ def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
                   # a fixed Fernet key: a restarted server can still decrypt the webhook's secret
                   "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}
     mlflow_log = tmp_path / "mlflow.log"
+
+    def start_mlflow() -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(python.parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(registry)],
+            env=mlflow_env, cwd=tmp_path, stdout=open(mlflow_log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
     t_start = time.time()
-    mlflow = subprocess.Popen(
-        [str(python.parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(registry)],
-        env=mlflow_env, cwd=tmp_path, stdout=open(mlflow_log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    mlflow = start_mlflow()
     try:
         with ops_loop(tmp_path, registry, store, dataset) as loop:
             _wait_http(f"{mlflow_uri}/health", 120, mlflow, mlflow_log)
@@ -110,13 +124,33 @@ def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
             # the nightly sweep sees the same folder (and skips it: already audited)
             found = {(c.line, c.name): c.path for c in FolderRegistry(registry).list_checkpoints()}
             assert found == {(out["experiment_id"], f"{out['run_id']}/model"): ckpt}
+
+            # a restarted MLflow server (same MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY) still signs
+            # its deliveries with the webhook's secret: version 2 of the same run reaches diffcam
+            t_restart = time.time()
+            _stop(mlflow)
+            mlflow = start_mlflow()
+            _wait_http(f"{mlflow_uri}/health", 120, mlflow, mlflow_log)
+            r = subprocess.run([str(python), "-c", REGISTER_AGAIN, mlflow_uri, out["run_id"]],
+                               env={**mlflow_env, "MLFLOW_TRACKING_URI": mlflow_uri}, capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "2", r.stdout + r.stderr
+            t0 = time.time()
+            while f"accepted shapes/2 at {ckpt}" not in loop.tail("webhook", 100_000):
+                assert time.time() - t0 < 60, loop.tail("webhook") + mlflow_log.read_text()[-3000:]
+                time.sleep(0.5)
+            t_restarted = time.time()
         print(f"\nMLflow {MLFLOW_VERSION}: server ready {t_ready - t_start:.0f} s after start; registration → "
-              f"audit Completed {t_done - t_ready:.0f} s")
+              f"audit Completed {t_done - t_ready:.0f} s; restart + second delivery {t_restarted - t_restart:.0f} s")
     finally:
-        if mlflow.poll() is None:
-            os.killpg(mlflow.pid, signal.SIGTERM)
-        try:
-            mlflow.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(mlflow.pid, signal.SIGKILL)
-            mlflow.wait(timeout=10)
+        _stop(mlflow)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
