@@ -168,6 +168,18 @@ def test_weights_in_another_layout_are_refused(folder32, tmp_path):
         load_adapter(dst)
 
 
+def test_a_bf16_checkpoint_runs_in_float32_on_cpu(folder32, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(folder32, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(dst / "model.safetensors"))
+    adapter = load_adapter(dst)
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.float32}
+    assert adapter.generate(adapter.prepare(image(), PROMPT), settings(4)).n_steps == 4
+
+
 def test_original_llada_config_fields_are_refused(folder32, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(folder32, dst)
