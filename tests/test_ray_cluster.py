@@ -158,3 +158,29 @@ def test_pool_stats_line_names_every_counter() -> None:
     line = pool.stats_line()
     assert line.startswith("workers: 2; 2 worker death(s), 1 actor(s) replaced, 3 sample call(s) retried")
     assert "1 poison sample(s)" in line and "0 timeout(s)" in line
+
+
+@pytest.mark.parametrize("raised, expect", [
+    (ConnectionError("Failed to connect to Ray cluster"), "If the cluster was started with token authentication"),
+    (RuntimeError("Authentication token is missing or incorrect"), "authentication failed"),
+])
+def test_ray_init_failures_on_unchecked_addresses_say_what_to_set(monkeypatch, raised, expect) -> None:
+    """``auto`` / ``ray://`` addresses go straight to ray.init: its failure is reworded."""
+    import ray
+
+    from tasks.worker import CamPool, PoolConfig, RayClusterError
+
+    if isinstance(raised, RuntimeError):  # what Ray raises for a refused token
+        raised = ray.exceptions.AuthenticationError(str(raised))
+
+    def refuse(*a: Any, **kw: Any) -> None:
+        raise raised
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    pool = CamPool(PoolConfig(model_dir="unused", settings={}, ray_address="auto"))
+    with pytest.raises(RayClusterError) as e:
+        pool.__enter__()
+    msg = str(e.value)
+    assert msg.startswith("could not connect to the Ray cluster at auto: ") and expect in msg, msg
+    assert "RAY_AUTH_MODE=token" in msg and "RAY_AUTH_TOKEN_PATH=<file>" in msg
