@@ -145,6 +145,17 @@ def _others_union(target: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarra
     return union if union.any() else None
 
 
+def _on_objects(map: np.ndarray, target: np.ndarray,
+                others: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(upsampled map, target mask, other objects' pixels), or None when there is no other object."""
+    a = validate_map(map)
+    t = validate_mask(target, "target")
+    o = _others_union(t, others)
+    if o is None:
+        return None
+    return upsample_bilinear(a, t.shape), t, o
+
+
 def specificity(map: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray]) -> float | None:
     """d_t / (d_t + d_o): d = mass per area on the named object (t) and on all other objects (o).
 
@@ -152,12 +163,10 @@ def specificity(map: np.ndarray, target: np.ndarray, others: Sequence[np.ndarray
     0 = only the others. None when there is no other object (undefined, not 0.5) or the map
     has no mass on any object (a zero map tells nothing about which object it prefers).
     """
-    a = validate_map(map)
-    t = validate_mask(target, "target")
-    o = _others_union(t, others)
-    if o is None:
+    parts = _on_objects(map, target, others)
+    if parts is None:
         return None
-    up = upsample_bilinear(a, t.shape)
+    up, t, o = parts
     dt, do = float(up[t].mean()), float(up[o].mean())
     if dt + do <= 0.0:
         return None
@@ -170,12 +179,10 @@ def multi_pointing(map: np.ndarray, target: np.ndarray, others: Sequence[np.ndar
     None without another object (the ordinary pointing game covers that case). A constant
     map has no peak: a miss. Ties go to the first maximum in row-major order.
     """
-    a = validate_map(map)
-    t = validate_mask(target, "target")
-    o = _others_union(t, others)
-    if o is None:
+    parts = _on_objects(map, target, others)
+    if parts is None:
         return None
-    up = upsample_bilinear(a, t.shape)
+    up, t, o = parts
     if float(up.max()) <= float(up.min()):
         return False
     k = int(np.argmax(up))
