@@ -204,7 +204,11 @@ def deploy_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", min=1),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0.0),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster the audits use (e.g. auto)."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address",
+        help="Ray cluster the audits use: HOST:PORT as `ray start --head` prints it (or auto). A cluster with "
+             "token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] in the environment of "
+             "whatever runs the flows (the worker, or `diffcam serve`)."),
     work_pool: Optional[str] = typer.Option(None, "--work-pool", help="Prefect work pool to register on."),
     image: Optional[str] = typer.Option(None, "--image", help="Pre-built image (Docker/Kubernetes pools)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployments as JSON; change nothing."),
@@ -244,7 +248,11 @@ def serve_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Samples per audit (default: all)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0.0),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address",
+        help="Ray cluster the audits use: HOST:PORT as `ray start --head` prints it (or auto). A cluster with "
+             "token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] in the environment of "
+             "whatever runs the flows (the worker, or `diffcam serve`)."),
     max_runs: Optional[int] = typer.Option(None, "--max-runs", min=1, help="Flow runs at a time in this process."),
 ) -> None:
     cfg = _ops_config(config, registry=registry, store=store, dataset=dataset, cron=cron, limit=limit,
