@@ -246,6 +246,17 @@ def test_sweep_cli(prefect_harness, fake_audit, make_dataset, tmp_path: Path) ->
 # ------------------------------------------------------ real server, slow end to end
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM the process group a test started, SIGKILL it if it has not ended in ``timeout`` s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -398,13 +409,7 @@ def ops_loop(root: Path, registry: Path, store: Path, dataset: Path) -> Iterator
         yield lp
     finally:
         for p in reversed(procs):  # webhook, serve (SIGTERM pauses its schedules), then the server
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+            stop_process_group(p)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from flows.paths import DEFAULT_MODEL
 from flows.registry import AuditLedger, FolderRegistry
 from storage.store import Store
 from tests.mlflow_venv import MLFLOW_VERSION, mlflow_python
-from tests.test_deploy import _free_port, _wait_http, ops_loop
+from tests.test_deploy import _free_port, _wait_http, ops_loop, stop_process_group
 
 CLIENT = r'''
 import json, sys
@@ -128,7 +127,7 @@ def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
             # a restarted MLflow server (same MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY) still signs
             # its deliveries with the webhook's secret: version 2 of the same run reaches diffcam
             t_restart = time.time()
-            _stop(mlflow)
+            stop_process_group(mlflow, timeout=15)
             mlflow = start_mlflow()
             _wait_http(f"{mlflow_uri}/health", 120, mlflow, mlflow_log)
             r = subprocess.run([str(python), "-c", REGISTER_AGAIN, mlflow_uri, out["run_id"]],
@@ -143,14 +142,6 @@ def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
         print(f"\nMLflow {MLFLOW_VERSION}: server ready {t_ready - t_start:.0f} s after start; registration → "
               f"audit Completed {t_done - t_ready:.0f} s; restart + second delivery {t_restarted - t_restart:.0f} s")
     finally:
-        _stop(mlflow)
+        stop_process_group(mlflow, timeout=15)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
