@@ -1,8 +1,8 @@
 """Diffusion-CAM and its baselines for every word of a generated answer (docs/METHOD.md §2, §4).
 
 One call, `explain`, does: prepare → generate (recording every denoising step) → one
-prefix pass with gradients → one decoder pass per distinct attribution canvas → one
-backward per word and score → maps → refinement.
+prefix pass with gradients → one decoder pass per distinct canvas the methods read → one
+batched backward per canvas and kind of score → maps → refinement → chance maps.
 
 Deviations from the reference code (kept true here, docs/METHOD.md §7):
 1. The score is class-specific: the log-prob of the generated token id at its own canvas
@@ -17,31 +17,27 @@ Choices docs/METHOD.md leaves open, made here:
 - The distractor is scored on the *same* decoder pass as the target (w's attribution
   canvas), at the distractor's own positions and generated ids. `previous` falls back to
   no contrast for the first content word (nothing precedes it).
-- `token-gradnorm` / `token-gradxinput` (issue 4) use the plain target score on the final
-  canvas at the projector output, computed in the same backward as the Grad-CAM baseline.
-- Grad-CAM maps are divided by their maximum (not min-max) so that a map that is zero
-  everywhere stays zero and the baseline keeps its own shape.
+- Which canvas, layer and score each map method reads is declared by the method itself
+  (`diffcam_core.methods`); this module only groups the work by those needs. A word's
+  reported `target_score` / `distractor_score` come from its attribution canvas when a
+  method reads it (contrastive before plain), else from the final canvas.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from diffcam_core import evidence
+from diffcam_core import methods as registry
 from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
+from diffcam_core.methods import (ATTRIBUTION, CHOSEN, CONTRASTIVE, FINAL, TARGET, GradientMethod, ImageMethod,
+                                  WordSetMethod)
 from diffcam_core.models.base import Generation
-from diffcam_core.refine import refine_stack
 from diffcam_core.settings import CamSettings
 from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
-
-PROJECTOR = "projector"
-_EPS = 1e-8
 
 
 def explain(
@@ -78,25 +74,15 @@ def explain(
 
 
 def with_chance_maps(result: SampleExplanation, pixels: np.ndarray, methods) -> SampleExplanation:
-    """Add the model-free maps `random` and `objectness` to every word, if `methods` asks.
-
-    The random map is seeded by the image's bytes and the word's index, so a rerun of the
-    same sample draws the same map.
-    """
-    want = [m for m in ("random", "objectness") if m in methods]
+    """Add the maps of the image-only methods in `methods` (`random`, `objectness`) to every word."""
+    want = [m for m in registry.resolve(methods) if isinstance(m, ImageMethod)]
     if not want or not result.words:
         return result
-    objectness = evidence.objectness_map(pixels, result.grid).astype(np.float32)
-    digest = int.from_bytes(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).digest()[:8], "little")
-    words = []
-    for w in result.words:
-        maps = dict(w.maps)
-        if "random" in want:
-            maps["random"] = evidence.random_map(result.grid, np.random.default_rng([digest, w.word.index])).astype(np.float32)
-        if "objectness" in want:
-            maps["objectness"] = objectness
-        words.append(replace(w, maps=maps))
-    return replace(result, words=tuple(words))
+    spans = [w.word for w in result.words]
+    per_method = {m.name: m.image_maps(pixels, result.grid, spans) for m in want}
+    words = tuple(replace(w, maps={**w.maps, **{name: maps[j] for name, maps in per_method.items()}})
+                  for j, w in enumerate(result.words))
+    return replace(result, words=words)
 
 
 def measure_faithfulness(adapter, pixels: np.ndarray, prompt: str, generation: Generation,
@@ -109,47 +95,13 @@ def measure_faithfulness(adapter, pixels: np.ndarray, prompt: str, generation: G
             words.append(w)
             continue
         canvas, cond = attribution_canvas(generation, w.word, settings.attribution_step)
-        canvas_key = "final" if settings.attribution_step == "final" else str(w.word.commit_step)
+        canvas_key = str(_canvas_key(ATTRIBUTION, w.word, settings.attribution_step))
         score, said = adapter_scorer(adapter, prompt, canvas, cond, w.word, settings.generation, cache=cache,
                                      canvas_key=canvas_key)
         faith = word_faithfulness(pixels, w.maps, score, said, word_key=str(w.word.index),
                                   seed=settings.generation.seed)
         words.append(replace(w, faithfulness=faith))
     return replace(result, words=tuple(words))
-
-
-def raw_diffusion_cam(features: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """§2.7: α_c = mean_p G⁺_pc; H_p = mean_c ReLU(α_c F_pc); min-max to [0, 1].
-
-    An all-zero H stays all zero (a result, flagged downstream, not an error).
-    """
-    alpha = np.maximum(grads, 0.0).mean(axis=0)
-    heat = np.maximum(alpha[None, :] * features, 0.0).mean(axis=1).reshape(grid)
-    lo, hi = float(heat.min()), float(heat.max())
-    if hi <= 0.0:
-        return np.zeros(grid, dtype=np.float32)
-    return ((heat - lo) / (hi - lo + _EPS)).astype(np.float32)
-
-
-def grad_cam(features: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Classic Grad-CAM (§4): signed α_c = mean_p G_pc, H = ReLU(Σ_c α_c F_pc), scaled by its max."""
-    heat = np.maximum((grads.mean(axis=0)[None, :] * features).sum(axis=1), 0.0).reshape(grid)
-    return _scale_by_max(heat)
-
-
-def token_gradnorm(grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Per-image-token ‖G_p‖₂: no channel pooling, so a one-token cue is not washed out (issue 4 §4)."""
-    return _scale_by_max(np.linalg.norm(grads, axis=1).reshape(grid))
-
-
-def token_gradxinput(features: np.ndarray, grads: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Per-image-token ReLU(Σ_c G_pc F_pc)."""
-    return _scale_by_max(np.maximum((grads * features).sum(axis=1), 0.0).reshape(grid))
-
-
-def _scale_by_max(heat: np.ndarray) -> np.ndarray:
-    hi = float(heat.max())
-    return (heat / hi).astype(np.float32) if hi > 0 else np.zeros_like(heat, dtype=np.float32)
 
 
 def _word_score(log_probs: torch.Tensor, word: WordSpan) -> torch.Tensor:
@@ -181,22 +133,54 @@ def _distractors(words: tuple[WordSpan, ...], mode: str) -> dict[int, list[WordS
     return out
 
 
-def _canvas(generation: Generation, step: int | str):
-    if step == "final":
-        return generation.argmax[-1], generation.extra["final_self_cond"]
-    return generation.canvases[step - 1], generation.self_cond[step - 1]
+def _canvas(generation: Generation, key: int | str):
+    return generation.final_canvas() if key == "final" else generation.step_canvas(key)
 
 
 def attribution_canvas(generation: Generation, word: WordSpan, attribution_step: str):
     """(canvas, self-conditioning) the word is scored on: its commit step's, or the final one."""
-    return _canvas(generation, "final" if attribution_step == "final" else word.commit_step)
+    return _canvas(generation, _canvas_key(ATTRIBUTION, word, attribution_step))
+
+
+def _canvas_key(canvas: str, word: WordSpan, attribution_step: str) -> int | str:
+    return "final" if canvas == FINAL or attribution_step == "final" else word.commit_step
+
+
+@dataclass
+class _Group:
+    """Words scored on one canvas with one kind of score, and the methods that read their gradients."""
+
+    words: list[WordSpan] = field(default_factory=list)
+    methods: list[GradientMethod] = field(default_factory=list)
+
+
+#: Which (canvas, score) a word's reported scores come from, first one computed.
+_REPORT_ORDER = ((ATTRIBUTION, CONTRASTIVE), (ATTRIBUTION, TARGET), (FINAL, CONTRASTIVE), (FINAL, TARGET))
+
+
+def _groups(words, grad_methods: list[GradientMethod], attribution_step: str):
+    """Words and methods by (canvas key, score): each gets one batched backward.
+
+    Also returns the (canvas, score) pair each word's reported scores come from. With no
+    gradient method (chance maps only) the words are still scored, on their attribution
+    canvas, so every `WordMaps` has a score.
+    """
+    needs = list(dict.fromkeys((m.needs.canvas, m.needs.score) for m in grad_methods)) or [(ATTRIBUTION, CONTRASTIVE)]
+    groups: dict[tuple[int | str, str], _Group] = {}
+    for w in words:
+        for canvas, score in needs:
+            group = groups.setdefault((_canvas_key(canvas, w, attribution_step), score), _Group())
+            if w not in group.words:  # with `final` attribution both canvases are one
+                group.words.append(w)
+            group.methods.extend(m for m in grad_methods if (m.needs.canvas, m.needs.score) == (canvas, score)
+                                 and m not in group.methods)
+    return groups, next(pair for pair in _REPORT_ORDER if pair in needs)
 
 
 def attribute(adapter, inputs, generation: Generation, settings: CamSettings) -> SampleExplanation:
     """Maps for every word of `generation` (see module docstring for the passes run)."""
     layer = settings.layer or adapter.default_layer
-    span = adapter.image_span(inputs)
-    grid = span.grid
+    grid = adapter.image_span(inputs).grid
     words = generation.words
     base = dict(
         answer=generation.text,
@@ -209,93 +193,67 @@ def attribute(adapter, inputs, generation: Generation, settings: CamSettings) ->
     if not words:
         return SampleExplanation(words=(), **base)
 
-    wanted = set(settings.methods)
-    need_dcam = bool(wanted & {"diffusion-cam-raw", "diffusion-cam"})
-    need_final = bool(wanted & {"gradcam", "token-gradnorm", "token-gradxinput"})
-    layers = [layer] + ([PROJECTOR] if layer != PROJECTOR and need_final else [])
+    plan = registry.resolve(settings.methods)
+    grad_methods = [m for m in plan if isinstance(m, GradientMethod)]
+    layer_of = {m.name: layer if m.needs.layer == CHOSEN else adapter.image_feature_layer for m in grad_methods}
+    step = settings.attribution_step
+    groups, report = _groups(words, grad_methods, step)
     distractors = _distractors(words, settings.distractor)
 
-    raw: dict[int, np.ndarray] = {}
+    maps: dict[int, dict[str, np.ndarray]] = {w.index: {} for w in words}
     scores: dict[int, tuple[float, float | None]] = {}
-    final_maps: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
-    with adapter.attribution_pass(inputs, layers) as ap:
-        feats = ap.tensors[layer]
-        proj = ap.tensors.get(PROJECTOR, feats)
+    with adapter.attribution_pass(inputs, list(dict.fromkeys([layer, *layer_of.values()]))) as ap:
 
         def rows(name: str, t: torch.Tensor) -> np.ndarray:
             return ap.image_rows(name, t).detach().double().cpu().numpy()
 
-        feats_np = rows(layer, feats)
-        proj_np = rows(PROJECTOR if PROJECTOR in ap.tensors else layer, proj)
-
-        if need_dcam:
-            by_canvas: dict[int | str, list[WordSpan]] = defaultdict(list)
-            for w in words:
-                by_canvas["final" if settings.attribution_step == "final" else w.commit_step].append(w)
-            for step, group in by_canvas.items():
-                log_probs = ap.log_probs(*_canvas(generation, step))
-                contrastive = []
-                for w in group:
+        features = {name: rows(name, t) for name, t in ap.tensors.items()}
+        for canvas_key in dict.fromkeys(key for key, _ in groups):
+            log_probs = ap.log_probs(*_canvas(generation, canvas_key))
+            for score in (CONTRASTIVE, TARGET):
+                group = groups.get((canvas_key, score))
+                if group is None:
+                    continue
+                values = []
+                for w in group.words:
                     target = _word_score(log_probs, w)
-                    ds = distractors[w.index]
+                    ds = distractors[w.index] if score == CONTRASTIVE else []
                     distractor = torch.stack([_word_score(log_probs, d) for d in ds]).mean() if ds else None
-                    contrastive.append(target - distractor if ds else target)
-                    scores[w.index] = (float(target.detach()), None if distractor is None else float(distractor.detach()))
-                (g_all,) = _batched_grads(contrastive, [feats])
-                for w, g in zip(group, g_all):
-                    raw[w.index] = raw_diffusion_cam(feats_np, rows(layer, g), grid)
+                    values.append(target - distractor if ds else target)
+                    if _canvas_key(report[0], w, step) == canvas_key and report[1] == score:
+                        scores[w.index] = (float(target.detach()),
+                                           None if distractor is None else float(distractor.detach()))
+                layers = list(dict.fromkeys(layer_of[m.name] for m in group.methods))
+                if not layers:
+                    continue
+                grads = _batched_grads(values, [ap.tensors[name] for name in layers])
+                for j, w in enumerate(group.words):
+                    g_rows = {name: rows(name, g[j]) for name, g in zip(layers, grads)}
+                    for m in group.methods:
+                        name = layer_of[m.name]
+                        maps[w.index][m.name] = m.word_map(features[name], g_rows[name], grid)
 
-        if need_final:
-            log_probs = ap.log_probs(*_canvas(generation, "final"))
-            targets = [_word_score(log_probs, w) for w in words]
-            g_layers, g_projs = _batched_grads(targets, [feats, proj])
-            proj_name = PROJECTOR if PROJECTOR in ap.tensors else layer
-            for w, target, g_layer, g_proj in zip(words, targets, g_layers, g_projs):
-                g_layer_np = rows(layer, g_layer)
-                g_proj_np = rows(proj_name, g_proj)
-                final_maps[w.index]["gradcam"] = grad_cam(feats_np, g_layer_np, grid)
-                final_maps[w.index]["token-gradnorm"] = token_gradnorm(g_proj_np, grid)
-                final_maps[w.index]["token-gradxinput"] = token_gradxinput(proj_np, g_proj_np, grid)
-                if w.index not in scores:
-                    scores[w.index] = (float(target.detach()), None)
+    for m in plan:
+        if isinstance(m, WordSetMethod):
+            out = m.word_maps([maps[w.index][m.source] for w in words], words, generation.n_steps, settings)
+            for w, word_map in zip(words, out):
+                maps[w.index][m.name] = word_map
 
-    function_idx = [w.index for w in words if w.is_function]
-    content_ids = [t for w in words if not w.is_function for t in w.token_ids]
-    repeat_share = 1.0 - len(set(content_ids)) / len(content_ids) if content_ids else 0.0
-    refined: dict[int, np.ndarray] = {}
-    if "diffusion-cam" in wanted:
-        # SICD's interference for a word: the mean of the OTHER function words' raw maps.
-        interference = []
-        for w in words:
-            others = [raw[i] for i in function_idx if i != w.index]
-            interference.append(np.mean(others, axis=0) if others else None)
-        stack = refine_stack(
-            np.stack([raw[w.index] for w in words]),
-            settings.refine_preset,
-            n_steps=generation.n_steps,
-            interference=interference,
-            repeat_share=repeat_share,
-        ).astype(np.float32)
-        refined = {w.index: stack[j] for j, w in enumerate(words)}
-    out = []
+    wanted = set(settings.methods)
+    result = []
     for w in words:
-        maps: dict[str, np.ndarray] = {}
-        if need_dcam:
-            if "diffusion-cam-raw" in wanted:
-                maps["diffusion-cam-raw"] = raw[w.index]
-            if "diffusion-cam" in wanted:
-                maps["diffusion-cam"] = refined[w.index]
-        maps.update({k: v for k, v in final_maps[w.index].items() if k in wanted})
         target, distractor = scores[w.index]
         ds = distractors[w.index]
-        out.append(
+        result.append(
             WordMaps(
                 word=w,
                 distractor=(ds[0].text if len(ds) == 1 else f"mean of {len(ds)} words") if ds else None,
                 target_score=target,
                 distractor_score=distractor,
-                maps=maps,
-                zero_map=bool(need_dcam and float(raw[w.index].max()) <= 0.0),
+                # image-only methods are added by `with_chance_maps`, not here
+                maps={m.name: maps[w.index][m.name] for m in plan if m.name in wanted and m.name in maps[w.index]},
+                zero_map=any(m.flags_zero_map and float(maps[w.index][m.name].max()) <= 0.0
+                             for m in plan if m.name in maps[w.index]),
             )
         )
-    return SampleExplanation(words=tuple(out), **base)
+    return SampleExplanation(words=tuple(result), **base)

@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 DISTRACTOR_MODES = ("previous", "others-mean", "none")
-#: Map methods `cam.explain` can compute (the chance maps `random` and `objectness` need no model).
-MAP_METHODS = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "token-gradxinput",
-               "random", "objectness")
 ATTRIBUTION_STEPS = ("commit", "final")
 
 
@@ -36,12 +33,13 @@ class CamSettings:
     images, projector layer): raw Diffusion-CAM Obj-IoU 25.7 / dataset F3 15.0 against
     21.1 / 13.1 for `previous` (the reference's choice) and 21.2 / 12.8 for `none`.
     `attribution_step`: `commit` by measurement: raw Obj-IoU 21.1 against 19.4 for `final`.
-    `layer`: a name from `adapter.layer_names()` (`projector` = image features entering
-    the LM, `encoder.<i>` = output of prompt-encoder layer i). `None` uses the adapter's
-    default, chosen by the layer sweep in `benchmarks/bench_method.py`.
-    `methods` may include the chance maps `random` and `objectness` (computed from the
-    image alone, no model): every method table carries them so a method can be judged
-    against what no model achieves.
+    `layer`: a name from `adapter.layer_names()` (`projector` = image-token embeddings
+    entering the LM; `encoder.<i>`, `vision.<i>`, ... as the family's `adapter.layers()`
+    describes them). `None` uses the adapter's default, chosen by the layer sweep in
+    `benchmarks/bench_method.py`.
+    `methods`: names registered in `diffcam_core.methods`; they include the chance maps
+    `random` and `objectness` (computed from the image alone, no model): every method
+    table carries them so a method can be judged against what no model achieves.
     `faithfulness`: the share of samples (chosen by a hash of the sample id, so the same
     samples in every run) whose words get deletion / insertion curves and the vanish test
     (`diffcam_core.faithfulness`); 0 skips it.
@@ -59,10 +57,13 @@ class CamSettings:
         if isinstance(self.faithfulness, bool) or not 0.0 <= float(self.faithfulness) <= 1.0:
             raise ValueError(f"faithfulness must be a fraction of samples in [0, 1], got {self.faithfulness!r}")
         object.__setattr__(self, "faithfulness", float(self.faithfulness))
-        unknown = [m for m in self.methods if m not in MAP_METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"unknown method(s) {unknown} in {list(self.methods)}; valid: {list(MAP_METHODS)}")
+        from diffcam_core.methods import method_names
         from diffcam_core.refine import PRESETS
+
+        valid = method_names()  # the registry (`diffcam_core.methods`), plug-ins included
+        unknown = [m for m in self.methods if m not in valid]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown} in {list(self.methods)}; valid: {valid}")
 
         if self.refine_preset not in PRESETS:
             raise ValueError(f"refine_preset {self.refine_preset!r} is not one of {sorted(PRESETS)}")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from diffcam_core.cam import attribute, explain, raw_diffusion_cam
+from diffcam_core.cam import attribute, explain
+from diffcam_core.methods import raw_diffusion_cam
 from diffcam_core.models.diffusion_gemma import PROJECTOR
 from diffcam_core.settings import CamSettings, GenerationSettings
 

@@ -140,7 +140,7 @@ def test_gradients_reach_every_valid_layer_at_image_positions():
     g = adapter.generate(inputs, GenerationSettings(seed=0, max_denoising_steps=3))
     layers = adapter.valid_layers()
     with adapter.attribution_pass(inputs, layers) as ap:
-        lp = ap.log_probs(g.argmax[-1], g.extra["final_self_cond"])
+        lp = ap.log_probs(*g.final_canvas())
         score = lp[0, int(g.argmax[-1][0, 0])]
         grads = torch.autograd.grad(score, [ap.tensors[n] for n in layers])
         for name, grad in zip(layers, grads):

@@ -282,7 +282,7 @@ def test_generation_equals_the_plain_reference_loop(adapter, steps, forwards):
     assert gen.argmax[-1][0].tolist() == ref.tolist()
     # 16 steps over two 6-token blocks: each block is full after 6 passes.
     assert gen.n_steps == forwards == len(gen.canvases) == len(gen.argmax)
-    assert gen.self_cond == [None] * forwards and gen.extra["final_self_cond"] is None
+    assert gen.self_cond == [None] * forwards and gen.final_self_cond is None
     # canvases[s] is what step s+1 read: exactly the positions unmasked later are still masked.
     for s, canvas in enumerate(gen.canvases):
         still = {p for p, at in unmasked_at.items() if at > s}
@@ -326,7 +326,7 @@ def test_bad_schedules_are_refused(adapter):
 
 
 def test_language_model_layers_are_refused_and_unknown_layers_named(adapter):
-    assert adapter.default_layer == "projector"
+    assert adapter.default_layer == adapter.image_feature_layer == "projector"
     assert adapter.valid_layers() == ["projector", "vision.0"]
     adapter.check_layer("vision.0")
     with pytest.raises(ValueError, match="differ per canvas"):

@@ -3,12 +3,16 @@
 Diffusion-CAM needs four things from a model family (docs/METHOD.md §2):
 prepare inputs with the family's own processor, generate while recording the canvas at
 every denoising step, re-run one structurally valid pass with gradients, and say which
-passes are valid. Everything else in the core is family-agnostic.
+passes are valid. `ModelAdapter` lists everything the core calls; a family implements it
+in its own module and registers itself there with `register_family` (the package's
+`FAMILY_MODULES` names the modules `load_adapter` imports). Nothing else in the core
+knows a family by name.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -35,8 +39,11 @@ class Generation:
     """A finished generation plus the trace Diffusion-CAM needs to re-run any step.
 
     `canvases[s]` is the canvas the decoder *read* at step s+1 and `self_cond[s]` the
-    self-conditioning logits it read with it (None at the first step).
-    `argmax[s]` is the decoder's argmax after step s+1; the answer is `argmax[-1]`.
+    self-conditioning logits it read with it (None at the first step, and always for
+    families without self-conditioning). `argmax[s]` is the decoder's argmax after step
+    s+1; the answer is `argmax[-1]`, and `final_self_cond` the conditioning a decoder
+    pass over that final canvas reads. `extra`: family-specific facts for reports only
+    (the core never reads it).
     """
 
     token_ids: tuple[int, ...]
@@ -46,20 +53,102 @@ class Generation:
     canvases: list[torch.Tensor]
     self_cond: list[torch.Tensor | None]
     argmax: list[torch.Tensor]
+    final_self_cond: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def step_canvas(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(canvas, self-conditioning) the decoder read at `step` (1-based, as `WordSpan.commit_step`)."""
+        return self.canvases[step - 1], self.self_cond[step - 1]
 
-@dataclass
-class AttributionPass:
-    """Features at the hooked layer (image positions only) and canvas log-probs, in one graph."""
+    def final_canvas(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(canvas, self-conditioning) of the finished answer (the reference's attribution canvas)."""
+        return self.argmax[-1], self.final_self_cond
 
-    features: dict[str, torch.Tensor]  # layer name -> (n_image_tokens, channels), requires grad path
-    log_probs: Callable[[int], torch.Tensor]  # step -> (canvas_len, vocab) log-probs on that step's canvas
+
+#: `Layer.kind` of the image-token embeddings as they enter the language model: the layer
+#: the per-token baselines read, whatever a family calls the module that produces them.
+IMAGE_FEATURES = "image-features"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One hookable layer, named by what it is rather than by a family's module path.
+
+    `name` is what settings and results use (`projector`, `encoder.<i>`, `vision.<i>`,
+    `lm.<i>`); `kind` is `image-features` or the stack it belongs to (`vision`, `encoder`,
+    `lm`); `about` says what the tensor holds. `invalid` is empty for a structurally valid
+    layer, else why no single attribution pass can use it.
+    """
+
+    name: str
+    kind: str
+    about: str
+    invalid: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return not self.invalid
+
+
+class LayerTable:
+    """`layer_names` / `valid_layers` / `check_layer` / `image_feature_layer` from a family's `layers()`.
+
+    A mixin, so each family writes its layer list once and every family refuses a layer
+    with the same kind of message.
+    """
+
+    def layers(self) -> tuple[Layer, ...]:
+        raise NotImplementedError
+
+    def layer_names(self) -> list[str]:
+        return [lay.name for lay in self.layers()]
+
+    def valid_layers(self) -> list[str]:
+        return [lay.name for lay in self.layers() if lay.valid]
+
+    @property
+    def image_feature_layer(self) -> str:
+        (name,) = [lay.name for lay in self.layers() if lay.kind == IMAGE_FEATURES]
+        return name
+
+    def check_layer(self, layer: str) -> None:
+        """Refuse an unknown or structurally invalid layer before any model work."""
+        known = {lay.name: lay for lay in self.layers()}
+        if layer not in known:
+            raise ValueError(f"unknown layer {layer!r}; this model has {list(known)}")
+        if not known[layer].valid:
+            raise ValueError(f"layer {layer!r} is not structurally valid: {known[layer].invalid}. "
+                             f"Valid: {self.valid_layers()}")
+
+
+class AttributionPass(Protocol):
+    """What `ModelAdapter.attribution_pass` yields: one pass with gradients over the image.
+
+    `tensors[name]` is the captured output of each requested layer as the graph uses it
+    (differentiate with respect to it); `image_rows(name, t)` cuts that tensor, or its
+    gradient, to (n_image_tokens, channels) in grid order; `log_probs(canvas, self_cond)`
+    decodes one recorded canvas on top of the pass: (canvas_len, vocab), in the same graph.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    def image_rows(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def log_probs(self, canvas: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class ModelAdapter(Protocol):
+    """Everything the core (`diffcam_core.cam`, faithfulness, the tasks) calls on a family."""
+
     family: str
     grid_info: dict[str, Any]
+    #: Layer used when `CamSettings.layer` is None (chosen per family by the layer sweep).
+    default_layer: str
+    #: Name of the `image-features` layer (the per-token baselines' input).
+    image_feature_layer: str
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter: ...
 
     def prepare(self, image, prompt: str) -> dict[str, torch.Tensor]: ...
 
@@ -67,9 +156,18 @@ class ModelAdapter(Protocol):
 
     def generate(self, inputs: dict[str, torch.Tensor], settings) -> Generation: ...
 
+    def layers(self) -> tuple[Layer, ...]: ...
+
     def layer_names(self) -> list[str]: ...
 
     def valid_layers(self) -> list[str]: ...
+
+    def check_layer(self, layer: str) -> None: ...
+
+    def attribution_pass(self, inputs: dict[str, torch.Tensor],
+                         layers: list[str]) -> AbstractContextManager[AttributionPass]:
+        """Hooks `layers` for the duration of the block (always removed) and yields the pass."""
+        ...
 
     def canvas_log_probs(self, images: list, prompt: str, canvas: torch.Tensor,
                          self_cond: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +189,10 @@ def register_family(model_type: str):
 
 
 def families() -> list[str]:
+    """`model_type`s with an adapter: the built-in families and any registered since."""
+    from diffcam_core.models import import_families
+
+    import_families()
     return sorted(_FAMILIES)
 
 
@@ -105,9 +207,9 @@ def load_adapter(model_dir: str | Path, device: str = "cpu", trust_remote_code: 
     code shipped in the folder is not imported unless ``trust_remote_code=True`` is passed
     explicitly (no CLI command passes it; the built-in family refuses it).
     """
-    # Import for the registration side effect of the built-in families.
-    from diffcam_core.models import diffusion_gemma  # noqa: F401
-    from diffcam_core.models import llada  # noqa: F401
+    from diffcam_core.models import import_families
+
+    import_families()
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"

@@ -36,7 +36,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from diffcam_core.models.base import Generation, ImageSpan, register_family
+from diffcam_core.models.base import IMAGE_FEATURES, Generation, ImageSpan, Layer, LayerTable, register_family
 from diffcam_core.settings import GenerationSettings
 from diffcam_core.types import WordSpan
 from diffcam_core.words import is_function_word, segment_words
@@ -45,7 +45,7 @@ PROJECTOR = "projector"
 
 
 @register_family("diffusion_gemma")
-class DiffusionGemmaAdapter:
+class DiffusionGemmaAdapter(LayerTable):
     family = "diffusion_gemma"
 
     def __init__(self, model: DiffusionGemmaForBlockDiffusion, tokenizer, image_processor) -> None:
@@ -124,22 +124,14 @@ class DiffusionGemmaAdapter:
         return ImageSpan(positions=tuple(positions), grid=(rows, cols))
 
     # ------------------------------------------------------------------ layers
-    def layer_names(self) -> list[str]:
-        return [PROJECTOR] + [f"encoder.{i}" for i in range(self.grid_info["encoder_layers"])]
-
-    def valid_layers(self) -> list[str]:
-        """Layers whose output reaches the canvas logits (the last encoder layer does not)."""
-        return self.layer_names()[:-1]
-
-    def check_layer(self, layer: str) -> None:
-        if layer not in self.layer_names():
-            raise ValueError(f"unknown layer {layer!r}; this model has {self.layer_names()}")
-        if layer not in self.valid_layers():
-            raise ValueError(
-                f"layer {layer!r} is not structurally valid: the decoder reads each encoder layer's K/V "
-                f"from its input, so the last encoder layer's output never reaches the canvas. "
-                f"Valid: {self.valid_layers()}"
-            )
+    def layers(self) -> tuple[Layer, ...]:
+        """The projector output, then every prompt-encoder layer (the last one feeds nothing the decoder reads)."""
+        n = self.grid_info["encoder_layers"]
+        last = ("the decoder reads each encoder layer's K/V from its input, so the last encoder layer's output "
+                "never reaches the canvas")
+        return (Layer(PROJECTOR, IMAGE_FEATURES, "image-token embeddings entering the prompt encoder (`embed_vision`)"),
+                *(Layer(f"encoder.{i}", "encoder", f"output of prompt-encoder layer {i} (image + prompt tokens)",
+                        invalid=last if i == n - 1 else "") for i in range(n)))
 
     # ------------------------------------------------------------------ generation
     def run_encoder(self, inputs: dict[str, torch.Tensor]) -> DynamicCache:
@@ -240,7 +232,7 @@ class DiffusionGemmaAdapter:
             canvases=canvases,
             self_cond=conds,
             argmax=argmaxes,
-            extra={"final_self_cond": self_cond},
+            final_self_cond=self_cond,
         )
 
     def _word_level(self) -> bool:

@@ -73,7 +73,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionCon
 from transformers.initialization import no_init_weights
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from diffcam_core.models.base import Generation, ImageSpan, InputLimitError, register_family
+from diffcam_core.models.base import (IMAGE_FEATURES, Generation, ImageSpan, InputLimitError, Layer, LayerTable,
+                                      register_family)
 from diffcam_core.types import WordSpan
 from diffcam_core.words import is_function_word, segment_words
 
@@ -228,7 +229,7 @@ def num_transfer_tokens(mask_count: int, steps: int) -> list[int]:
 
 
 @register_family(FAMILY)
-class LladaVAdapter:
+class LladaVAdapter(LayerTable):
     """Diffusion-CAM adapter for LLaDA-V-layout checkpoints (see the module docstring)."""
 
     family = FAMILY
@@ -437,24 +438,16 @@ class LladaVAdapter:
         return ImageSpan(positions=tuple(positions), grid=(rows, cols))
 
     # ------------------------------------------------------------------ layers
-    def layer_names(self) -> list[str]:
-        vc = self.grid_info["vision_layers"]
-        lm = self.grid_info["lm_layers"]
-        return [PROJECTOR] + [f"vision.{i}" for i in range(vc)] + [f"lm.{i}" for i in range(lm)]
-
-    def valid_layers(self) -> list[str]:
-        """Layers upstream of the canvas (same tensor for every step's pass)."""
-        return [n for n in self.layer_names() if not n.startswith("lm.")]
-
-    def check_layer(self, layer: str) -> None:
-        if layer not in self.layer_names():
-            raise ValueError(f"unknown layer {layer!r}; this model has {self.layer_names()}")
-        if layer not in self.valid_layers():
-            raise ValueError(
-                f"layer {layer!r} is not structurally valid for {FAMILY}: the language model re-reads image, prompt "
-                f"and canvas at every step, so its layers differ per canvas and no single pass serves all words. "
-                f"Use a layer upstream of the canvas: {self.valid_layers()}"
-            )
+    def layers(self) -> tuple[Layer, ...]:
+        """Projector output, SigLIP layers (upstream of the canvas: valid), LM layers (per canvas: refused)."""
+        per_canvas = (f"language-model layers mix image, prompt and canvas and are re-run at every step of "
+                      f"{FAMILY}, so they differ per canvas and no single pass serves all words; use a layer "
+                      f"upstream of the canvas")
+        return (Layer(PROJECTOR, IMAGE_FEATURES, "image-token embeddings entering the language model (`mm_projector`)"),
+                *(Layer(f"vision.{i}", "vision", f"output of SigLIP vision layer {i} (image patches only)")
+                  for i in range(self.grid_info["vision_layers"])),
+                *(Layer(f"lm.{i}", "lm", f"output of language-model layer {i} (image, prompt and canvas)",
+                        invalid=per_canvas) for i in range(self.grid_info["lm_layers"])))
 
     def _module(self, layer: str) -> nn.Module:
         if layer == PROJECTOR:
@@ -532,7 +525,7 @@ class LladaVAdapter:
             canvases=canvases,
             self_cond=[None] * step,
             argmax=argmaxes,
-            extra={"final_self_cond": None, "commit_steps": commit.tolist(), "mask_token_id": mask_id,
+            extra={"commit_steps": commit.tolist(), "mask_token_id": mask_id,
                    "gen_length": gen_length, "block_length": block_length},
         )
 
