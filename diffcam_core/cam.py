@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from diffcam_core import methods as registry
+from diffcam_core.evidence import cover_grid
 from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
 from diffcam_core.methods import (ATTRIBUTION, CHOSEN, CONTRASTIVE, FINAL, TARGET, GradientMethod, ImageMethod,
                                   WordSetMethod)
@@ -63,6 +64,7 @@ def explain(
         on_stage("attribute")
     result = attribute(adapter, inputs, generation, settings)
     pixels = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    pixels = cover_grid(pixels, result.grid)  # a tiny upload still needs a pixel per grid cell
     result = with_chance_maps(result, pixels, settings.methods)
     t2 = time.perf_counter()
     result.timings.update({"generate_s": t1 - t0, "attribution_s": t2 - t1, "total_s": t2 - t0})

@@ -33,6 +33,7 @@ __all__ = [
     "all_objects_map",
     "oracle_map",
     "background_colour",
+    "cover_grid",
     "density",
     "specificity",
     "multi_pointing",
@@ -85,10 +86,27 @@ def background_colour(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 2:
         img = img[..., None]
-    if img.ndim != 3 or min(img.shape[:2]) < 2:
-        raise ValueError(f"image must be (H, W) or (H, W, C) with H, W >= 2, got shape {np.asarray(image).shape}")
+    if img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"image must be a non-empty (H, W) or (H, W, C) array, got shape {np.asarray(image).shape}")
+    if min(img.shape[:2]) < 3:  # no inside to leave out: every pixel is on the frame
+        return np.median(img.reshape(-1, img.shape[2]), axis=0)
     frame = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]], axis=0)
     return np.median(frame, axis=0)
+
+
+def cover_grid(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The image, enlarged by pixel repetition when it has fewer pixels than the grid has cells.
+
+    The model's processor resizes any image to its own resolution, so a 1×1 upload still
+    has an 8×8 grid of image tokens; pixel-space maps and perturbations need at least one
+    pixel per cell. Repetition keeps every cell a copy of the pixels the model saw there.
+    """
+    img = np.asarray(image)
+    fy = -(-int(grid[0]) // img.shape[0])
+    fx = -(-int(grid[1]) // img.shape[1])
+    if fy <= 1 and fx <= 1:
+        return img
+    return np.repeat(np.repeat(img, fy, axis=0), fx, axis=1)
 
 
 def objectness_map(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

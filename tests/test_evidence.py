@@ -90,3 +90,14 @@ def test_swap_test_tells_a_map_that_follows_from_one_that_does_not():
 def test_cell_boxes_refuse_a_grid_finer_than_the_image():
     with pytest.raises(ValueError, match="cannot tile"):
         ev.cell_boxes((4, 4), (8, 8))
+
+
+def test_tiny_images_still_get_chance_maps():
+    one = np.full((1, 1, 3), 200, dtype=np.uint8)
+    assert ev.background_colour(one).tolist() == [200.0, 200.0, 200.0]
+    big = ev.cover_grid(one, (8, 8))
+    assert big.shape == (8, 8, 3) and (big == 200).all()
+    assert ev.objectness_map(big, (8, 8)).shape == (8, 8)
+    wide = np.zeros((2, 20, 3), dtype=np.uint8)
+    assert ev.cover_grid(wide, (8, 8)).shape == (8, 20, 3)
+    assert ev.cover_grid(np.zeros((64, 64, 3)), (8, 8)).shape == (64, 64, 3)  # big enough: unchanged

@@ -35,6 +35,7 @@ from storage.datasets import (
     write_synthetic_dataset,
 )
 from tasks.plan import plan_shards
+from tests.test_faults import VOLATILE
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -441,7 +442,7 @@ def test_whole_corpus_through_the_audit_flow(prefect_harness, corpus, tmp_path):
     items = [{**it, "run_id": "hostile", "shard_id": 0} for it in plan_shards(clean, root=ds.root)[0].items]
     cam = {k: v for k, v in json.loads(st.read_run("hostile")["config_json"]).items() if k != "audit"}
     ref = CamWorker(str(DEFAULT_MODEL), cam, threads=1).process(items)
-    volatile = {"t_generate_s", "t_attribution_s", "t_total_s"}
+    volatile = VOLATILE["samples"]
     for r in ref:
         got = {k: v for k, v in samples[r["sample_id"]].items() if k not in volatile}
         stored = table_from_rows("samples", [r["samples"]]).to_pylist()[0]  # the tables' float32 columns
