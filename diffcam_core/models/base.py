@@ -11,7 +11,9 @@ knows a family by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +311,35 @@ def check_inputs(adapter: Any, inputs: dict[str, torch.Tensor]) -> None:
                     f"the image becomes {mx}x{my} patches (WxH); this model's vision position table holds "
                     f"{pes} per axis: the aspect ratio is too extreme for it",
                 )
+
+
+@contextlib.contextmanager
+def captured_outputs(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks that keep each named module's output while the block runs; always removed.
+
+    The tensor kept is the one the graph uses: a slice taken in the hook would be a new leaf
+    that nothing downstream reads, and would get no gradient. The caller runs its forward
+    pass inside the block; `check_captured` then says which hook did not fire.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _args, output):
+            captured[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_captured(captured: Mapping[str, torch.Tensor], layers: list[str], where: str) -> None:
+    missing = [lay for lay in layers if lay not in captured]
+    if missing:
+        raise RuntimeError(f"hooks for {missing} did not fire in the {where}")

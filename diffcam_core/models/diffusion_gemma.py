@@ -36,7 +36,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from diffcam_core.models.base import IMAGE_FEATURES, Generation, ImageSpan, Layer, LayerTable, register_family
+from diffcam_core.models.base import (IMAGE_FEATURES, Generation, ImageSpan, Layer, LayerTable, captured_outputs,
+                                      check_captured, register_family)
 from diffcam_core.settings import GenerationSettings
 from diffcam_core.types import WordSpan
 from diffcam_core.words import is_function_word, segment_words
@@ -306,28 +307,14 @@ class DiffusionGemmaAdapter(LayerTable):
         for layer in layers:
             self.check_layer(layer)
         span = self.image_span(inputs)
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
         pos_idx = torch.tensor(span.positions, device=self.device)
-
-        def make_hook(name):
-            def hook(_module, _args, output):
-                # Keep the tensor the graph actually uses: a slice taken here would be a
-                # new leaf that nothing downstream reads, and would get no gradient.
-                captured[name] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
         encoder = self.model.model.encoder
-        try:
-            for layer in layers:
-                module = encoder.embed_vision if layer == PROJECTOR else encoder.language_model.layers[int(layer.split(".")[1])]
-                handles.append(module.register_forward_hook(make_hook(layer)))
+        modules = {layer: encoder.embed_vision if layer == PROJECTOR
+                   else encoder.language_model.layers[int(layer.split(".")[1])] for layer in layers}
+        with captured_outputs(modules) as captured:
             with torch.enable_grad():
                 cache, dec_pos = self._encode(inputs)
-            missing = [lay for lay in layers if lay not in captured]
-            if missing:
-                raise RuntimeError(f"hooks for {missing} did not fire in the prefix pass")
+            check_captured(captured, layers, "prefix pass")
             for name in layers:
                 feat = _image_rows(captured[name], name, pos_idx)
                 if feat.shape[0] != len(span.positions):
@@ -336,9 +323,6 @@ class DiffusionGemmaAdapter(LayerTable):
                         "the pass does not contain the whole image span (feasibility rule)"
                     )
             yield _Pass(self, cache, dec_pos, captured, span, pos_idx)
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def _image_rows(tensor: torch.Tensor, name: str, pos_idx: torch.Tensor) -> torch.Tensor:

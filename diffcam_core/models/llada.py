@@ -74,7 +74,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from diffcam_core.models.base import (IMAGE_FEATURES, Generation, ImageSpan, InputLimitError, Layer, LayerTable,
-                                      register_family)
+                                      captured_outputs, check_captured, register_family)
 from diffcam_core.types import WordSpan
 from diffcam_core.words import is_function_word, segment_words
 
@@ -575,32 +575,15 @@ class LladaVAdapter(LayerTable):
         for layer in layers:
             self.check_layer(layer)
         span = self.image_span(inputs)
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def make_hook(name):
-            def hook(_module, _args, output):
-                # Keep the tensor the graph uses (a slice would be a leaf nothing reads).
-                captured[name] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        try:
-            for layer in layers:
-                handles.append(self._module(layer).register_forward_hook(make_hook(layer)))
+        with captured_outputs({layer: self._module(layer) for layer in layers}) as captured:
             with torch.enable_grad():
                 feats = self.model.image_features(inputs["pixel_values"])
-            missing = [lay for lay in layers if lay not in captured]
-            if missing:
-                raise RuntimeError(f"hooks for {missing} did not fire in the image pass")
+            check_captured(captured, layers, "image pass")
             for name in layers:
                 if captured[name].shape[-2] != len(span.positions):
                     raise ValueError(f"layer {name} exposes {captured[name].shape[-2]} image tokens, the inputs carry "
                                      f"{len(span.positions)}: the pass does not contain the whole image span")
             yield _Pass(self, inputs["input_ids"], feats, captured, span)
-        finally:
-            for h in handles:
-                h.remove()
 
 
 class _Pass:
