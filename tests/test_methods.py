@@ -13,6 +13,7 @@ from diffcam_core.models.base import IMAGE_FEATURES as IMAGE_FEATURES_KIND
 from diffcam_core.settings import CamSettings, GenerationSettings
 
 from tests.model_helpers import make_image, random_adapter
+from tests.test_cam import _decoder_calls
 
 GEN = GenerationSettings(seed=4, max_denoising_steps=5)
 
@@ -90,14 +91,8 @@ def test_a_refined_method_computes_its_source_without_reporting_it():
 
 
 def test_final_attribution_reads_the_final_canvas_once_for_every_method(monkeypatch):
-    adapter = random_adapter(seed=3)
-    inputs = adapter.prepare(make_image(64, 64, (2, 2)), "describe the image")
-    gen = adapter.generate(inputs, GEN)
-    calls = []
-    original = adapter._decode
-    monkeypatch.setattr(adapter, "_decode", lambda *a: calls.append(1) or original(*a))
-    attribute(adapter, inputs, gen, CamSettings(attribution_step="final", generation=GEN))
-    assert len(calls) == 1
+    n_calls, _ = _decoder_calls(monkeypatch, CamSettings(attribution_step="final", generation=GEN))
+    assert n_calls == 1  # every default method, contrastive or plain, on one decode of the final canvas
 
 
 def test_families_name_their_image_feature_layer():
