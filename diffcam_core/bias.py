@@ -56,7 +56,6 @@ from diffcam_core.stats import StatsSettings, border_mask, centre_mask
 __all__ = [
     "BiasSettings",
     "SAMPLE_KINDS",
-    "DATASET_KINDS",
     "WordSample",
     "ClusterResult",
     "cell_coverage",
@@ -83,7 +82,6 @@ __all__ = [
 ]
 
 SAMPLE_KINDS = ("off_object", "border_hotspot", "zero_map", "flat_map", "suspect_region")
-DATASET_KINDS = ("centre_bias", "ignores_object", "clever_hans")
 _EPS = 1e-12
 
 

@@ -50,7 +50,6 @@ __all__ = [
 LOCALISATION = ("obj_iou", "inside_frac", "pointing_hit", "concentration", "contrast_score", "f3")
 #: Map statistics (every word's map).
 STATISTICS = ("mass", "com_x", "com_y", "com_dist", "spread", "entropy", "gini", "border_frac", "centre_frac")
-ALL_WORDS = "(all)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class CompareGates:
     #: flag kinds (glob patterns) that must not appear in B unless already in A. ``clever_hans``
     #: is the spurious-correlation flag of tasks/bias.py (docs/BIAS.md; ``confirmed`` = the
     #: counterfactual's verdict); ``spurious*`` catches other detectors' names.
-    fail_on_new_flag_kinds: tuple[str, ...] = ("clever_hans", "spurious*")
+    fail_on_new_flag_kinds: tuple[str, ...] = ("clever_hans",)
     #: count only flags with confirmed = true for the gate above
     new_flags_confirmed_only: bool = True
     #: both runs must have status 'succeeded'

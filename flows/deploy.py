@@ -32,7 +32,7 @@ import json
 import os
 import socket
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -515,7 +515,3 @@ def deploy_to_work_pool(cfg: OpsConfig, *, image: str | None = None) -> list[Any
         raise ValueError("deploying needs a work pool (--work-pool); on one machine use `diffcam serve`")
     return prefect.deploy(*build_deployments(cfg), work_pool_name=cfg.work_pool, image=image, build=False,
                           push=False, print_next_steps_message=False, ignore_warnings=True)
-
-
-def ops_config_dict(cfg: OpsConfig) -> dict[str, Any]:
-    return asdict(cfg)

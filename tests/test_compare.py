@@ -123,15 +123,16 @@ def test_obj_iou_drop_and_word_shift_are_found(store: Store) -> None:
 
 
 def test_new_confirmed_spurious_flag_fails_the_gate(store: Store) -> None:
+    """The default gate watches the bias audit's real spurious-correlation kind, `clever_hans`."""
     common = [{"kind": "spatial_bias", "word": "square", "confirmed": True}]
-    fabricate(store, "clean", flags=common + [{"kind": "spurious_correlation", "word": "triangle", "confirmed": None}])
+    fabricate(store, "clean", flags=common + [{"kind": "clever_hans", "word": "triangle", "confirmed": None}])
     fabricate(store, "cue", flags=common + [
-        {"kind": "spurious_correlation", "word": "circle", "confirmed": True, "score": 0.9},
-        {"kind": "spurious_correlation", "word": "triangle", "confirmed": None},
+        {"kind": "clever_hans", "word": "circle", "confirmed": True, "score": 0.9},
+        {"kind": "clever_hans", "word": "triangle", "confirmed": None},
     ])
     cmp = compare_runs(store, "clean", "cue")
     gate = next(g for g in cmp.gate_results if g.name == "no new confirmed spurious flag")
-    assert not gate.passed and gate.observed == 1 and "spurious_correlation:circle/diffusion-cam" in gate.detail
+    assert not gate.passed and gate.observed == 1 and "clever_hans:circle/diffusion-cam" in gate.detail
     assert [f["word"] for f in cmp.flags["new"]] == ["circle"] and cmp.flags["resolved"] == []
     assert cmp.flags["n_persisting"] == 2
     # the reverse direction resolves the flag and passes the flag gate
