@@ -1,0 +1,459 @@
+"""Train a tiny LLaDA-V-layout model (`llava_llada` family) on the synthetic shapes.
+
+The model is the family's own `LladaVModel` (transformers' SigLIP tower + LLaVA MLP projector +
+bidirectional Llama stack), only small, saved with `LladaVModel.save_pretrained`, so the
+checkpoint goes through exactly the loader and sampler a released LLaDA-V checkpoint does.
+
+The objective is LLaDA's supervised one: per example t ~ U(eps, 1); every answer-canvas
+token (answer words, then eos up to `gen_length`) is replaced by the mask token with
+probability t; cross-entropy on the masked positions only, each weighted by 1/t, summed and
+divided by batch x canvas length (`llada_loss`). The image and the prompt are never masked.
+Training is a fixed number of steps from a fixed seed (init, batches and masks come from
+seeded generators), so the command that made a checkpoint makes it again; `minutes` only
+caps wall time and is recorded.
+
+Why these sizes (see `LladaSpec`): 64x64 images with SigLIP patch 4 give the 16x16 image-token
+grid issue 16 asks for. The tower is kept shallow because a trained-from-scratch tiny ViT with
+global attention loses locality (measured on the DiffusionGemma tiny model in this repo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast, SiglipVisionConfig
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
+from diffcam_core.settings import GenerationSettings
+from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
+from tasks.train_tiny import Stage, TrainExample, evaluate_answers, examples_sha256
+
+PAD, EOS, BOS, UNK = "<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>"
+#: LLaDA's names for eos / bos / mask, so the adapter finds them the way it does on released checkpoints.
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, MASK_TOKEN)
+RECORD = "diffcam_tiny.json"  # same name and layout as the DiffusionGemma record (`tasks.train_tiny.training_seeds` reads it)
+
+
+@dataclass(frozen=True)
+class LladaSpec:
+    """Architecture and generation defaults of the tiny LLaDA-V model; recorded with the checkpoint.
+
+    `vision_layers`: SigLIP encoder layers. transformers 5.24 accepts 0 in the config, but then
+    `SiglipVisionModel` returns an empty `hidden_states` tuple and `LladaVModel.image_features`
+    (which reads `hidden_states[-1]`) fails, so the smallest tower that loads today has 1 layer.
+    `vision_identity_init` zeroes that layer's two residual branches (attention out_proj, MLP
+    fc2), so at step 0 every image token is its own patch embedding + position and locality
+    is only lost if training pays for it.
+    `steps` / `block_length`: LLaDA sampler defaults written to generation_config.json; with
+    `steps == gen_length` one token is committed per step, so the words of an answer get
+    different commit steps.
+    """
+
+    image_size: int = 64
+    patch_size: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 1
+    vision_heads: int = 2
+    vision_identity_init: bool = True
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    intermediate: int = 384
+    projector: str = "mlp2x_gelu"
+    max_positions: int = 512
+    gen_length: int = 16
+    block_length: int = 16
+    steps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
+        n_blocks = self.gen_length // self.block_length
+        if self.steps < n_blocks or self.steps % n_blocks:
+            raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks {n_blocks}")
+        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
+            raise ValueError(f"text_hidden {self.text_hidden} / text_heads {self.text_heads} / text_kv_heads "
+                             f"{self.text_kv_heads} must divide evenly")
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError(f"vision_hidden {self.vision_hidden} is not a multiple of vision_heads {self.vision_heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_overrides(cls, overrides: dict) -> "LladaSpec":
+        """The default spec with some fields replaced; unknown names and wrong types are errors."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"expected a JSON object of LladaSpec fields, got {type(overrides).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"unknown LladaSpec fields {unknown}; known: {sorted(known)}")
+        for name, value in overrides.items():
+            want = type(getattr(cls, name))
+            if want is bool:
+                ok = isinstance(value, bool)
+            elif want is str:
+                ok = isinstance(value, str)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            if not ok:
+                raise ValueError(f"LladaSpec.{name} must be a {'non-negative ' if want is int else ''}"
+                                 f"{want.__name__}, got {value!r}")
+        return cls(**overrides)
+
+
+@dataclass(frozen=True)
+class LladaTrainSettings:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eps: float = 1e-3  # t ~ U(eps, 1), LLaDA's lower bound: no example is trained with nothing masked on purpose
+    seed: int = 0
+    threads: int = 2
+    minutes: float | None = None
+    device: str = "cpu"  # masks and batches are drawn on the CPU either way
+    # torch.compile the forward + loss. Same batches and masks; fused kernels round
+    # differently, so a compiled run reproduces a compiled run (same threads), not an eager one.
+    compile: bool = False
+    # Score `evaluate` (a held-out subset) every this many steps; 0 = never. Generation draws
+    # no random numbers from the training generators, so it does not change the weights.
+    eval_every: int = 0
+
+
+def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: the special tokens, then every word of `words` (sorted)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(set(words)):
+        vocab.setdefault(w, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS,
+                                   unk_token=UNK, additional_special_tokens=[MASK_TOKEN])
+
+
+def build_model(spec: LladaSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LladaVModel:
+    """A random-initialised `LladaVModel` of `spec` (seeded: same seed, same weights)."""
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.intermediate,
+                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                       num_key_value_heads=spec.text_kv_heads, max_position_embeddings=spec.max_positions,
+                       rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id)
+    vision = SiglipVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+                                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False)
+    model = LladaVModel(text, vision, spec.projector, image_newline=False)
+    if spec.vision_identity_init:
+        with torch.no_grad():
+            for layer in model.siglip.encoder.layers:
+                for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+    return model
+
+
+def build_adapter(spec: LladaSpec, words: Sequence[str], seed: int) -> LladaVAdapter:
+    """Model + tokenizer + SigLIP processor, wrapped in the family's adapter (its input path)."""
+    tokenizer = build_tokenizer(words)
+    processor = SiglipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
+    model = build_model(spec, tokenizer, seed)
+    return LladaVAdapter(model, tokenizer, processor, image_aspect_ratio="square", gen_length=spec.gen_length,
+                         block_length=spec.block_length)
+
+
+def encode_examples(adapter: LladaVAdapter, examples: Sequence[TrainExample]) -> list[dict[str, torch.Tensor]]:
+    """Every example through the adapter's own `prepare` once; answer canvas = words + eos padding.
+
+    Grouped by prompt length (batches never mix lengths, so no padding inside the prompt).
+    """
+    from PIL import Image
+
+    tok = adapter.tokenizer
+    groups: dict[int, dict[str, list]] = {}
+    for ex in examples:
+        inputs = adapter.prepare(Image.fromarray(ex.image), ex.prompt)
+        ids = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        if tok.unk_token_id in ids:
+            raise ValueError(f"answer {ex.answer!r} has words outside the tokenizer vocabulary")
+        if len(ids) + 1 > adapter.gen_length:
+            raise ValueError(f"answer {ex.answer!r} needs {len(ids) + 1} tokens with eos > gen_length "
+                             f"{adapter.gen_length}; raise LladaSpec.gen_length")
+        target = ids + [tok.eos_token_id] * (adapter.gen_length - len(ids))
+        g = groups.setdefault(inputs["input_ids"].shape[1], {"ids": [], "pix": [], "tgt": []})
+        g["ids"].append(inputs["input_ids"][0])
+        g["pix"].append(inputs["pixel_values"][0])
+        g["tgt"].append(torch.tensor(target))
+    return [{k: torch.stack(v) for k, v in g.items()} for _, g in sorted(groups.items())]
+
+
+def batches(groups: list[dict[str, torch.Tensor]], batch_size: int, rng: np.random.Generator):
+    """Endless batches: a group drawn by size, then examples without replacement inside it."""
+    sizes = np.array([len(g["ids"]) for g in groups], dtype=float)
+    while True:
+        gi = int(rng.choice(len(groups), p=sizes / sizes.sum()))
+        n = len(groups[gi]["ids"])
+        idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+        yield {k: v[idx] for k, v in groups[gi].items()}
+
+
+def mask_canvas(target: torch.Tensor, mask_id: int, gen: torch.Generator, eps: float = 1e-3):
+    """LLaDA's forward process: t ~ U(eps, 1) per row, each token masked with probability t.
+
+    Returns (noisy canvas, boolean mask, t of shape (B,)).
+    """
+    bsz, length = target.shape
+    t = eps + (1.0 - eps) * torch.rand(bsz, generator=gen)
+    masked = torch.rand(bsz, length, generator=gen) < t[:, None]
+    return torch.where(masked, torch.full_like(target, mask_id), target), masked, t
+
+
+def llada_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum over masked positions of CE / t, divided by B x L (LLaDA's unbiased bound on the NLL).
+
+    Unmasked positions contribute nothing whatever the logits say there.
+    """
+    bsz, length, vocab = logits.shape
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), target.reshape(-1),
+                                           reduction="none").view(bsz, length)
+    weights = masked.to(ce.dtype) / t.to(ce.dtype)[:, None]
+    return (ce * weights).sum() / (bsz * length)
+
+
+def train_llada(
+    train: Sequence[TrainExample],
+    words: Sequence[str],
+    settings: LladaTrainSettings = LladaTrainSettings(),
+    spec: LladaSpec = LladaSpec(),
+    progress: Callable[[int, float, float], None] | None = None,
+    init_from: LladaVAdapter | None = None,
+    evaluate: Callable[[LladaVAdapter], dict] | None = None,
+    on_eval: Callable[[dict], None] | None = None,
+) -> tuple[LladaVAdapter, dict]:
+    """Build a new model from `spec` (or continue `init_from`, an earlier stage's adapter) and train it.
+
+    Returns the adapter and a training log (loss curve, masked-token accuracy, and
+    `heldout_trajectory`: `evaluate(adapter)` every `settings.eval_every` steps, each point also
+    passed to `on_eval`).
+    """
+    torch.set_num_threads(settings.threads)
+    if init_from is None:
+        adapter = build_adapter(spec, words, settings.seed)
+    else:
+        adapter = init_from
+        missing = sorted(set(words) - set(adapter.tokenizer.get_vocab()))
+        if missing:
+            raise ValueError(f"tokenizer of the continued model lacks words of this dataset: {missing}")
+    model = adapter.model
+    groups = encode_examples(adapter, train)
+    model.to(settings.device)
+    adapter.device = torch.device(settings.device)
+    rng = np.random.default_rng(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+    def forward(pix, ids, noisy, tgt, masked, t):
+        logits = model.canvas_logits(ids, model.image_features(pix), noisy)
+        return logits, llada_loss(logits, tgt, masked, t)
+
+    if settings.compile:
+        forward = torch.compile(forward)
+    model.train()
+    t0 = time.time()
+    log: dict[str, list[float]] = {"loss": [], "masked_acc": []}
+    trajectory: list[dict] = []
+    stopped_early = False
+    stream = batches(groups, settings.batch_size, rng)
+    eval_seconds = 0.0
+    step = -1
+    for step in range(settings.steps):
+        b = next(stream)
+        noisy, masked, t = mask_canvas(b["tgt"], adapter.mask_token_id, gen, settings.eps)
+        dev = settings.device
+        logits, loss = forward(b["pix"].to(dev), b["ids"].to(dev), noisy.to(dev), b["tgt"].to(dev), masked.to(dev),
+                               t.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            hit = (logits.argmax(-1).cpu() == b["tgt"]) & masked
+            log["loss"].append(float(loss.detach()))
+            log["masked_acc"].append(float(hit.sum()) / max(1, int(masked.sum())))
+        if progress and (step % 50 == 0 or step == settings.steps - 1):
+            progress(step, float(np.mean(log["loss"][-50:])), float(np.mean(log["masked_acc"][-50:])))
+        if evaluate is not None and settings.eval_every and (step + 1) % settings.eval_every == 0:
+            t_eval = time.time()
+            model.eval()
+            trajectory.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 1),
+                               **evaluate(adapter)})
+            model.train()
+            if on_eval is not None:
+                on_eval(trajectory[-1])
+            eval_seconds += time.time() - t_eval
+        if settings.minutes is not None and time.time() - t0 > 60 * settings.minutes:
+            stopped_early = True
+            break
+    model.eval()
+    seconds = time.time() - t0 - eval_seconds
+    info = {
+        "steps_run": step + 1,
+        "stopped_early_by_minutes_cap": stopped_early,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, step + 1), 3),
+        "final_loss": float(np.mean(log["loss"][-50:])) if log["loss"] else None,
+        "final_masked_acc": float(np.mean(log["masked_acc"][-50:])) if log["masked_acc"] else None,
+        # Mean loss of every 25 steps: the curve, small enough to keep in the record.
+        "loss_curve_every_25": [round(float(np.mean(log["loss"][i:i + 25])), 4) for i in range(0, len(log["loss"]), 25)],
+        "heldout_trajectory": trajectory,
+        "trajectory_eval_seconds": round(eval_seconds, 1),
+        "n_train": len(train),
+        "train_data_sha256": examples_sha256(train),
+        "settings": asdict(settings),
+        "spec": spec.to_dict(),
+        "objective": "LLaDA SFT: t~U(eps,1) per example, answer tokens masked w.p. t, CE on masked / t, "
+                     "sum / (batch x gen_length); image and prompt never masked",
+        "init_from": None if init_from is None else "(previous stage, in memory)",
+        "torch": torch.__version__,
+    }
+    return adapter, info
+
+
+class _Recording:
+    """Passes `prepare` / `generate` through and keeps every generation (for commit-step facts)."""
+
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
+        self.generations = []
+
+    def prepare(self, image, prompt):
+        return self.adapter.prepare(image, prompt)
+
+    def generate(self, inputs, settings):
+        g = self.adapter.generate(inputs, settings)
+        self.generations.append(g)
+        return g
+
+
+def evaluate_llada(adapter, examples: Sequence[TrainExample], steps: int) -> dict:
+    """Held-out scores (`tasks.train_tiny.evaluate_answers`, which only needs `prepare` / `generate`,
+    so any family's adapter works) plus how commit steps spread over the words of each answer."""
+    rec = _Recording(adapter)
+    out = evaluate_answers(rec, examples, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)},
+                           GenerationSettings(max_denoising_steps=steps))
+    distinct = [len({w.commit_step for w in g.words}) / max(1, len(g.words)) for g in rec.generations if g.words]
+    out["commit_steps"] = {
+        "steps": steps,
+        # share of answers (with >= 2 words) whose words are not all committed at one step
+        "answers_with_distinct_word_commits": float(np.mean([len({w.commit_step for w in g.words}) > 1
+                                                             for g in rec.generations if len(g.words) > 1] or [0.0])),
+        "mean_distinct_commit_steps_per_word": float(np.mean(distinct)) if distinct else 0.0,
+        "n_steps_run": sorted({g.n_steps for g in rec.generations}),
+    }
+    return out
+
+
+def save_checkpoint(adapter: LladaVAdapter, out_dir: Path, spec: LladaSpec, record: dict) -> Path:
+    """`LladaVModel.save_pretrained` (LLaDA-V layout + tokenizer + sampler defaults) and the record.
+
+    No preprocessor_config.json: the loader builds SigLIP's default processor at
+    `vision_config.image_size`, the one training used (`build_adapter`); in transformers 5.24 a
+    saved one reads back with `size` as a `SizeDict`, which the loader's size check rejects.
+    `steps` in generation_config.json documents the trained sampler; the adapter takes the step
+    count from the run's settings (`max_denoising_steps`, default 16 = `LladaSpec.steps`).
+    """
+    out_dir = Path(out_dir)
+    adapter.model.save_pretrained(out_dir, adapter.tokenizer, image_aspect_ratio="square",
+                                  generation={"gen_length": spec.gen_length, "block_length": spec.block_length,
+                                              "steps": spec.steps, "temperature": 0.0})
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def heldout_examples(n: int, seed: int, synth: SynthSettings) -> list[TrainExample]:
+    return [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n, seed, synth)]
+
+
+def run_llada_stages(
+    stages: Sequence[Stage],
+    out_dir: Path,
+    synth: SynthSettings = SynthSettings(),
+    base: LladaTrainSettings = LladaTrainSettings(),
+    spec: LladaSpec = LladaSpec(),
+    n_train: int = 12000,
+    heldout_seed: int = 2,
+    n_heldout: int = 200,
+    progress: Callable[[int, int, float, float], None] | None = None,
+    n_trajectory: int = 50,
+    on_eval: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train through `stages` in one process (fresh synthetic data per stage), score every stage on
+    the same held-out set, save the last stage to `out_dir`; the record chains the stages
+    (`previous_stage`) like `tasks.train_tiny.run_train_stages`. `progress(stage, step, loss, acc)`.
+    With `base.eval_every`, the first `n_trajectory` held-out images are also scored during training
+    (`on_eval(stage, point)` sees each point)."""
+    if not stages:
+        raise ValueError("a recipe needs at least one stage")
+    if heldout_seed in {st.train_seed for st in stages}:
+        raise ValueError(f"held-out seed {heldout_seed} is also a training seed; held-out images must be unseen")
+    t0 = time.time()
+    words = vocabulary(synth)
+    held = heldout_examples(n_heldout, heldout_seed, synth)
+    adapter, report = None, None
+    for k, st in enumerate(stages, start=1):
+        train = heldout_examples(n_train, st.train_seed, synth)
+        settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
+        adapter, info = train_llada(train, words, settings, spec, init_from=adapter,
+                                    progress=None if progress is None else
+                                    (lambda s, loss, acc, k=k: progress(k, s, loss, acc)),
+                                    evaluate=lambda ad: evaluate_llada(ad, held[:n_trajectory], spec.steps),
+                                    on_eval=None if on_eval is None else (lambda point, k=k: on_eval(k, point)))
+        t_eval = time.time()
+        ev = evaluate_llada(adapter, held, spec.steps) if n_heldout else {}
+        ev["eval_seconds"] = round(time.time() - t_eval, 1)
+        report = {
+            "train": info,
+            "previous_stage": report,
+            "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {st.train_seed} --n {n_train})",
+                        "seed": st.train_seed, "n": n_train, "settings": synth.to_dict(),
+                        "cue": None if synth.cue is None else synth.cue.to_dict()},
+            "heldout": {"seed": heldout_seed, "n": n_heldout},
+            "heldout_eval": ev,
+        }
+    report["recipe_run"] = {
+        "stages": [asdict(st) for st in stages],
+        "wall_seconds": round(time.time() - t0, 1),
+        "threads": base.threads,
+        "batch_size": base.batch_size,
+        "device": base.device,
+        "torch": torch.__version__,
+    }
+    save_checkpoint(adapter, out_dir, spec, report)
+    return report
