@@ -69,6 +69,8 @@ def model_hash(model_dir: str | Path) -> str:
     """sha256 over the folder's files (recursively; hidden files and folders excluded): per
     file, in sorted relative-path order, the posix path, a NUL and the file's own sha256.
     Renaming, adding or editing any file changes it; the folder's location does not."""
+    from storage.store import file_sha256
+
     root = Path(model_dir)
     h = hashlib.sha256(b"diffcam-model-v1\0")
     files = sorted(
@@ -76,11 +78,7 @@ def model_hash(model_dir: str | Path) -> str:
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     for p in files:
-        fh = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + fh.digest())
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + bytes.fromhex(file_sha256(p)))
     return h.hexdigest()
 
 

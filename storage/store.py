@@ -65,12 +65,10 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (streamed by hashlib): commit markers, image and model hashes."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -344,7 +342,7 @@ class Store:
                     entries[name] = {
                         "path": f"{name}/shard={shard}.parquet",
                         "rows": t.num_rows,
-                        "sha256": _sha256(p),
+                        "sha256": file_sha256(p),
                         "bytes": p.stat().st_size,
                     }
                 _fsync_path(tmp)
@@ -428,7 +426,7 @@ class Store:
                 path = self.run_dir(run_id) / entry["path"]
                 if not path.is_file():
                     problems.append(f"shard {shard}: {entry['path']} is missing")
-                elif _sha256(path) != entry["sha256"]:
+                elif file_sha256(path) != entry["sha256"]:
                     problems.append(f"shard {shard}: {entry['path']} sha256 differs from its commit marker")
         return problems
 

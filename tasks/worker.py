@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.store import file_sha256
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
 __all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256", "FAULTS_ENV", "parse_faults",
@@ -98,14 +99,6 @@ def parse_faults(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     if d.get("oom_stage", "generate") not in ("generate", "attribute"):
         raise ValueError(f"{FAULTS_ENV}: oom_stage must be generate or attribute")
     return d
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CamWorker:
