@@ -54,7 +54,7 @@ def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
 
 
 def write_tiny(folder, image_size: int = 32, patch: int = 8, seed: int = 3, newline: bool = True,
-               gen_length: int = 12, block_length: int = 6, chat: bool = False):
+               gen_length: int = 12, block_length: int = 6, chat: bool = False, vision_layers: int = 1):
     """A 2-layer LM (hidden 32) + 1-layer SigLIP tower, saved in the LLaDA-V layout.
 
     Seed 3 answers with content words (other seeds can answer only special tokens).
@@ -64,7 +64,8 @@ def write_tiny(folder, image_size: int = 32, patch: int = 8, seed: int = 3, newl
     text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        rope_theta=500000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
+                                num_attention_heads=2,
                                 image_size=image_size, patch_size=patch, vision_use_head=False)
     model = LladaVModel(text, vision, "mlp2x_gelu", image_newline=newline)
     with torch.no_grad():
@@ -390,3 +391,35 @@ def test_canvas_log_probs_batches_images_and_matches_the_attribution_pass(adapte
         single = ap.log_probs(canvas, None).detach()
     torch.testing.assert_close(batched[0], single, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(batched[0], batched[1])
+
+
+def test_a_tower_without_transformer_layers_uses_its_patch_embeddings(tmp_path):
+    """0 SigLIP layers (what a tiny model trained from scratch needs to keep tokens local) loads,
+    generates, and each image token's feature depends only on its own patch."""
+    folder = write_tiny(tmp_path / "v0", vision_layers=0)
+    ad = load_adapter(folder)
+    img = np.asarray(image(32, 32))
+    inputs = ad.prepare(Image.fromarray(img), "describe the image")
+    gen = ad.generate(inputs, settings())
+    assert gen.n_steps >= 1
+    other = img.copy()
+    other[:8, :8] = 255 - other[:8, :8]  # change the first 8x8 patch only
+    with torch.no_grad():
+        a = ad.model.image_features(ad.prepare(Image.fromarray(img), "describe the image")["pixel_values"])
+        b = ad.model.image_features(ad.prepare(Image.fromarray(other), "describe the image")["pixel_values"])
+    changed = (a - b).abs().amax(dim=-1)[0] > 1e-6
+    assert changed[0] and not changed[1:].any()
+
+
+def test_a_saved_preprocessor_config_of_the_right_size_loads(folder32, tmp_path):
+    import shutil
+
+    from transformers import SiglipImageProcessorPil
+
+    folder = tmp_path / "with-proc"
+    shutil.copytree(folder32, folder)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    assert load_adapter(folder).image_span(load_adapter(folder).prepare(image(), "describe the image")).grid == (4, 4)
+    SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(folder)
+    with pytest.raises(ValueError, match="does not match vision_config.image_size"):
+        load_adapter(folder)

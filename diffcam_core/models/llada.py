@@ -189,8 +189,16 @@ class LladaVModel(nn.Module):
         return self.model.vision_tower.vision_tower.vision_model
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, n_patches, hidden): SigLIP's last hidden state before post-layernorm, projected."""
-        out = self.siglip(pixel_values=pixel_values.to(self.lm_head.weight.dtype), output_hidden_states=True)
+        """(n_images, n_patches, hidden): SigLIP's last hidden state before post-layernorm, projected.
+
+        A tower with no transformer layers (patch embedding + positions only: image tokens
+        stay local, what a tiny model trained from scratch needs) has no hidden states to
+        return, so its embeddings are that last state.
+        """
+        pixels = pixel_values.to(self.lm_head.weight.dtype)
+        if not self.siglip.config.num_hidden_layers:
+            return self.model.mm_projector(self.siglip.embeddings(pixels))
+        out = self.siglip(pixel_values=pixels, output_hidden_states=True)
         return self.model.mm_projector(out.hidden_states[-1])
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
@@ -371,8 +379,10 @@ class LladaVAdapter(LayerTable):
         size = {"height": vision_cfg.image_size, "width": vision_cfg.image_size}
         if (model_dir / "preprocessor_config.json").is_file():
             proc = SiglipImageProcessorPil.from_pretrained(model_dir)
-            got = proc.size if isinstance(proc.size, dict) else {"height": proc.size, "width": proc.size}
-            if (got.get("height"), got.get("width")) != (size["height"], size["width"]):
+            got = proc.size  # a SizeDict (attributes), a plain dict, or one int for a square
+            hw = ((got, got) if isinstance(got, int) else
+                  (got.get("height"), got.get("width")) if isinstance(got, dict) else (got.height, got.width))
+            if hw != (size["height"], size["width"]):
                 raise ValueError(f"{model_dir}: preprocessor size {got} does not match vision_config.image_size "
                                  f"{vision_cfg.image_size} (the SigLIP position table is fixed)")
             return proc
