@@ -20,7 +20,6 @@ global attention loses locality (measured on the DiffusionGemma tiny model in th
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
 from diffcam_core.settings import GenerationSettings
 from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
-from tasks.train_tiny import Stage, TrainExample, evaluate_answers, examples_sha256
+from tasks.train_tiny import Stage, TrainExample, evaluate_answers, examples_sha256, warmup_cosine_adamw
 
 PAD, EOS, BOS, UNK = "<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>"
 #: LLaDA's names for eos / bos / mask, so the adapter finds them the way it does on released checkpoints.
@@ -268,15 +267,7 @@ def train_llada(
     adapter.device = torch.device(settings.device)
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = warmup_cosine_adamw(model.parameters(), settings)
 
     def forward(pix, ids, noisy, tgt, masked, t):
         logits = model.canvas_logits(ids, model.image_features(pix), noisy)

@@ -162,6 +162,20 @@ def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
     return next((TinyModelSpec(**r["train"]["spec"]) for r in _stage_records(folder) if (r.get("train") or {}).get("spec")), None)
 
 
+def warmup_cosine_adamw(params, settings) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, linear warm-up over ``settings.warmup`` steps, then cosine decay to 5 % of ``settings.lr``
+    at ``settings.steps``: the schedule both tiny families train with."""
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
 def train_tiny(
     train: Sequence[TrainExample],
     vocabulary: Sequence[str],
@@ -214,15 +228,7 @@ def train_tiny(
     gen = torch.Generator().manual_seed(settings.seed)
     vocab = config.text_config.vocab_size
 
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = warmup_cosine_adamw(model.parameters(), settings)
     forward = _denoising_step(adapter, vocab)
     if settings.compile:
         forward = torch.compile(forward)
