@@ -34,7 +34,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
 from diffcam_core.settings import GenerationSettings
 from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
-from tasks.train_tiny import Stage, TrainExample, evaluate_answers, examples_sha256, warmup_cosine_adamw
+from tasks.train_tiny import (Stage, TrainExample, evaluate_answers, examples_sha256, stage_record,
+                              warmup_cosine_adamw)
 
 PAD, EOS, BOS, UNK = "<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>"
 #: LLaDA's names for eos / bos / mask, so the adapter finds them the way it does on released checkpoints.
@@ -429,15 +430,7 @@ def run_llada_stages(
         t_eval = time.time()
         ev = evaluate_llada(adapter, held, spec.steps) if n_heldout else {}
         ev["eval_seconds"] = round(time.time() - t_eval, 1)
-        report = {
-            "train": info,
-            "previous_stage": report,
-            "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {st.train_seed} --n {n_train})",
-                        "seed": st.train_seed, "n": n_train, "settings": synth.to_dict(),
-                        "cue": None if synth.cue is None else synth.cue.to_dict()},
-            "heldout": {"seed": heldout_seed, "n": n_heldout},
-            "heldout_eval": ev,
-        }
+        report = stage_record(info, report, st, n_train, synth, heldout_seed, n_heldout, ev)
     report["recipe_run"] = {
         "stages": [asdict(st) for st in stages],
         "wall_seconds": round(time.time() - t0, 1),

@@ -162,6 +162,21 @@ def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
     return next((TinyModelSpec(**r["train"]["spec"]) for r in _stage_records(folder) if (r.get("train") or {}).get("spec")), None)
 
 
+def stage_record(info: dict, previous: dict | None, stage: "Stage", n_train: int, synth: SynthSettings,
+                 heldout_seed: int, n_heldout: int, heldout_eval: dict) -> dict:
+    """One training stage's record in a checkpoint's `diffcam_tiny.json`; earlier stages nest
+    under ``previous_stage`` (what `training_seeds` walks)."""
+    return {
+        "train": info,
+        "previous_stage": previous,
+        "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {stage.train_seed} --n {n_train})",
+                    "seed": stage.train_seed, "n": n_train, "settings": synth.to_dict(),
+                    "cue": None if synth.cue is None else synth.cue.to_dict()},
+        "heldout": {"seed": heldout_seed, "n": n_heldout},
+        "heldout_eval": heldout_eval,
+    }
+
+
 def warmup_cosine_adamw(params, settings) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW, linear warm-up over ``settings.warmup`` steps, then cosine decay to 5 % of ``settings.lr``
     at ``settings.steps``: the schedule both tiny families train with."""
@@ -452,15 +467,7 @@ def run_train_stages(
         t_eval = time.time()
         ev = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
         ev["eval_seconds"] = round(time.time() - t_eval, 1)
-        report = {
-            "train": info,
-            "previous_stage": report,
-            "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {st.train_seed} --n {n_train})",
-                        "seed": st.train_seed, "n": n_train, "settings": synth.to_dict(),
-                        "cue": None if synth.cue is None else synth.cue.to_dict()},
-            "heldout": {"seed": heldout_seed, "n": n_heldout},
-            "heldout_eval": ev,
-        }
+        report = stage_record(info, report, st, n_train, synth, heldout_seed, n_heldout, ev)
         if stage_dir is not None and k < len(stages):
             save_checkpoint(adapter, Path(stage_dir) / f"stage{k}", report)
     report["recipe_run"] = {
