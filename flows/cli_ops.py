@@ -39,7 +39,7 @@ def _need_server(what: str) -> None:
 
 _COMPARE_HELP = """Regression report of run B (candidate) against run A (baseline): per word and overall changes in localisation metrics and map statistics (KS test, Wasserstein distance, Benjamini–Hochberg q-values), new and resolved flags, and a pass/fail verdict against gates.
 
-Writes compare.md and compare.json (default STORE/compare/RUN_A__RUN_B/). Gates come from --gates FILE (.toml with a [gates] table, or .json) and the flags below; defaults: Obj-IoU may drop < 2 points, no new confirmed flag of kind clever_hans or spurious*, failure rate +5 points at most, both runs succeeded on the same dataset.
+Writes compare.md and compare.json (default STORE/compare/RUN_A__RUN_B/). Gates come from --gates FILE (.toml with a [gates] table, or .json) and the flags below; defaults: Obj-IoU may drop < 2 points, no new confirmed flag of kind clever_hans, failure rate +5 points at most, both runs succeeded on the same dataset.
 
 Examples:
   diffcam compare nightly-0412 nightly-0413
@@ -63,7 +63,7 @@ def compare_cmd(
         None, "--max-word-obj-iou-drop", min=0.0, help="Per-word Obj-IoU drop limit in points (default: off)."),
     flag_kinds: Optional[list[str]] = typer.Option(
         None, "--fail-on-new-flag",
-        help="Flag kind pattern whose new flags fail the gate (repeatable; default clever_hans, spurious*)."),
+        help="Flag kind pattern whose new flags fail the gate (repeatable; default clever_hans)."),
     any_flag: bool = typer.Option(False, "--unconfirmed-flags-count",
                                   help="Count new flags of those kinds even when not confirmed."),
     method: Optional[str] = typer.Option(None, "--method", help="CAM method to compare (default diffusion-cam)."),

@@ -71,7 +71,7 @@ class CompareGates:
     max_failure_rate_increase_points: float | None = 5.0
     #: flag kinds (glob patterns) that must not appear in B unless already in A. ``clever_hans``
     #: is the spurious-correlation flag of tasks/bias.py (docs/BIAS.md; ``confirmed`` = the
-    #: counterfactual's verdict); ``spurious*`` catches other detectors' names.
+    #: counterfactual's verdict). Add patterns (e.g. ``suspect_*``) to gate on other kinds.
     fail_on_new_flag_kinds: tuple[str, ...] = ("clever_hans",)
     #: count only flags with confirmed = true for the gate above
     new_flags_confirmed_only: bool = True

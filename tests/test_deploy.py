@@ -131,7 +131,7 @@ class FakeAudit:
         if run_id in st.runs():  # a resume: finish the run
             st.update_run(run_id, status="succeeded")
         elif name.endswith("-bad"):
-            fabricate(st, run_id, iou={"circle": 0.1}, flags=[{"kind": "spurious_correlation", "word": "circle",
+            fabricate(st, run_id, iou={"circle": 0.1}, flags=[{"kind": "clever_hans", "word": "circle",
                                                                 "confirmed": True}])
         else:
             fabricate(st, run_id)
