@@ -221,7 +221,8 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
         if swap and len(s.objects) >= 2:
             t1 = time.perf_counter()
             _swap_test(adapter, s, gen, maps, result, settings, methods, rows=rows, grounded=grounded, info=swap_info,
-                rng=rng, index=i, refine_settings=refine_settings, presets=presets, synth=synth)
+                       objectness=objectness, rng=rng, index=i, refine_settings=refine_settings, presets=presets,
+                       synth=synth)
             swap_info["seconds"] += time.perf_counter() - t1
         words = result.words
         f_maps = [maps[w.word.index]["diffusion-cam"] for w in words if w.word.is_function and "diffusion-cam" in maps.get(w.word.index, {})]
@@ -244,7 +245,7 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
     return table, info
 
 
-def _swap_test(adapter, s, gen, maps, result, settings, methods, *, rows, grounded, info, rng,
+def _swap_test(adapter, s, gen, maps, result, settings, methods, *, rows, grounded, info, objectness, rng,
                index, refine_settings, presets, synth) -> None:
     """Swap objects 0 and 1, regenerate and attribute; record per word whether each map followed.
 
@@ -276,8 +277,7 @@ def _swap_test(adapter, s, gen, maps, result, settings, methods, *, rows, ground
         w2, mask2 = by_text2[w.word.text]
         if mask2 is not new_own.mask:
             continue  # the word names another object in the swapped answer (a repeated colour or shape)
-        before = _word_maps(methods, maps[w.word.index], s, own.mask, result.grid, rng,
-                            evidence.objectness_map(s.image, result.grid))
+        before = _word_maps(methods, maps[w.word.index], s, own.mask, result.grid, rng, objectness)
         after = _word_maps(methods, maps2[w2.word.index], swapped, new_own.mask, result2.grid, rng, objectness2)
         info["words"] += 1
         for m in methods:
