@@ -287,13 +287,92 @@ def test_every_image_case_loads_or_fails_with_its_reason(corpus):
     assert load_image(root / "bad" / "tiny.png").size == (1, 1)
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads mode-000 files; the permission path is tested with a mock below")
+#: An unprivileged account for the permission test when the suite runs as root (CI does):
+#: nobody/nogroup on Debian-like systems.
+UNPRIVILEGED_UID = UNPRIVILEGED_GID = 65534
+
+
+def _load_images_unprivileged(folder: Path, names: tuple[str, ...], timeout_s: float = 60.0) -> dict[str, str]:
+    """`load_image` on each ``folder/<name>`` in a forked child that has switched to an
+    unprivileged user: "loaded", or the `SampleError` message. The suite runs as root in CI,
+    and root reads mode-000 files. A fork, not a new interpreter: the child needs nothing it
+    has not already imported (here the Python executable lives under /root, which the
+    unprivileged user cannot open). Skips, saying why, where the switch is refused."""
+    import select
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            out: dict[str, str] = {}
+            try:
+                os.setgroups([])
+                os.setgid(UNPRIVILEGED_GID)
+                os.setuid(UNPRIVILEGED_UID)
+            except OSError as e:
+                out["setuid"] = f"{type(e).__name__}: {e}"
+            else:
+                for name in names:
+                    try:
+                        load_image(folder / name)
+                        out[name] = "loaded"
+                    except SampleError as e:
+                        out[name] = str(e)
+                    except Exception as e:  # noqa: BLE001 - reported to the parent, which fails
+                        out[name] = f"{type(e).__name__}: {e}"
+            data = json.dumps(out).encode()
+            while data:
+                data = data[os.write(w, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], timeout_s)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the unprivileged child gave no answer in {timeout_s} s")
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    result = json.loads(b"".join(chunks))
+    if "setuid" in result:  # no CAP_SETUID / CAP_SETGID (e.g. a restricted container)
+        pytest.skip(f"running as root without the right to switch to uid {UNPRIVILEGED_UID}: {result['setuid']}")
+    return result
+
+
 def test_unreadable_permissions(tmp_path):
-    p = tmp_path / "locked.png"
-    Image.new("RGB", (4, 4)).save(p)
-    p.chmod(0)
-    with pytest.raises(SampleError, match=r"^\[load/permission-denied\]"):
-        load_image(p)
+    """A mode-000 image is a ``[load/permission-denied]`` failure. As root (CI), the check runs
+    in a child switched to an unprivileged user, beside a readable image in the same folder:
+    that one loads, so the folder was reachable and only the file's mode refused."""
+    if not IS_ROOT:
+        p = tmp_path / "locked.png"
+        Image.new("RGB", (4, 4)).save(p)
+        p.chmod(0)
+        with pytest.raises(SampleError, match=r"^\[load/permission-denied\]"):
+            load_image(p)
+        return
+    import tempfile
+
+    # pytest's tmp_path lies under mode-0700 folders that the unprivileged user cannot enter
+    folder = Path(tempfile.mkdtemp(prefix="diffcam-perm-"))
+    try:
+        folder.chmod(0o755)
+        for name, mode in (("open.png", 0o644), ("locked.png", 0)):
+            Image.new("RGB", (4, 4)).save(folder / name)
+            (folder / name).chmod(mode)
+        result = _load_images_unprivileged(folder, ("open.png", "locked.png"))
+    finally:
+        shutil.rmtree(folder)
+    assert result["open.png"] == "loaded", result
+    assert result["locked.png"].startswith("[load/permission-denied]"), result
 
 
 def test_permission_denied_maps_to_its_reason(tmp_path, monkeypatch):
