@@ -224,7 +224,6 @@ CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CUE_MODEL / "config.json").is_file(), reason=f"{CUE_MODEL} has not landed yet")
 def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     """Both shipped checkpoints audited on one held-out cue dataset (the bias audit's own
     set-up: in-process audit + `run_dataset_flags`, whose counterfactual sets `confirmed`).
