@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diffcam_core import bias  # noqa: E402
-from diffcam_core.bias import BiasSettings  # noqa: E402
+from diffcam_core import bias_dataset, bias_windows  # noqa: E402
+from diffcam_core.bias_settings import BiasSettings  # noqa: E402
 from diffcam_core.settings import CamSettings  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region  # noqa: E402
 from tasks.train_tiny import training_seeds  # noqa: E402
@@ -69,7 +69,7 @@ def _cue_cells(ss: SynthSettings, grid: tuple[int, int]) -> np.ndarray:
     x0, y0, x1, y1 = cue_region(ss)
     m = np.zeros((ss.image_size, ss.image_size), dtype=bool)
     m[y0:y1, x0:x1] = True
-    return bias.cell_coverage(m, grid) > 0
+    return bias_windows.cell_coverage(m, grid) > 0
 
 
 def audit(model: Path, ds_dir: Path, store, run_id: str, threads: int, device: str, log) -> dict:
@@ -176,7 +176,7 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
                             "cluster_specificity_min": 0.0, "min_cluster_size": 1, "min_cluster_frac": 0.0})
     _, _, loose_analyses = analyse_run(run, objects, BiasSettings(**{**loose.to_dict(), "sample_methods": ()}))
     cands = []
-    for f in bias.all_dataset_flags(loose_analyses, loose):
+    for f in bias_dataset.all_dataset_flags(loose_analyses, loose):
         if f["kind"] != "clever_hans":
             continue
         ev = json.loads(f["evidence_json"])

@@ -39,7 +39,7 @@ def window_scan(image: np.ndarray, grid: tuple[int, int], win: tuple[int, int],
                 score_images: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
     """Drop of the word's score (intact − erased, nats) for every window position.
 
-    Returns (h − win_h + 1, w − win_w + 1), top-left indexed like `diffcam_core.bias.window_sums`;
+    Returns (h − win_h + 1, w − win_w + 1), top-left indexed like `diffcam_core.bias_windows.window_sums`;
     positive = the word is less likely without that window. One batched call scores the
     intact image and every erased one.
     """

@@ -1,6 +1,6 @@
 """The bias audit as a task: sample flags, dataset-level flags, counterfactuals, report section.
 
-Thin layer over the pure `diffcam_core.bias` (docs/BIAS.md): load → call → write.
+Thin layer over the pure `diffcam_core.bias_*` modules (docs/BIAS.md): load → call → write.
 
 - `sample_flag_rows` / `sample_flag_rows_from_explanation`: the per-sample flags of one
   audited sample, as ``flags`` rows. For the worker (the lead wires it into
@@ -8,7 +8,7 @@ Thin layer over the pure `diffcam_core.bias` (docs/BIAS.md): load → call → w
 - `run_dataset_flags(store, run_id, model_dir, dataset_path, settings)`: after all shards.
   Reads the run's ``token_maps`` (maps dequantised with `storage.schemas.dequantize_map`)
   and ``samples``, re-reads the object masks from the dataset manifest (the tables keep
-  mask statistics, not masks), runs `diffcam_core.bias.analyse_word` /
+  mask statistics, not masks), runs `diffcam_core.bias_dataset.analyse_word` /
   `dataset_flags` per (content word, method), and confirms or refutes every
   ``clever_hans`` flag by a counterfactual: the suspect region and/or the word's objects
   are erased (`erase_region` / `erase_mask`: inpainted with the local background) and
@@ -52,21 +52,12 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias import (
-    SAMPLE_KINDS,
-    BiasSettings,
-    WordSample,
-    all_dataset_flags,
-    analyse_word,
-    region_sample_flags,
-    box_mask,
-    cell_coverage,
-    erase_mask,
-    erase_region,
-    sample_flags,
-    window_cells,
-    window_sums,
-)
+from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
+from diffcam_core.bias_flags import SAMPLE_KINDS
+from diffcam_core.bias_sample import region_sample_flags, sample_flags
+from diffcam_core.bias_settings import BiasSettings
+from diffcam_core.bias_windows import cell_coverage, window_cells, window_sums
+from diffcam_core.inpaint import box_mask, erase_mask, erase_region
 from diffcam_core.stats import map_stats
 from storage.report import ReportContext, Section, SectionContent
 
@@ -100,7 +91,7 @@ def sample_flag_rows(
     *,
     with_stats: bool = True,
 ) -> list[dict[str, Any]]:
-    """``flags`` rows of one sample: `diffcam_core.bias.sample_flags` for every word.
+    """``flags`` rows of one sample: `diffcam_core.bias_sample.sample_flags` for every word.
 
     ``words``: (word_index, word text, {method: (h, w) map}) per answer word;
     ``word_masks[i]``: the i-th word's object mask (None: no mask); ``all_masks``: every
@@ -384,7 +375,7 @@ def region_counterfactuals(
     the second, and still in the control's: a model that drops the word whatever patch is
     erased shows no dependence on this region. Samples whose answer lacks the word are not
     tested (nothing can vanish). Returns ({sample_id: test}, summary);
-    `diffcam_core.bias.region_sample_flags` turns the tests into flags.
+    `diffcam_core.bias_sample.region_sample_flags` turns the tests into flags.
     """
     from PIL import Image
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcam_core import bias
-from diffcam_core.bias import BiasSettings, WordSample, cell_coverage
+from diffcam_core import bias_clusters, bias_dataset, bias_flags, bias_sample, bias_windows, inpaint
+from diffcam_core.bias_dataset import WordSample
+from diffcam_core.bias_settings import BiasSettings
+from diffcam_core.bias_windows import cell_coverage
 from diffcam_core.synthetic import CUE_COLORS, CueSpec, SynthSettings, answer_groundings, cue_region, make_samples
 
 GRID = (8, 8)
@@ -83,8 +85,8 @@ def test_flag_id_and_region_match_storage() -> None:
 
     for args in [("off_object", "s1", 2, "circle", "token-gradnorm", None),
                  ("clever_hans", None, None, "circle", "diffusion-cam", "0.0000,0.0000,0.1250,0.1250")]:
-        assert bias.flag_id(*args) == make_flag_id(*args)
-    assert bias.format_region((0, 0.125, 0.25, 1)) == format_region(0, 0.125, 0.25, 1)
+        assert bias_flags.flag_id(*args) == make_flag_id(*args)
+    assert bias_flags.format_region((0, 0.125, 0.25, 1)) == format_region(0, 0.125, 0.25, 1)
 
 
 def test_cell_coverage_exact() -> None:
@@ -100,10 +102,10 @@ def test_cell_coverage_exact() -> None:
 
 def test_window_sums_brute_force() -> None:
     a = np.random.default_rng(0).random((6, 7))
-    got = bias.window_sums(a, (2, 3))
+    got = bias_windows.window_sums(a, (2, 3))
     want = np.array([[a[r:r + 2, c:c + 3].sum() for c in range(5)] for r in range(5)])
     assert np.allclose(got, want)
-    assert bias.window_cells((8, 8), 0.125) == (1, 1) and bias.window_cells((24, 24), 0.125) == (3, 3)
+    assert bias_windows.window_cells((8, 8), 0.125) == (1, 1) and bias_windows.window_cells((24, 24), 0.125) == (3, 3)
 
 
 # --------------------------------------------------------------------------- sample level
@@ -116,7 +118,7 @@ def test_off_object_flags_find_the_cue_samples(word: str, pos: str, color: str) 
     rows = _word_maps(samples, ss, planted=True)
     flagged, truth = set(), set()
     for sid, wi, w, m, all_masks, maps, cue in rows:
-        fl = bias.sample_flags(maps, m, None, sample_id=sid, word_index=wi, word=w, all_masks=all_masks)
+        fl = bias_sample.sample_flags(maps, m, None, sample_id=sid, word_index=wi, word=w, all_masks=all_masks)
         if cue:
             truth.add(sid)
         for f in fl:
@@ -137,7 +139,7 @@ def test_off_object_flags_find_the_cue_samples(word: str, pos: str, color: str) 
 def test_clean_maps_raise_no_sample_flag() -> None:
     ss, samples = _samples("circle", "top-left", "magenta")
     for sid, wi, w, m, all_masks, maps, _ in _word_maps(samples, ss, planted=False):
-        assert bias.sample_flags(maps, m, None, sample_id=sid, word_index=wi, word=w, all_masks=all_masks) == []
+        assert bias_sample.sample_flags(maps, m, None, sample_id=sid, word_index=wi, word=w, all_masks=all_masks) == []
 
 
 def test_hotspot_on_another_object_is_not_off_object() -> None:
@@ -148,8 +150,8 @@ def test_hotspot_on_another_object_is_not_off_object() -> None:
     other[0:8, 0:8] = True
     m = cell_coverage(other, GRID) * 5 + cell_coverage(own, GRID)
     kw = dict(sample_id="s", word_index=0, word="w")
-    assert bias.sample_flags({"token-gradnorm": m}, own, None, all_masks=[own, other], **kw) == []
-    only_own = bias.sample_flags({"token-gradnorm": m}, own, None, **kw)  # without all_masks it is off-object
+    assert bias_sample.sample_flags({"token-gradnorm": m}, own, None, all_masks=[own, other], **kw) == []
+    only_own = bias_sample.sample_flags({"token-gradnorm": m}, own, None, **kw)  # without all_masks it is off-object
     assert {f["kind"] for f in only_own} >= {"off_object"}
 
 
@@ -157,11 +159,11 @@ def test_zero_and_flat_maps() -> None:
     kw = dict(sample_id="s", word_index=1, word="red", all_masks=())
     mask = np.zeros((64, 64), dtype=bool)
     mask[:16, :16] = True
-    z = bias.sample_flags({"diffusion-cam": np.zeros(GRID)}, mask, None, **kw)
+    z = bias_sample.sample_flags({"diffusion-cam": np.zeros(GRID)}, mask, None, **kw)
     assert [f["kind"] for f in z] == ["zero_map"] and z[0]["score"] == 0.0
-    f = bias.sample_flags({"diffusion-cam": np.full(GRID, 0.7)}, mask, None, **kw)
+    f = bias_sample.sample_flags({"diffusion-cam": np.full(GRID, 0.7)}, mask, None, **kw)
     assert [x["kind"] for x in f] == ["flat_map"] and f[0]["score"] == 0.0
-    assert bias.sample_flags({"gradcam": np.zeros(GRID)}, mask, None, **kw) == []  # not an audited method
+    assert bias_sample.sample_flags({"gradcam": np.zeros(GRID)}, mask, None, **kw) == []  # not an audited method
 
 
 def test_flag_rows_fit_the_flags_table_and_carry_evidence() -> None:
@@ -202,8 +204,8 @@ def test_clever_hans_cluster_on_the_cue(word: str, pos: str, color: str, p: floa
     ss, samples = _samples(word, pos, color, p=p)
     x0, y0, x1, y1 = cue_region(ss)
     rows = _word_maps(samples, ss, planted=True)
-    a = bias.analyse_word(word, "token-gradnorm", _group(rows, word, "token-gradnorm"))
-    flags = bias.dataset_flags(a)
+    a = bias_dataset.analyse_word(word, "token-gradnorm", _group(rows, word, "token-gradnorm"))
+    flags = bias_dataset.dataset_flags(a)
     assert [f["kind"] for f in flags] == ["clever_hans"]
     f = flags[0]
     rx0, ry0, rx1, ry1 = (float(v) for v in f["region"].split(","))
@@ -215,9 +217,9 @@ def test_clever_hans_cluster_on_the_cue(word: str, pos: str, color: str, p: floa
     assert len(members & cue_ids) >= 0.9 * len(cue_ids) and len(members - cue_ids) <= 0.15 * len(members)
     assert ev["consistency"] >= 0.6 and ev["object_overlap"] <= 0.05 and len(ev["prototype"]) == 8
     # the channel-pooled stand-in and the other words stay quiet
-    assert bias.dataset_flags(bias.analyse_word(word, "diffusion-cam", _group(rows, word, "diffusion-cam"))) == []
+    assert bias_dataset.dataset_flags(bias_dataset.analyse_word(word, "diffusion-cam", _group(rows, word, "diffusion-cam"))) == []
     for other in {w for _, _, w, *_ in rows} - {word}:
-        assert bias.dataset_flags(bias.analyse_word(other, "token-gradnorm", _group(rows, other, "token-gradnorm"))) == []
+        assert bias_dataset.dataset_flags(bias_dataset.analyse_word(other, "token-gradnorm", _group(rows, other, "token-gradnorm"))) == []
 
 
 def test_hotspot_shared_by_every_word_is_not_a_cue() -> None:
@@ -233,15 +235,15 @@ def test_hotspot_shared_by_every_word_is_not_a_cue() -> None:
         items = _group(rows, word, "token-gradnorm")
         items = [WordSample(it.sample_id, it.word_index, it.map + 2 * it.map.sum() * spot, it.coverage,
                             it.objects_coverage) for it in items]
-        analyses[(word, "token-gradnorm")] = bias.analyse_word(word, "token-gradnorm", items)
-    alone = [f for a in analyses.values() for f in bias.dataset_flags(a)]
+        analyses[(word, "token-gradnorm")] = bias_dataset.analyse_word(word, "token-gradnorm", items)
+    alone = [f for a in analyses.values() for f in bias_dataset.dataset_flags(a)]
     assert {f["kind"] for f in alone} == {"clever_hans"}  # without the baseline every word looks suspect
-    assert bias.all_dataset_flags(analyses) == []
+    assert bias_dataset.all_dataset_flags(analyses) == []
     # the planted cue is specific to its word: found with the same baseline machinery
     planted = _word_maps(samples, ss, planted=True)
-    an = {(w, "token-gradnorm"): bias.analyse_word(w, "token-gradnorm", _group(planted, w, "token-gradnorm"))
+    an = {(w, "token-gradnorm"): bias_dataset.analyse_word(w, "token-gradnorm", _group(planted, w, "token-gradnorm"))
           for w in {w for _, _, w, *_ in planted}}
-    flags = bias.all_dataset_flags(an)
+    flags = bias_dataset.all_dataset_flags(an)
     assert [(f["kind"], f["word"]) for f in flags] == [("clever_hans", "circle")]
     ev = json.loads(flags[0]["evidence_json"])
     assert ev["specificity"] >= ev["specificity_min"] and ev["n_other_word_maps"] > 100
@@ -252,8 +254,8 @@ def test_clean_maps_raise_no_dataset_flag() -> None:
     rows = _word_maps(samples, ss, planted=False)
     for word in {w for _, _, w, *_ in rows}:
         for method in ("token-gradnorm", "diffusion-cam"):
-            a = bias.analyse_word(word, method, _group(rows, word, method))
-            assert bias.dataset_flags(a) == [], (word, method)
+            a = bias_dataset.analyse_word(word, method, _group(rows, word, method))
+            assert bias_dataset.dataset_flags(a) == [], (word, method)
             assert a["shuffle"]["gap"] > 0.2  # the maps follow the objects
 
 
@@ -276,8 +278,8 @@ def test_centre_bias_flagged_for_centre_maps_on_off_centre_objects() -> None:
     yy, xx = np.mgrid[0:8, 0:8]
     centre = np.exp(-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 3.0)
     items = [WordSample(f"s{i}", 0, centre + 0.05 * rng.random(GRID), cell_coverage(m, GRID)) for i, m in enumerate(masks)]
-    a = bias.analyse_word("dog", "diffusion-cam", items)
-    flags = {f["kind"]: f for f in bias.dataset_flags(a)}
+    a = bias_dataset.analyse_word("dog", "diffusion-cam", items)
+    flags = {f["kind"]: f for f in bias_dataset.dataset_flags(a)}
     assert "centre_bias" in flags and "clever_hans" not in flags
     cb = flags["centre_bias"]
     ev = json.loads(cb["evidence_json"])
@@ -285,11 +287,11 @@ def test_centre_bias_flagged_for_centre_maps_on_off_centre_objects() -> None:
     assert ev["shuffle"]["gap"] < 0.02 and len(ev["sample_ids"]) == 40 and ev["mean_mask_map"] is not None
     assert cb["region"] == "0.2500,0.2500,0.7500,0.7500"
     assert "ignores_object" not in flags  # opt-in (BiasSettings.flag_ignores_object)
-    opt = {f["kind"] for f in bias.dataset_flags(a, BiasSettings(flag_ignores_object=True))}
+    opt = {f["kind"] for f in bias_dataset.dataset_flags(a, BiasSettings(flag_ignores_object=True))}
     assert opt == {"centre_bias", "ignores_object"}  # the maps do not move with the objects
     # a model that follows the objects on the same dataset is not flagged
     clean = [WordSample(f"s{i}", 0, object_source(m, rng), cell_coverage(m, GRID)) for i, m in enumerate(masks)]
-    assert bias.dataset_flags(bias.analyse_word("dog", "diffusion-cam", clean)) == []
+    assert bias_dataset.dataset_flags(bias_dataset.analyse_word("dog", "diffusion-cam", clean)) == []
 
 
 def test_centre_objects_with_centre_maps_are_not_centre_biased() -> None:
@@ -301,39 +303,39 @@ def test_centre_objects_with_centre_maps_are_not_centre_biased() -> None:
         y, x = rng.integers(18, 30, size=2)
         m[y:y + 16, x:x + 16] = True
         items.append(WordSample(f"s{i}", 0, object_source(m, rng), cell_coverage(m, GRID)))
-    a = bias.analyse_word("cat", "diffusion-cam", items)
+    a = bias_dataset.analyse_word("cat", "diffusion-cam", items)
     assert a["centre_bias"]["score"] < 0.1
-    assert bias.dataset_flags(a) == []
+    assert bias_dataset.dataset_flags(a) == []
 
 
 def test_mask_shuffle_gap_and_derangement() -> None:
     for n in (2, 3, 10, 57):
-        perm = bias._derangement(n, seed=5)
+        perm = bias_dataset._derangement(n, seed=5)
         assert sorted(perm) == list(range(n)) and all(perm[i] != i for i in range(n))
-        assert (bias._derangement(n, 5) == perm).all()
+        assert (bias_dataset._derangement(n, 5) == perm).all()
     covs = [np.eye(8)[i][:, None] * np.ones((1, 8)) for i in range(8)]  # object = row i
-    g = bias.mask_shuffle_gap(covs, covs, seed=0)  # each map = its own object
+    g = bias_dataset.mask_shuffle_gap(covs, covs, seed=0)  # each map = its own object
     assert g["own"] == pytest.approx(1.0) and g["shuffled"] == pytest.approx(0.0) and g["gap"] == pytest.approx(1.0)
     same = [np.ones((8, 8))] * 8
-    assert bias.mask_shuffle_gap(same, covs)["gap"] == pytest.approx(0.0)
+    assert bias_dataset.mask_shuffle_gap(same, covs)["gap"] == pytest.approx(0.0)
 
 
 def test_content_independence_known_answers() -> None:
     same = [np.arange(64, dtype=float).reshape(8, 8) + 1] * 5
-    assert bias.content_independence(same)["mean"] == pytest.approx(1.0)
+    assert bias_dataset.content_independence(same)["mean"] == pytest.approx(1.0)
     onehots = [np.eye(64)[i].reshape(8, 8) for i in range(0, 64, 8)]
-    assert bias.content_independence(onehots)["mean"] == pytest.approx(0.0)
+    assert bias_dataset.content_independence(onehots)["mean"] == pytest.approx(0.0)
 
 
 def test_cluster_two_groups_by_eigengap() -> None:
     rng = np.random.default_rng(0)
     a = [np.pad(np.ones((2, 2)), ((0, 6), (0, 6))) + 0.02 * rng.random(GRID) for _ in range(12)]
     b = [np.pad(np.ones((2, 2)), ((6, 0), (6, 0))) + 0.02 * rng.random(GRID) for _ in range(9)]
-    res = bias.cluster_word_maps(a + b)
+    res = bias_clusters.cluster_word_maps(a + b)
     assert res.k == 2
     assert len(set(res.labels[:12])) == 1 and len(set(res.labels[12:])) == 1 and res.labels[0] != res.labels[12]
     assert res.labels[0] == 0  # the larger cluster is 0
-    again = bias.cluster_word_maps(a + b)
+    again = bias_clusters.cluster_word_maps(a + b)
     assert (again.labels == res.labels).all()
 
 
@@ -342,8 +344,8 @@ def test_no_masks_never_makes_a_clever_hans_flag() -> None:
     spot = np.zeros(GRID)
     spot[0, 0] = 1
     items = [WordSample(f"s{i}", 0, spot + 0.02 * rng.random(GRID)) for i in range(20)]
-    a = bias.analyse_word("x", "token-gradnorm", items)
-    assert bias.dataset_flags(a) == [] and "no member has object masks" in a["regions"][0]["reason"]
+    a = bias_dataset.analyse_word("x", "token-gradnorm", items)
+    assert bias_dataset.dataset_flags(a) == [] and "no member has object masks" in a["regions"][0]["reason"]
 
 
 # --------------------------------------------------------------------------- counterfactual images
@@ -363,9 +365,9 @@ def test_erase_region_removes_marker_and_nothing_else(word: str, pos: str, color
             continue
         n_cue += 1
         before = s.image.copy()
-        out = bias.erase_region(s.image, box)
+        out = inpaint.erase_region(s.image, box)
         assert (s.image == before).all()  # input untouched
-        inside = bias.box_mask((64, 64), box)
+        inside = inpaint.box_mask((64, 64), box)
         assert (out[~inside] == s.image[~inside]).all()  # nothing outside the box changes
         assert not np.all(out == rgb, axis=-1).any()  # the marker is gone
         fill = out[inside][0].astype(int)
@@ -377,11 +379,11 @@ def test_erase_mask_object() -> None:
     ss, samples = _samples("circle", "top-left", "magenta", n=5)
     s = samples[0]
     obj = s.objects[0]
-    out = bias.erase_mask(s.image, obj.mask)
+    out = inpaint.erase_mask(s.image, obj.mask)
     assert (out[~obj.mask] == s.image[~obj.mask]).all()
     assert (np.abs(out[obj.mask].astype(int) - np.array(ss.background)) <= 8).all()
     with pytest.raises(ValueError, match="mask is"):
-        bias.erase_mask(s.image, np.zeros((10, 10), dtype=bool))
+        inpaint.erase_mask(s.image, np.zeros((10, 10), dtype=bool))
 
 
 # --------------------------------------------------------------------------- the task, end to end
@@ -535,11 +537,11 @@ def test_cluster_eigensolver_and_subsampling_agree_with_the_dense_path() -> None
     b = [np.pad(np.ones((2, 2)), ((6, 0), (6, 0))) + 0.05 * rng.random(GRID) for _ in range(180)]
     maps = a + b
     ps = np.array([m / m.sum() for m in maps])
-    aff = bias._affinity(ps, 7)
+    aff = bias_clusters._affinity(ps, 7)
     dense = np.sort(np.linalg.eigvalsh(np.eye(len(aff)) - aff / np.sqrt(np.outer(aff.sum(1), aff.sum(1)))))[:8]
-    assert np.allclose(bias._smallest_laplacian_eigenvalues(aff, 8), dense, atol=1e-6)  # n=400: ARPACK path
-    full = bias.cluster_word_maps(maps)
-    capped = bias.cluster_word_maps(maps, BiasSettings(cluster_max_maps=120))
+    assert np.allclose(bias_clusters._smallest_laplacian_eigenvalues(aff, 8), dense, atol=1e-6)  # n=400: ARPACK path
+    full = bias_clusters.cluster_word_maps(maps)
+    capped = bias_clusters.cluster_word_maps(maps, BiasSettings(cluster_max_maps=120))
     assert full.k == capped.k == 2
     assert (full.labels[:220] == full.labels[0]).all() and (full.labels[220:] != full.labels[0]).all()
     assert (capped.labels == full.labels).all()  # the maps left out join the nearest cluster mean
@@ -563,7 +565,7 @@ def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> N
     tests = {"s0": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"},
              "s1": {"vanished": True, "answer": "a red circle", "answer_without_region": "a red square"},
              "s3": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"}}
-    rows = {r["sample_id"]: r for r in bias.region_sample_flags(flag, analysis, BiasSettings(), tests)}
+    rows = {r["sample_id"]: r for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings(), tests)}
     # s0: salient but its own counterfactual says the word stays -> not a dependence, not raised;
     # s3: low share and the word persisted; s4: low share, untested
     assert sorted(rows) == ["s1", "s2"]
@@ -573,7 +575,7 @@ def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> N
     assert rows["s2"]["confirmed"] is None and ev["s2"]["counterfactual"] is None
     assert rows["s2"]["threshold"] == pytest.approx(1.5 / 64) and rows["s2"]["score"] >= rows["s2"]["threshold"]
     # without tests it is the saliency rule alone
-    assert sorted(r["sample_id"] for r in bias.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]
+    assert sorted(r["sample_id"] for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]
 
 
 class _FragileAdapter(_HansAdapter):
@@ -624,4 +626,4 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
     assert summary["n_vanished"] == 0 and summary["n_vanished_region"] == len(tests)
     analysis = {"ps": np.stack([proto / proto.sum()] * len(tests)), "objects_cov": [None] * len(tests),
                 "sample_ids": sorted(tests), "word_indices": [2] * len(tests)}
-    assert bias.region_sample_flags(flag, analysis, settings, tests) == []  # salient everywhere, dependent nowhere
+    assert bias_sample.region_sample_flags(flag, analysis, settings, tests) == []  # salient everywhere, dependent nowhere

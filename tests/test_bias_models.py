@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcam_core.bias import BiasSettings
+from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.settings import CamSettings
 from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
 

@@ -231,7 +231,7 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     ``diffcam compare clean clean`` exits 0."""
     import torch
 
-    from diffcam_core.bias import BiasSettings
+    from diffcam_core.bias_settings import BiasSettings
     from diffcam_core.settings import CamSettings
     from diffcam_core.synthetic import CueSpec, SynthSettings
     from flows.cli import app
