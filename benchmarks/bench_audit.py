@@ -88,7 +88,8 @@ def _bare(n: int, dataset: str, model: str, threads: int) -> None:
     from diffcam_core.models.base import load_adapter
     from diffcam_core.settings import CamSettings
     from diffcam_core.stats import map_stats
-    from storage.datasets import load_dataset, load_image
+    from storage.datasets import load_dataset
+    from storage.images import load_image
 
     torch.set_num_threads(threads)
     ds = load_dataset(dataset)
@@ -117,7 +118,7 @@ def _fit(n1: int, n2: int, t1: float, t2: float) -> tuple[float | None, float | 
 
 
 def run(sizes: list[int], workers: int, threads: int, model: Path, keep: Path | None) -> dict[str, Any]:
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report", action="store_true", help="also write the HTML report of each run")
     a = ap.parse_args(argv)
 
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
     from storage.store import Store
 
     def log(msg: str) -> None:

@@ -58,7 +58,7 @@ VOLATILE = {"t_generate_s", "t_attribution_s", "t_total_s"}
 
 def build_dataset(out: Path, n: int, rng: random.Random) -> tuple[Path, dict[str, str]]:
     """Synthetic dataset + hostile inputs; returns (root, {failure key: expected reason prefix})."""
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     root = write_synthetic_dataset(out, n, 0)
     lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]

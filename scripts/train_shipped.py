@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
 from diffcam_core.synthetic import CueSpec, SynthSettings  # noqa: E402
-from storage.datasets import write_synthetic_dataset  # noqa: E402
+from storage.synthetic_writer import write_synthetic_dataset  # noqa: E402
 from tasks.train_tiny import TrainSettings, run_train_tiny  # noqa: E402
 
 CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"

@@ -35,14 +35,15 @@ import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.schemas import SHARDED_TABLES, TABLES, conform_table, empty_table, table_from_rows
 
-__all__ = ["Store", "ShardId", "RUN_ID_RE", "write_parquet", "StoreCorruptError"]
+__all__ = ["Store", "ShardId", "RUN_ID_RE", "write_parquet", "StoreCorruptError", "file_sha256", "file_lock",
+           "write_text_atomic"]
 
 ShardId = int | str
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,10 +66,14 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (streamed by hashlib): commit markers, image and model hashes."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def file_sha256(source: str | os.PathLike[str] | BinaryIO) -> str:
+    """Hex sha256 of a file's bytes, streamed by `hashlib.file_digest`: commit markers and
+    image, model and dataset hashes all go through here. ``source``: a path, or a file the
+    caller opened in binary mode (when how it is opened matters; it is read to the end, not closed)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -163,7 +163,7 @@ def load_run_maps(store: Any, run_id: str, methods: Sequence[str]) -> dict[str, 
 
 def _object_masks(dataset: Any, sample_ids: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray, str | None]]]:
     """(word, bool mask, mask path) per manifest object entry, for the samples of the run."""
-    from storage.datasets import SampleError
+    from storage.images import SampleError
 
     by_id = {s.sample_id: s for s in dataset.samples}
     out = {}
@@ -274,7 +274,7 @@ def counterfactual(
     under every condition, image path, mask paths and boxes (enough to redraw them)."""
     from PIL import Image
 
-    from storage.datasets import load_image
+    from storage.images import load_image
     from tasks.rows import normalise_word
 
     ev = json.loads(flag["evidence_json"])
@@ -379,7 +379,7 @@ def region_counterfactuals(
     """
     from PIL import Image
 
-    from storage.datasets import load_image
+    from storage.images import load_image
     from tasks.rows import normalise_word
 
     word = normalise_word(flag["word"])
@@ -701,7 +701,7 @@ def _image_png(arr: np.ndarray, box: Sequence[float] | None = None) -> bytes:
 
 def _cf_images(ex: Mapping[str, Any], region: Sequence[float], ring_fraction: float) -> dict[str, bytes]:
     """Redraw a counterfactual example's images from the dataset files and the evidence."""
-    from storage.datasets import load_image, load_mask
+    from storage.images import load_image, load_mask
 
     img = np.asarray(load_image(ex["image_path"]))
     H, W = img.shape[:2]

@@ -21,7 +21,7 @@ from diffcam_core.metrics import upsample_bilinear
 from diffcam_core.models.base import load_adapter
 from diffcam_core.settings import CamSettings, GenerationSettings
 from diffcam_core.stats import map_stats
-from storage.datasets import load_image
+from storage.images import load_image
 from storage.report import heat_colors
 
 

@@ -9,7 +9,7 @@ plan; the audit flow refuses to resume a run with different plan settings.
 
 Samples whose `Sample.problem` is set (a bad manifest line: unsafe path, duplicate or
 unusable id, bad prompt, malformed objects; or a file named by the manifest is missing or
-not a regular file — storage/datasets.py) are not sent to a worker: they become failure
+not a regular file — storage/manifest.py) are not sent to a worker: they become failure
 rows (stage ``load``, message ``[load/<kind>] line <n>: …``) of the shard they belong to, so
 every non-blank manifest line is in exactly one of ``samples`` / ``failures``.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.datasets import Sample
+from storage.samples import Sample
 
 __all__ = ["DEFAULT_SHARD_SIZE", "Shard", "plan_shards", "work_item", "item_sample"]
 

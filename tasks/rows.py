@@ -8,7 +8,7 @@ file, imports torch, or knows about Ray or Prefect.
 
 Grounding words to masks (which mask does a word of the *generated* answer name?):
 `ground_words` matches by word and occurrence order. The manifest's ``objects`` list holds
-one ``{"word", "mask"}`` entry per grounding word in answer order (storage/datasets.py:
+one ``{"word", "mask"}`` entry per grounding word in answer order (storage/synthetic_writer.py:
 colour and shape word of object k share ``masks/<id>_<k>.png``). The i-th occurrence of a
 word in the generated answer grounds to the i-th ``objects`` entry carrying that word, so
 "a green circle and a green triangle" grounds the first "green" to object 0's mask and the
@@ -54,7 +54,7 @@ import numpy as np
 from diffcam_core import evidence, metrics
 from diffcam_core.stats import map_stats
 from diffcam_core.types import SampleExplanation
-from storage.datasets import SampleError
+from storage.images import SampleError
 from storage.schemas import FAILURE_STAGES, quantize_map
 
 __all__ = [

@@ -416,7 +416,8 @@ class _StubbornAdapter(_HansAdapter):
 def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n: int = 40):
     """A dataset folder and a store whose token_maps come from the map sources."""
     from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
-    from storage.datasets import load_dataset, write_synthetic_dataset
+    from storage.datasets import load_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
     from storage.schemas import table_from_rows
     from storage.store import Store
     from tasks.rows import token_map_rows
@@ -597,7 +598,8 @@ class _FragileAdapter(_HansAdapter):
 def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None:
     """Hans model: the word vanishes without the cue and stays without the control → dependence.
     Fragile model: the word vanishes whatever is erased → no dependence, no suspect_region raised."""
-    from storage.datasets import load_dataset, load_image
+    from storage.datasets import load_dataset
+    from storage.images import load_image
     from tasks.bias import _object_masks, load_run_maps, region_counterfactuals
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)

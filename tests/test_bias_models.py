@@ -47,7 +47,7 @@ def _require(model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSettings]:
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     ss = SynthSettings(cue=CueSpec.parse(CUE))
     return write_synthetic_dataset(tmp_path_factory.mktemp("bias") / "heldout", N, SEED, ss), ss
@@ -162,7 +162,7 @@ def test_per_sample_counterfactual_confirms_the_reached_samples(planted, heldout
 def _off_centre_dataset(root: Path, n_keep: int = 40) -> Path:
     """Synthetic samples whose every object has < 30% of its pixels in the central box
     (the middle half of each side), and no cue."""
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     ss = SynthSettings()
     n_gen = 400

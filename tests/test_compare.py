@@ -235,7 +235,7 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     from diffcam_core.settings import CamSettings
     from diffcam_core.synthetic import CueSpec, SynthSettings
     from flows.cli import app
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
     from tasks.bias import audit_in_process, run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)

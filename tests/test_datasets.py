@@ -1,4 +1,5 @@
-"""Tests for storage.datasets: formats, validation, path escapes, COCO masks, images, hashing."""
+"""Tests of dataset input (storage.datasets and its loaders, storage.images, storage.coco,
+storage.synthetic_writer): formats, validation, path escapes, COCO masks, images, hashing."""
 
 from __future__ import annotations
 
@@ -13,18 +14,11 @@ import pytest
 from PIL import Image
 
 from diffcam_core.synthetic import CueSpec, SynthSettings, make_samples
-from storage.datasets import (
-    DEFAULT_COCO_PROMPT,
-    ManifestError,
-    SampleError,
-    coco_rle_counts_from_string,
-    decode_coco_rle,
-    load_dataset,
-    load_image,
-    load_mask,
-    rasterise_polygons,
-    write_synthetic_dataset,
-)
+from storage.coco import DEFAULT_COCO_PROMPT, coco_rle_counts_from_string, decode_coco_rle, rasterise_polygons
+from storage.datasets import load_dataset
+from storage.images import SampleError, load_image, load_mask
+from storage.samples import ManifestError
+from storage.synthetic_writer import write_synthetic_dataset
 
 SETTINGS = SynthSettings(cue=CueSpec(word="circle", pos="top-left", size=6, color="magenta", p=1.0))
 

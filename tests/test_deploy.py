@@ -414,7 +414,7 @@ def ops_loop(root: Path, registry: Path, store: Path, dataset: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("ops-loop")
     registry, store = root / "registry", root / "store"

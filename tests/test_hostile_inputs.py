@@ -24,16 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.datasets import (
-    LINE_PROBLEM_KINDS,
-    MAX_PROMPT_CHARS,
-    ManifestError,
-    SampleError,
-    load_dataset,
-    load_image,
-    load_mask,
-    write_synthetic_dataset,
-)
+from storage.datasets import load_dataset
+from storage.images import SampleError, load_image, load_mask
+from storage.manifest import MAX_PROMPT_CHARS
+from storage.samples import LINE_PROBLEM_KINDS, ManifestError
+from storage.synthetic_writer import write_synthetic_dataset
 from tasks.plan import plan_shards
 from tests.test_faults import VOLATILE
 

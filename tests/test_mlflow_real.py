@@ -60,7 +60,7 @@ print(MlflowClient(uri).create_model_version("shapes", source=f"runs:/{run}/mode
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the first run builds MLflow's virtualenv (~1 min); later runs ~1.5 min
 def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     python = mlflow_python()
     registry, store = tmp_path / "mlartifacts", tmp_path / "store"

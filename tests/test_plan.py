@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.datasets import Sample, load_dataset
+from storage.datasets import load_dataset
+from storage.samples import Sample
 from storage.schemas import table_from_rows
 from tasks.plan import item_sample, plan_shards, work_item
 

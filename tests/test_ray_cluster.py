@@ -94,7 +94,7 @@ def _driver_env(prefect_api: str, **extra: str) -> dict[str, str]:
 def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_head, tmp_path: Path) -> None:
     from prefect.settings import PREFECT_API_URL
 
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     api = PREFECT_API_URL.value()  # the session's Prefect server: no temporary one per command
     dataset = write_synthetic_dataset(tmp_path / "ds", 2, 5)

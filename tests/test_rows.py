@@ -8,7 +8,7 @@ import pytest
 from diffcam_core import metrics
 from diffcam_core.stats import map_stats
 from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
-from storage.datasets import SampleError
+from storage.images import SampleError
 from storage.schemas import KEYS, dequantize_map, table_from_rows
 from tasks.plan import Shard
 from tasks.rows import failure_row, failure_stage, ground_words, map_columns, sample_row, token_map_rows

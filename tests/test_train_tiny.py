@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenizer, init_position_table
 from diffcam_core.synthetic import SynthSettings, make_samples, vocabulary
 from flows.cli import app
-from storage.datasets import write_synthetic_dataset
+from storage.synthetic_writer import write_synthetic_dataset
 from tasks.train_tiny import (
     Stage,
     TrainExample,
