@@ -105,7 +105,7 @@ def code_version() -> str:
 def default_dataset(store: str | Path, n: int = DEFAULT_SYNTHETIC_N, seed: int = DEFAULT_SYNTHETIC_SEED) -> Path:
     """The built-in synthetic dataset ``<store>/datasets/synthetic-seed<seed>-n<n>/``,
     generated on first use (atomically, by `write_synthetic_dataset`) and reused after."""
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     path = Path(store) / "datasets" / f"synthetic-seed{seed}-n{n}"
     if not (path / "manifest.jsonl").is_file():

@@ -57,7 +57,7 @@ def data_synth(
 ) -> None:
     """Write a synthetic grounded dataset: manifest.jsonl + images/ + masks/ + dataset.json."""
     from diffcam_core.synthetic import CueSpec, SynthSettings
-    from storage.datasets import write_synthetic_dataset
+    from storage.synthetic_writer import write_synthetic_dataset
 
     try:
         settings = SynthSettings(cue=CueSpec.parse(cue) if cue else None)
@@ -135,7 +135,7 @@ def explain_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Answer PROMPT about IMAGE; write one overlay PNG per word (raw | refined) and explain.json."""
-    from storage.datasets import SampleError
+    from storage.images import SampleError
     from tasks.explain import run_explain
 
     try:

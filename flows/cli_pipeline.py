@@ -95,7 +95,8 @@ def audit_cmd(
     if dataset is not None and not dataset.exists():
         _fail(f"--dataset {dataset}: does not exist")
     if dataset is not None:  # validate before Prefect and Ray start (seconds); the flow loads it again
-        from storage.datasets import ManifestError, load_dataset
+        from storage.datasets import load_dataset
+        from storage.samples import ManifestError
 
         try:
             ds = load_dataset(dataset)
@@ -114,7 +115,7 @@ def audit_cmd(
         _fail(str(e))
 
     from flows.audit import AuditConfigError, audit
-    from storage.datasets import ManifestError
+    from storage.samples import ManifestError
 
     try:
         summary = audit(

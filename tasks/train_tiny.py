@@ -361,7 +361,8 @@ def save_checkpoint(adapter: DiffusionGemmaAdapter, out_dir: Path, meta: dict) -
 
 def load_examples(data_dir: Path) -> tuple[list[TrainExample], dict]:
     """Examples from a synthetic dataset folder, in manifest order (needs the `answer` field)."""
-    from storage.datasets import load_dataset, load_image
+    from storage.datasets import load_dataset
+    from storage.images import load_image
 
     ds = load_dataset(data_dir)
     examples = []

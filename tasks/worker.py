@@ -166,7 +166,7 @@ class CamWorker:
         from diffcam_core.cam import explain
         from diffcam_core.faithfulness import selected_for_faithfulness
         from diffcam_core.models.base import check_inputs
-        from storage.datasets import load_image
+        from storage.images import load_image
         from storage.schemas import table_from_rows
         from tasks.plan import item_sample
 
