@@ -14,8 +14,6 @@ install with ``pip index versions mlflow``); any other install failure is an err
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from storage.store import file_lock, file_sha256
+
 MLFLOW_VERSION = "3.17.2"
 REQUIREMENTS = Path(__file__).with_name("mlflow-requirements.txt")
 CACHE_ENV = "DIFFCAM_TEST_MLFLOW_CACHE"
@@ -31,7 +31,7 @@ CACHE_ENV = "DIFFCAM_TEST_MLFLOW_CACHE"
 
 def venv_dir() -> Path:
     cache = Path(os.environ.get(CACHE_ENV) or "~/.cache/diffcam-test-mlflow").expanduser()
-    key = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
+    key = file_sha256(REQUIREMENTS)[:12]
     return cache / f"mlflow-{MLFLOW_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
 
 
@@ -49,8 +49,7 @@ def mlflow_python() -> Path:
     if marker.is_file():
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / ".lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with file_lock(venv.parent / ".lock"):
         if marker.is_file():  # another process built it while we waited
             return python
         shutil.rmtree(venv, ignore_errors=True)
