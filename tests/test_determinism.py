@@ -23,7 +23,7 @@ import pytest
 from flows.paths import DEFAULT_MODEL
 from diffcam_core.settings import CamSettings
 from storage.schemas import table_from_rows
-from storage.store import Store, StoreCorruptError
+from storage.store import Store, StoreCorruptError, file_sha256
 from tests.test_faults import VOLATILE, comparable
 from tests.test_store import fabricate_run
 
@@ -171,7 +171,7 @@ def _drop_row_and_fix_marker(st: Store) -> None:
     pq.write_table(t.slice(1), p, compression="zstd")
     m = st.run_dir("run-1") / "_commits" / "shard=0.json"
     marker = json.loads(m.read_text())
-    marker["tables"]["token_maps"].update(rows=t.num_rows - 1, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+    marker["tables"]["token_maps"].update(rows=t.num_rows - 1, sha256=file_sha256(p))
     m.write_text(json.dumps(marker))
 
 
