@@ -5,7 +5,7 @@
         [--out /tmp/bench-bias] [--json FILE] [--threads 1] [--device cpu]
 
 One held-out synthetic set carrying the cue (seed 2, the method benchmark's held-out
-seed) is audited in-process (`tasks.bias.audit_in_process`: the worker's code without
+seed) is audited in-process (`tasks.audit_in_process`: the worker's code without
 Ray/Prefect) with both checkpoints, then `tasks.bias.run_dataset_flags` runs on each run.
 Printed (and written with --json):
 
@@ -73,7 +73,7 @@ def _cue_cells(ss: SynthSettings, grid: tuple[int, int]) -> np.ndarray:
 
 
 def audit(model: Path, ds_dir: Path, store, run_id: str, threads: int, device: str, log) -> dict:
-    from tasks.bias import audit_in_process
+    from tasks.audit_in_process import audit_in_process
 
     cam = CamSettings(methods=METHODS)
     if run_id in store.runs():
@@ -85,8 +85,8 @@ def audit(model: Path, ds_dir: Path, store, run_id: str, threads: int, device: s
 def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, settings: BiasSettings,
              device: str, log) -> dict:
     from storage.datasets import load_dataset
-    from tasks.bias import analyse_run, load_run_maps, run_dataset_flags, write_dataset_flags
-    from tasks.bias import _object_masks  # noqa: PLC2701 - same package, benchmark only
+    from tasks.bias import analyse_run, run_dataset_flags, write_dataset_flags
+    from tasks.bias_read import load_run_maps, object_masks
 
     timings: dict = {}
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
             "cf": {k: cf.get(k) for k in ("n_tested", "persist", "persist_both", "vanish", "vanish_control",
                                          "seconds", "n_generations", "why")} if cf else None})
     # raw scores behind the thresholds (calibration margins)
-    objects = _object_masks(ds, sorted(run["words"]))
+    objects = object_masks(ds, sorted(run["words"]))
     t1 = time.perf_counter()
     _, _, analyses = analyse_run(run, objects, settings)
     analyse_only = time.perf_counter() - t1
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["models"][label] = res
         if a.report:
             from storage.report import DEFAULT_SECTIONS, build_report
-            from tasks.bias import BIAS_SECTION
+            from tasks.bias_report import BIAS_SECTION
 
             html_path, _ = build_report(store, run_id, a.out / "reports" / run_id,
                                         sections=[*DEFAULT_SECTIONS, BIAS_SECTION])

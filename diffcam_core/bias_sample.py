@@ -148,7 +148,7 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
       window's area share of its mass in the flag's region — the test that makes a
       cluster member "consistent" — and the sample was not tested; or
     - counterfactual: ``tests[sample_id]`` (the sample regenerated with only the region
-      erased, and with a control window erased instead, `tasks.bias.region_counterfactuals`)
+      erased, and with a control window erased instead, `tasks.bias_counterfactual.region_counterfactuals`)
       shows the word vanish without the region and not without the control.
     A tested sample whose word did not vanish is never flagged, however salient the region:
     its own counterfactual says the answer does not depend on it.

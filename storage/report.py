@@ -40,7 +40,11 @@ from storage.store import write_text_atomic
 from storage.store import Store
 from storage.validation import ValidationResult
 
-__all__ = ["ReportContext", "Section", "SectionContent", "DEFAULT_SECTIONS", "build_report"]
+__all__ = [
+    "ReportContext", "Section", "SectionContent", "DEFAULT_SECTIONS", "build_report",
+    # helpers for sections built elsewhere (the bias section)
+    "esc", "fmt_value", "html_table", "md_table", "img_tag", "png_bytes", "heat_colors",
+]
 
 DEFAULT_METHOD = "diffusion-cam"
 THUMB_PX = 192
@@ -81,11 +85,11 @@ class Section:
 # ----------------------------------------------------------------- formatting
 
 
-def _esc(v: Any) -> str:
+def esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
     if isinstance(v, float) and np.isinf(v):
@@ -99,29 +103,39 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, cls: str = "") -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, cls: str = "") -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{_esc(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{esc(fmt_value(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(v: Any) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+        return fmt_value(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def png_bytes(image: Any) -> bytes:
+    """PNG bytes of a PIL image or a uint8 array (every picture of the report is inline PNG)."""
+    from PIL import Image
+
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _img_tag(png: bytes, alt: str) -> str:
-    return f'<img src="{_png_data_uri(png)}" alt="{_esc(alt)}">'
+def img_tag(png: bytes, alt: str) -> str:
+    return f'<img src="{_png_data_uri(png)}" alt="{esc(alt)}">'
 
 
 # ------------------------------------------------------------------- sections
@@ -141,17 +155,17 @@ def _header(ctx: ReportContext) -> SectionContent:
               "n_maps", "n_methods", "n_zero_maps", "n_masked_maps"]
     timings = ["mean_t_generate_s", "mean_t_attribution_s", "mean_t_total_s", "p50_t_total_s",
                "p95_t_total_s", "sum_t_total_s", "mean_n_words", "mean_n_steps"]
-    dl = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(_fmt(v))}</dd>" for k, v in ident)
+    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(fmt_value(v))}</dd>" for k, v in ident)
     h = (
-        f"<dl>{dl}</dl><h3>Counts</h3>{_html_table([s], counts)}"
-        f"<h3>Timings per audited sample (s)</h3>{_html_table([s], timings)}"
+        f"<dl>{dl}</dl><h3>Counts</h3>{html_table([s], counts)}"
+        f"<h3>Timings per audited sample (s)</h3>{html_table([s], timings)}"
     )
     md = (
         f"- status: **{s['status']}**; model `{s['model_uri']}` ({s['model_hash']}); "
         f"dataset `{s['dataset_uri']}` ({s['dataset_hash']})\n"
         f"- samples {s['n_samples']}: audited {s['n_results']}, failed {s['n_failures']}, "
         f"missing {s['n_missing']}; maps {s['n_maps']} ({s['n_zero_maps']} zero); flags {s['n_flags']}\n"
-        f"- time per sample: mean {_fmt(s['mean_t_total_s'])} s, p95 {_fmt(s['p95_t_total_s'])} s"
+        f"- time per sample: mean {fmt_value(s['mean_t_total_s'])} s, p95 {fmt_value(s['p95_t_total_s'])} s"
     )
     return SectionContent(h, md)
 
@@ -160,14 +174,14 @@ def _validation(ctx: ReportContext) -> SectionContent:
     v = ctx.validation
     if v is None:
         msg = "Not validated: this run has no validation result (runs.validation_json is empty)."
-        return SectionContent(f"<p>{_esc(msg)}</p>", "Validation: not run.")
+        return SectionContent(f"<p>{esc(msg)}</p>", "Validation: not run.")
     n = len(v.per_expectation)
     failed = v.failed
     verdict = "passed" if v.success else "FAILED"
     h = f'<p class="{"ok" if v.success else "bad"}">Validation {verdict}: {n - len(failed)} of {n} expectations met.</p>'
     if failed:
         rows = [{**e, "details": json.dumps(e["details"], default=str)[:EVIDENCE_CHARS]} for e in failed]
-        h += _html_table(rows, ["table", "expectation", "details"])
+        h += html_table(rows, ["table", "expectation", "details"])
     md = f"Validation **{verdict}** ({n - len(failed)}/{n} expectations met)."
     if failed:
         md += "\n" + "\n".join(f"- `{e['table']}`: {e['expectation']}" for e in failed[:10])
@@ -187,7 +201,7 @@ def _method_table(ctx: ReportContext) -> SectionContent:
     rows = ctx.query("method_table", run_id=ctx.run_id)
     if not rows:
         msg = "No word in this run has a ground-truth mask, so there is no method table."
-        return SectionContent(f"<p>{_esc(msg)}</p>", msg)
+        return SectionContent(f"<p>{esc(msg)}</p>", msg)
     note = ("<p>Over words with a mask. F3 is the harmonic mean of the means of Obj-IoU, Contrast score "
             "and Concentration (as in the paper's tables); mean_word_f3 is the mean of per-word F3. "
             "<code>random</code> and <code>objectness</code> are chance rows computed from the image alone, no "
@@ -195,7 +209,7 @@ def _method_table(ctx: ReportContext) -> SectionContent:
             "necessarily on the one its word names. specificity = mass per area on the named object / (that + on "
             "the other objects), over the n_multi words of images with several masked objects (0.5 = no "
             "preference).</p>")
-    return SectionContent(note + _html_table(rows, _METHOD_COLS), _md_table(rows, _METHOD_COLS))
+    return SectionContent(note + html_table(rows, _METHOD_COLS), md_table(rows, _METHOD_COLS))
 
 
 def faithfulness_ranking(rows: list[dict[str, Any]]) -> list[str]:
@@ -231,14 +245,14 @@ def _faithfulness(ctx: ReportContext) -> SectionContent:
     if not rows:
         msg = ("Faithfulness was not measured in this run (audit --faithfulness 0). Without it and without masks, "
                "nothing in this report shows which map the model's answers depend on.")
-        return SectionContent(f"<p>{_esc(msg)}</p>", msg)
+        return SectionContent(f"<p>{esc(msg)}</p>", msg)
     sentences = faithfulness_ranking(rows)
     note = ("<p>Each measured content word's image is perturbed in the order each map ranks its cells: "
             "deletion paints the top cells with the background colour, insertion restores them on a blank image; "
             "the word's log-probability is re-scored on its attribution canvas and normalised between the blank "
             "(0) and intact (1) image. Needs no masks.</p>")
-    html = note + "".join(f"<p><strong>{_esc(t)}</strong></p>" for t in sentences) + _html_table(rows, _FAITH_COLS)
-    return SectionContent(html, " ".join(sentences) + "\n\n" + _md_table(rows, _FAITH_COLS))
+    html = note + "".join(f"<p><strong>{esc(t)}</strong></p>" for t in sentences) + html_table(rows, _FAITH_COLS)
+    return SectionContent(html, " ".join(sentences) + "\n\n" + md_table(rows, _FAITH_COLS))
 
 
 def _histograms(ctx: ReportContext) -> SectionContent:
@@ -271,7 +285,7 @@ def _histograms(ctx: ReportContext) -> SectionContent:
     fig.savefig(buf, format="png")
     return SectionContent(
         f"<p>Per-map statistics, one curve per method ({rows.num_rows} maps).</p>"
-        + _img_tag(buf.getvalue(), "distributions of map statistics")
+        + img_tag(buf.getvalue(), "distributions of map statistics")
     )
 
 
@@ -312,9 +326,7 @@ def _overlay(image_path: Path, m: dict[str, Any]) -> tuple[bytes, str | None]:
     up = np.asarray(Image.fromarray(unit.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
     heat = Image.fromarray(heat_colors(up))
     out = Image.blend(base, heat, 0.5) if base is not None else heat
-    buf = io.BytesIO()
-    out.save(buf, format="PNG")
-    return buf.getvalue(), reason
+    return png_bytes(out), reason
 
 
 def _gallery_card(ctx: ReportContext, sample: dict[str, Any]) -> str:
@@ -326,16 +338,16 @@ def _gallery_card(ctx: ReportContext, sample: dict[str, Any]) -> str:
     for m in maps[:MAX_WORDS_PER_SAMPLE]:
         png, reason = _overlay(image_path, m)
         missing = missing or reason
-        caption = f"{m['word']} · F3 {_fmt(m['f3'])} · inside {_fmt(m['inside_frac'])}"
+        caption = f"{m['word']} · F3 {fmt_value(m['f3'])} · inside {fmt_value(m['inside_frac'])}"
         if m["zero_map"]:
             caption += " · zero map"
-        figs.append(f"<figure>{_img_tag(png, m['word'])}<figcaption>{_esc(caption)}</figcaption></figure>")
+        figs.append(f"<figure>{img_tag(png, m['word'])}<figcaption>{esc(caption)}</figcaption></figure>")
     note = ""
     if missing:
-        note = f'<p class="bad">Image not readable ({_esc(image_path)}): {_esc(missing)}; maps shown alone.</p>'
-    title = (f"{sample['sample_id']} · {sample['score_kind']} {_fmt(sample['score'])} · "
+        note = f'<p class="bad">Image not readable ({esc(image_path)}): {esc(missing)}; maps shown alone.</p>'
+    title = (f"{sample['sample_id']} · {sample['score_kind']} {fmt_value(sample['score'])} · "
              f"“{sample['prompt']}” → “{sample['answer']}”")
-    return f'<div class="card"><h4>{_esc(title)}</h4>{note}<div class="figs">{"".join(figs)}</div></div>'
+    return f'<div class="card"><h4>{esc(title)}</h4>{note}<div class="figs">{"".join(figs)}</div></div>'
 
 
 def _gallery(ctx: ReportContext) -> SectionContent:
@@ -344,7 +356,7 @@ def _gallery(ctx: ReportContext) -> SectionContent:
         ranked = ctx.query("sample_ranking", run_id=ctx.run_id, method=ctx.method, best=best, limit=ctx.gallery_size)
         if not ranked:
             msg = f"No sample has a masked word with a {ctx.method} map, so samples cannot be ranked."
-            return SectionContent(f"<p>{_esc(msg)}</p>")
+            return SectionContent(f"<p>{esc(msg)}</p>")
         parts.append(f"<h3>{label} {len(ranked)} by {ctx.method} {ranked[0]['score_kind']}</h3>")
         parts.extend(_gallery_card(ctx, s) for s in ranked)
     return SectionContent("".join(parts))
@@ -362,8 +374,8 @@ def _flags(ctx: ReportContext) -> SectionContent:
         if r["sample_id"] is None:
             r["sample_id"] = "(dataset)"
     more = ctx.summary["n_flags"] - len(rows)
-    h = _html_table(rows, _FLAG_COLS, cls="flags") + (f"<p>… and {more} more (diffcam sql).</p>" if more > 0 else "")
-    md = f"{ctx.summary['n_flags']} flags; top {min(5, len(rows))} by score:\n\n" + _md_table(
+    h = html_table(rows, _FLAG_COLS, cls="flags") + (f"<p>… and {more} more (diffcam sql).</p>" if more > 0 else "")
+    md = f"{ctx.summary['n_flags']} flags; top {min(5, len(rows))} by score:\n\n" + md_table(
         rows[:5], ["kind", "sample_id", "word", "method", "score", "threshold"])
     return SectionContent(h, md)
 
@@ -374,9 +386,9 @@ def _failures(ctx: ReportContext) -> SectionContent:
     if not counts:
         return SectionContent("<p>No failures.</p>", "Failures: 0.")
     rows = ctx.query("run_failures", run_id=ctx.run_id, limit=MAX_TABLE_ROWS)
-    h = (_html_table(counts, ["stage", "error_class", "n_failures", "example_message"])
+    h = (html_table(counts, ["stage", "error_class", "n_failures", "example_message"])
          + "<h3>Failed samples</h3>"
-         + _html_table(rows, ["sample_id", "line_no", "stage", "error_class", "message", "attempts"]))
+         + html_table(rows, ["sample_id", "line_no", "stage", "error_class", "message", "attempts"]))
     if n > len(rows):
         h += f"<p>… and {n - len(rows)} more (diffcam sql).</p>"
     md = f"Failures: {n}. " + "; ".join(f"{c['stage']}/{c['error_class']}: {c['n_failures']}" for c in counts)
@@ -438,12 +450,12 @@ def build_report(
     finally:
         con.close()
 
-    nav = " · ".join(f'<a href="#{_esc(sec.key)}">{_esc(sec.title)}</a>' for sec, _ in built)
-    body = "".join(f'<section id="{_esc(sec.key)}"><h2>{_esc(sec.title)}</h2>{c.html}</section>' for sec, c in built)
+    nav = " · ".join(f'<a href="#{esc(sec.key)}">{esc(sec.title)}</a>' for sec, _ in built)
+    body = "".join(f'<section id="{esc(sec.key)}"><h2>{esc(sec.title)}</h2>{c.html}</section>' for sec, c in built)
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>diffcam report · {_esc(run_id)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>diffcam report · run {_esc(run_id)}</h1><nav>{nav}</nav>{body}</body></html>\n"
+        f"<title>diffcam report · {esc(run_id)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>diffcam report · run {esc(run_id)}</h1><nav>{nav}</nav>{body}</body></html>\n"
     )
     md = f"# diffcam run `{run_id}`\n\n" + "\n\n".join(
         f"## {sec.title}\n\n{c.markdown}" for sec, c in built if c.markdown is not None

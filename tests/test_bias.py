@@ -461,7 +461,8 @@ def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n:
 
 def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     from storage.report import DEFAULT_SECTIONS, build_report
-    from tasks.bias import BIAS_SECTION, run_dataset_flags, write_dataset_flags
+    from tasks.bias import run_dataset_flags, write_dataset_flags
+    from tasks.bias_report import BIAS_SECTION
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     adapter = _HansAdapter("circle", ss.cue.rgb)
@@ -600,12 +601,13 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
     Fragile model: the word vanishes whatever is erased → no dependence, no suspect_region raised."""
     from storage.datasets import load_dataset
     from storage.images import load_image
-    from tasks.bias import _object_masks, load_run_maps, region_counterfactuals
+    from tasks.bias_counterfactual import region_counterfactuals
+    from tasks.bias_read import load_run_maps, object_masks
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     run = load_run_maps(st, "r1", ["token-gradnorm"])
     ds = load_dataset(ds_dir)
-    objects = _object_masks(ds, sorted(run["words"]))
+    objects = object_masks(ds, sorted(run["words"]))
     images = {s.sample_id: s.image_path for s in ds.samples}
     grid = (8, 8)
     proto = np.zeros(grid)

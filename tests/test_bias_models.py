@@ -5,7 +5,7 @@ Models: ``models/tiny-shapes-cue`` (trained with the cue
 ``word=circle,pos=top-left,size=6,color=magenta,p=0.9``) and ``models/tiny-shapes`` (clean).
 A missing model folder FAILS (with the path), it never skips. Held-out data: synthetic
 seed 2 (the method benchmark's held-out seed), with the same cue spec, audited in-process
-(`tasks.bias.audit_in_process`, the worker's own code without Ray/Prefect).
+(`tasks.audit_in_process`, the worker's own code without Ray/Prefect).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _audit(tmp: Path, model: Path, ds_dir: Path) -> tuple[object, str, list[dict
     import torch
 
     from storage.store import Store
-    from tasks.bias import audit_in_process, run_dataset_flags, write_dataset_flags
+    from tasks.audit_in_process import audit_in_process
+    from tasks.bias import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
     st = Store(tmp / "store", catalog_file=False)

@@ -236,7 +236,8 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     from diffcam_core.synthetic import CueSpec, SynthSettings
     from flows.cli import app
     from storage.synthetic_writer import write_synthetic_dataset
-    from tasks.bias import audit_in_process, run_dataset_flags, write_dataset_flags
+    from tasks.audit_in_process import audit_in_process
+    from tasks.bias import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
     ds = write_synthetic_dataset(tmp_path / "heldout", 64, 2, SynthSettings(cue=CueSpec.parse(CUE)))

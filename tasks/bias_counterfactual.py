@@ -1,0 +1,226 @@
+"""Counterfactual re-generations of the bias step: is a `clever_hans` region a cue the answer needs?
+
+Counterfactual rule (per `clever_hans` flag; over up to ``cf_max_samples`` members with
+the largest share of their map in the region, whose original answer contains the word):
+  persist       = P(word | object erased, region kept)
+  persist_both  = P(word | object and region erased)
+  vanish        = P(no word | region erased)
+  vanish_ctrl   = P(no word | a same-size off-object box elsewhere erased)
+  confirmed  ⇔  persist − persist_both ≥ cf_confirm_min  or  vanish − vanish_ctrl ≥ cf_confirm_min.
+"The word persists without its object (and only while the region is there)", or "the word
+vanishes when only the region is erased (and not when any other patch is)". Both
+differences are controls: a model that says the word whatever you erase confirms nothing.
+Images are erased with `diffcam_core.inpaint` and the model re-generates with the run's own
+generation settings (`adapter.prepare` + `adapter.generate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffcam_core.bias_settings import BiasSettings
+from diffcam_core.bias_windows import cell_coverage, window_cells, window_sums
+from diffcam_core.inpaint import box_mask, erase_mask, erase_region
+
+__all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
+
+
+def words_of(text: str) -> set[str]:
+    from tasks.rows import normalise_word
+
+    return {normalise_word(w) for w in text.split()}
+
+
+def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float,
+                 proto: np.ndarray, obj_cov: np.ndarray) -> tuple[float, float, float, float] | None:
+    """A same-size window off every object and off the suspect region where the cluster
+    prototype has the least mass (ties: first row-major): the control erasure."""
+    win = window_cells(grid, hotspot_size)
+    h, w = grid
+    sums = window_sums(proto, win)
+    ok = window_sums((obj_cov > 0).astype(float), win) == 0
+    r0, c0 = int(round(box[1] * h)), int(round(box[0] * w))
+    rr, cc = np.meshgrid(np.arange(sums.shape[0]), np.arange(sums.shape[1]), indexing="ij")
+    ok &= (np.abs(rr - r0) >= win[0]) | (np.abs(cc - c0) >= win[1])
+    if not ok.any():
+        return None
+    idx = int(np.argmin(np.where(ok, sums, np.inf)))
+    r, c = divmod(idx, sums.shape[1])
+    return (c / w, r / h, (c + win[1]) / w, (r + win[0]) / h)
+
+
+def counterfactual(
+    adapter: Any,
+    gen_settings: Any,
+    flag: Mapping[str, Any],
+    samples: Mapping[str, Mapping[str, Any]],
+    images: Mapping[str, Path],
+    objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
+    settings: BiasSettings,
+) -> dict[str, Any]:
+    """Run the counterfactual of one ``clever_hans`` flag (see the module docstring).
+
+    Returns the evidence dict: rule, rates, confirmed, and per tested sample its answers
+    under every condition, image path, mask paths and boxes (enough to redraw them)."""
+    from PIL import Image
+
+    from storage.images import load_image
+    from tasks.rows import normalise_word
+
+    ev = json.loads(flag["evidence_json"])
+    word = normalise_word(flag["word"])
+    box = tuple(float(v) for v in flag["region"].split(","))
+    grid = tuple(ev["grid"])
+    proto = np.asarray(ev["prototype"], dtype=np.float64)
+    tested = []
+    t0 = time.perf_counter()
+    n_gen = 0
+    for sid in ev["sample_ids"]:
+        if len(tested) >= settings.cf_max_samples:
+            break
+        objs = objects.get(sid, [])
+        word_objs = [(m, p) for w, m, p in objs if normalise_word(w) == word]
+        if not word_objs:
+            continue
+        img = np.asarray(load_image(images[sid]))
+        H, W = img.shape[:2]
+        region = box_mask((H, W), box)
+        wmask = np.logical_or.reduce([m for m, _ in word_objs])
+        others = np.zeros((H, W), dtype=bool)
+        for w_, m, _ in objs:
+            if normalise_word(w_) != word:
+                others |= m
+        all_obj = wmask | others
+        ring = {"ring_fraction": settings.cf_ring_fraction}
+        ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+        variants = {
+            "original": img,
+            "no_object": erase_mask(img, wmask, exclude=others | region, **ring),
+            "no_region": erase_region(img, box, exclude=all_obj, **ring),
+        }
+        variants["no_both"] = erase_region(variants["no_object"], box, exclude=all_obj, **ring)
+        if ctrl is not None:
+            variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, **ring)
+        answers = {}
+        for name, arr in variants.items():
+            inputs = adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"])
+            answers[name] = adapter.generate(inputs, gen_settings).text
+            n_gen += 1
+            if name == "original" and word not in words_of(answers[name]):
+                break  # the word must be in the answer to ask whether it persists or vanishes
+        if word not in words_of(answers["original"]):
+            continue
+        tested.append({
+            "sample_id": sid, "image_path": str(images[sid]), "prompt": samples[sid]["prompt"],
+            "mask_paths": sorted({p for _, p in word_objs if p is not None}),
+            "other_mask_paths": sorted({p for w_, _, p in objs if normalise_word(w_) != word and p is not None}),
+            "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+            "answers": answers,
+            "word_present": {k: word in words_of(v) for k, v in answers.items()},
+        })
+
+    def rate(cond: str, present: bool) -> float | None:
+        vals = [t["word_present"][cond] == present for t in tested if cond in t["word_present"]]
+        return float(np.mean(vals)) if vals else None
+
+    persist, persist_both = rate("no_object", True), rate("no_both", True)
+    vanish, vanish_ctrl = rate("no_region", False), rate("control", False)
+    d_persist = None if persist is None else persist - (persist_both or 0.0)
+    d_vanish = None if vanish is None else vanish - (vanish_ctrl or 0.0)
+    t = settings.cf_confirm_min
+    confirmed = bool(tested) and ((d_persist or 0.0) >= t or (d_vanish or 0.0) >= t)
+    why = []
+    if d_persist is not None and d_persist >= t:
+        why.append("persists without its object, only while the region is there")
+    if d_vanish is not None and d_vanish >= t:
+        why.append("vanishes when only the region is erased")
+    return {
+        "rule": "confirmed iff persist - persist_both >= cf_confirm_min or vanish - vanish_control >= cf_confirm_min",
+        "cf_confirm_min": t, "n_tested": len(tested), "n_generations": n_gen,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "persist": persist, "persist_both": persist_both, "vanish": vanish, "vanish_control": vanish_ctrl,
+        "persist_minus_both": d_persist, "vanish_minus_control": d_vanish,
+        "confirmed": confirmed, "why": why, "region": list(box), "word": word, "examples": tested,
+    }
+
+
+def region_counterfactuals(
+    adapter: Any,
+    gen_settings: Any,
+    flag: Mapping[str, Any],
+    samples: Mapping[str, Mapping[str, Any]],
+    images: Mapping[str, Path],
+    objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
+    settings: BiasSettings,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Test one kept ``clever_hans`` flag on every sample whose answer has its word.
+
+    The dataset-level `counterfactual` tests a few cluster members to decide the flag;
+    this asks each sample the flag could concern (up to ``region_cf_max_samples``, in
+    sample-id order): regenerate the original image, the image with only the region
+    erased (object pixels excluded, as the dataset-level "no_region" variant) and, as a
+    control, the image with a same-size off-object window erased instead (the dataset
+    flag's `control_box`, chosen per sample so it avoids that sample's objects). The word
+    *vanished* (the sample depends on the region) when it is in the first answer, not in
+    the second, and still in the control's: a model that drops the word whatever patch is
+    erased shows no dependence on this region. Samples whose answer lacks the word are not
+    tested (nothing can vanish). Returns ({sample_id: test}, summary);
+    `diffcam_core.bias_sample.region_sample_flags` turns the tests into flags.
+    """
+    from PIL import Image
+
+    from storage.images import load_image
+    from tasks.rows import normalise_word
+
+    word = normalise_word(flag["word"])
+    box = tuple(float(v) for v in flag["region"].split(","))
+    ev = json.loads(flag["evidence_json"])
+    grid = tuple(ev["grid"]) if ev.get("grid") else None
+    proto = np.asarray(ev["prototype"], dtype=np.float64) if ev.get("prototype") is not None else None
+    candidates = sorted(sid for sid, s in samples.items() if word in words_of(s.get("answer") or ""))
+    todo = candidates[: settings.region_cf_max_samples]
+    tests: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    n_gen = 0
+    ring = settings.cf_ring_fraction
+    for sid in todo:
+        img = np.asarray(load_image(images[sid]))
+        all_obj = np.zeros(img.shape[:2], dtype=bool)
+        for _, m, _ in objects.get(sid, []):
+            all_obj |= m
+        ctrl = None
+        if grid is not None and proto is not None:
+            ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+        variants = [("original", img), ("no_region", erase_region(img, box, exclude=all_obj, ring_fraction=ring))]
+        if ctrl is not None:
+            region = box_mask(img.shape[:2], box)
+            variants.append(("control", erase_region(img, ctrl, exclude=all_obj | region, ring_fraction=ring)))
+        answers = {}
+        for name, arr in variants:
+            answers[name] = adapter.generate(adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"]),
+                                             gen_settings).text
+            n_gen += 1
+            if name == "original" and word not in words_of(answers[name]):
+                break
+        present = {k: word in words_of(v) for k, v in answers.items()}
+        if not present["original"]:
+            continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
+        vanished_control = None if "control" not in present else not present["control"]
+        tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
+                      "answer_without_control": answers.get("control"),
+                      "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+                      "vanished_region": not present["no_region"], "vanished_control": vanished_control,
+                      "vanished": (not present["no_region"]) and not vanished_control}
+    summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
+               "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
+               "n_vanished": sum(t["vanished"] for t in tests.values()),
+               "n_vanished_region": sum(t["vanished_region"] for t in tests.values()),
+               "n_vanished_control": sum(bool(t["vanished_control"]) for t in tests.values()),
+               "n_generations": n_gen, "seconds": round(time.perf_counter() - t0, 3)}
+    return tests, summary
