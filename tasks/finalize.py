@@ -39,6 +39,6 @@ def validate_run_task(store_root: str, run_id: str):
 def report_task(store_root: str, run_id: str, validation=None) -> tuple[Path, Path]:
     """`storage.report.build_report` → (report.html, summary.md) under ``<store>/reports/<run_id>/``."""
     from storage.report import DEFAULT_SECTIONS, build_report
-    from tasks.bias import BIAS_SECTION
+    from tasks.bias_report import BIAS_SECTION
 
     return build_report(store_root, run_id, validation=validation, sections=[*DEFAULT_SECTIONS, BIAS_SECTION])
