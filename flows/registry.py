@@ -45,8 +45,6 @@ only failed ones                        ``resume`` the newest (committed shards
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +52,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,13 +232,10 @@ class HashCache:
     def _save(self) -> None:
         if self.path is None:
             return
+        from storage.store import write_text_atomic
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            tmp.write_text(json.dumps(self._data, sort_keys=True))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(self.path, json.dumps(self._data, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -487,15 +483,11 @@ class AuditLedger:
         self.dir = self.store.root / "ops" / "audits"
         self.stale_after_s = stale_after_s
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    def _lock(self) -> AbstractContextManager[None]:
+        from storage.store import file_lock
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir.parent / ".audits.lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return file_lock(self.dir.parent / ".audits.lock")
 
     def _path(self, run_id: str) -> Path:
         self.store.run_dir(run_id)  # validates the id (safe as a file name)
@@ -503,13 +495,9 @@ class AuditLedger:
 
     def _write(self, rec: AuditRecord) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(rec.run_id)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            tmp.write_text(json.dumps(asdict(rec), indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from storage.store import write_text_atomic
+
+        write_text_atomic(self._path(rec.run_id), json.dumps(asdict(rec), indent=1, sort_keys=True))
 
     def records(self) -> list[AuditRecord]:
         """All records, oldest claim first."""
