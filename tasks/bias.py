@@ -10,8 +10,8 @@ Thin layer over the pure `diffcam_core.bias_*` modules: load → call → write.
   and confirms or refutes every ``clever_hans`` flag by a counterfactual
   (`tasks.bias_counterfactual`). A refuted suspect is not raised (``keep_refuted``); every
   kept one adds `suspect_region` sample flags (the occurrences of the word its region
-  reaches). Also computes the other sample-level flags from the stored maps
-  (``sample_level="auto"``: unless the run already has sample-level flags).
+  reaches). Also computes the other sample-level flags from the stored maps (the
+  worker writes none).
 - `write_dataset_flags(store, run_id, rows)`: commits the rows as shard ``"dataset"``
   (atomic; a second call for the same run is a no-op returning False).
 
@@ -40,7 +40,6 @@ from tasks.bias_read import load_run_maps, object_masks
 
 __all__ = [
     "sample_flag_rows",
-    "sample_flag_rows_from_explanation",
     "analyse_run",
     "run_dataset_flags",
     "write_dataset_flags",
@@ -84,20 +83,6 @@ def sample_flag_rows(
                               all_masks=all_masks):
             rows.append({"run_id": run_id, **f})
     return rows
-
-
-def sample_flag_rows_from_explanation(
-    run_id: str,
-    sample_id: str,
-    explanation: Any,
-    word_masks: Sequence[np.ndarray | None],
-    all_masks: Sequence[np.ndarray] = (),
-    settings: BiasSettings = BiasSettings(),
-) -> list[dict[str, Any]]:
-    """`sample_flag_rows` for a `diffcam_core.types.SampleExplanation` (the worker's call;
-    ``word_masks`` as given to `tasks.rows.token_map_rows`)."""
-    words = [(wm.word.index, wm.word.text, wm.maps) for wm in explanation.words]
-    return sample_flag_rows(run_id, sample_id, words, word_masks, all_masks, settings)
 
 
 def analyse_run(
@@ -152,13 +137,6 @@ def analyse_run(
 # --------------------------------------------------------------------------- the dataset step
 
 
-def _existing_sample_flags(store: Any, run_id: str) -> int:
-    t = store.read_table("flags", run_id)
-    if t.num_rows == 0:
-        return 0
-    return sum(1 for sid in t.column("sample_id").to_pylist() if sid is not None)
-
-
 def run_dataset_flags(
     store: Any,
     run_id: str,
@@ -166,7 +144,7 @@ def run_dataset_flags(
     dataset_path: Any = None,
     settings: BiasSettings = BiasSettings(),
     *,
-    sample_level: str = "auto",
+    sample_level: str = "always",
     device: str = "cpu",
     adapter: Any = None,
     log: Callable[[str], None] | None = None,
@@ -178,8 +156,7 @@ def run_dataset_flags(
     flow already loaded (not read again); None: the run's ``dataset_uri``.
     ``model_dir`` (or a loaded ``adapter``): for the counterfactuals; None and no adapter:
     ``clever_hans`` flags keep ``confirmed`` None and their evidence says why.
-    ``sample_level``: "auto" (compute sample flags from the stored maps unless the run
-    already has sample-level flags), "always", "never"; `suspect_region` sample flags
+    ``sample_level``: "always" (compute sample flags from the stored maps) or "never"; `suspect_region` sample flags
     (the samples a kept `clever_hans` flag reaches) are always added. A `clever_hans`
     suspect that the counterfactual refutes is dropped unless ``settings.keep_refuted``
     (then it stays with ``confirmed`` false). ``info`` (optional dict) gets ``read_s``,
@@ -190,8 +167,8 @@ def run_dataset_flags(
     from storage.datasets import load_dataset
 
     log = log or _quiet
-    if sample_level not in ("auto", "always", "never"):
-        raise ValueError(f"sample_level must be auto|always|never, got {sample_level!r}")
+    if sample_level not in ("always", "never"):
+        raise ValueError(f"sample_level must be always|never, got {sample_level!r}")
     tm: dict[str, Any] = {} if info is None else info
     t0 = time.perf_counter()
     run_row = store.read_run(run_id)
@@ -220,7 +197,7 @@ def run_dataset_flags(
 
             adapter = load_adapter(model_dir, device=device)
         config = json.loads(run_row["config_json"] or "{}")
-        cam = CamSettings.from_dict({k: v for k, v in config.items() if k != "audit"}) if config else CamSettings()
+        cam = CamSettings.from_run_config(config)
         by_id = {s.sample_id: s for s in ds.samples}
         images = {sid: by_id[sid].image_path for sid in run["words"]}
         def rank(f: Mapping[str, Any]) -> float:
@@ -270,15 +247,14 @@ def run_dataset_flags(
             sflags.extend(region_sample_flags(f, analyses[(f["word"], f["method"])], settings, tests))
     tm["sample_counterfactual_s"] = time.perf_counter() - t3
 
-    settings_json = settings.to_dict()
+    settings_json = settings.model_dump(mode="json")
     rows = []
     for f in dflags:
         ev = json.loads(f["evidence_json"])
         ev["settings"] = settings_json
         rows.append({"run_id": run_id, **f, "evidence_json": json.dumps(ev, sort_keys=True, allow_nan=False)})
-    worker_flags = _existing_sample_flags(store, run_id) if sample_level == "auto" else 0
     for f in sflags:
-        if f["kind"] == "suspect_region" or sample_level == "always" or (sample_level == "auto" and worker_flags == 0):
+        if f["kind"] == "suspect_region" or sample_level == "always":
             rows.append({"run_id": run_id, **f})
     tm["n_dataset_flags"] = len(dflags)
     tm["n_sample_flags"] = len(rows) - len(dflags)

@@ -71,13 +71,13 @@ def _word_maps(samples, ss, planted: bool, seed: int = 0):
 
 def test_settings_roundtrip_and_validation() -> None:
     s = BiasSettings(off_object_threshold=0.3, sample_methods=("token-gradnorm",))
-    d = s.to_dict()
+    d = s.model_dump(mode="json")
     assert json.loads(json.dumps(d)) == d
-    assert BiasSettings.from_dict(d) == s
+    assert BiasSettings.model_validate(d) == s
     with pytest.raises(ValueError, match="off_object_threshold"):
         BiasSettings(off_object_threshold=1.5)
     with pytest.raises(ValueError, match="unknown"):
-        BiasSettings.from_dict({"nope": 1})
+        BiasSettings.model_validate({"nope": 1})
 
 
 def test_flag_id_and_region_match_storage() -> None:
@@ -496,11 +496,6 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     assert write_dataset_flags(st, "r1", rows) is True
     assert write_dataset_flags(st, "r1", rows) is False  # a re-run never duplicates
     assert st.read_table("flags", "r1").num_rows == len(rows)
-    # a second analysis of the same run finds the sample flags already stored and does not repeat them
-    again = run_dataset_flags(st, "r1", None, ds_dir, adapter=_HansAdapter("circle", ss.cue.rgb))
-    assert {r["kind"] for r in again if r["sample_id"] is not None} == {"suspect_region"}
-    assert sorted(r["flag_id"] for r in again) == sorted(r["flag_id"] for r in rows
-                                                         if r["kind"] in ("clever_hans", "suspect_region"))
 
     html_path, md_path = build_report(st, "r1", tmp_path / "rep", sections=[*DEFAULT_SECTIONS, BIAS_SECTION])
     page = html_path.read_text()
