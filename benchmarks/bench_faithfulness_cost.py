@@ -16,7 +16,7 @@ built-in synthetic dataset (each in a fresh process, its own store), and prints:
   it is the figure to trust on a shared machine, where two runs minutes apart see
   different loads.
 
-The target (README) is a wall ratio of at most 1.5 at F = 0.1. Numbers on a busy machine
+The target (docs/EVALUATION.md §3) is a wall ratio of at most 1.5 at F = 0.1. Numbers on a busy machine
 are noisy: read the ratio, not the third digit.
 """
 
