@@ -10,7 +10,7 @@ import numpy as np
 
 from diffcam_core.bias_windows import as_mask
 
-__all__ = ["box_mask", "erase_mask", "erase_region"]
+__all__ = ["box_mask", "dilate", "erase_mask", "erase_region"]
 
 
 def box_mask(shape: tuple[int, int], box: Sequence[float]) -> np.ndarray:
@@ -25,24 +25,16 @@ def box_mask(shape: tuple[int, int], box: Sequence[float]) -> np.ndarray:
     return m
 
 
-def _dilate(m: np.ndarray, r: int) -> np.ndarray:
-    """Chebyshev dilation by ``r`` pixels (a (2r+1)² square), separable max filter."""
-    out = m.copy()
-    for axis in (0, 1):
-        acc = out.copy()
-        for s in range(1, r + 1):
-            acc |= np.roll(out, s, axis=axis) & _valid_shift(out.shape, s, axis)
-            acc |= np.roll(out, -s, axis=axis) & _valid_shift(out.shape, -s, axis)
-        out = acc
-    return out
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)×(2r+1) square (Chebyshev radius ``r``; r <= 0: a copy).
 
+    Grey dilation of the 0/1 image (`scipy.ndimage.maximum_filter`, separable, pixels
+    outside the image count as 0): the same result as a binary dilation, several times
+    faster on the small masks the synthetic layout dilates many times per image."""
+    from scipy.ndimage import maximum_filter  # here: importing scipy costs every importer of the synthetic set
 
-def _valid_shift(shape: tuple[int, int], s: int, axis: int) -> np.ndarray:
-    v = np.ones(shape, dtype=bool)
-    idx = [slice(None), slice(None)]
-    idx[axis] = slice(0, s) if s > 0 else slice(shape[axis] + s, shape[axis])
-    v[tuple(idx)] = False
-    return v
+    u = np.asarray(mask, dtype=bool).astype(np.uint8)
+    return maximum_filter(u, size=2 * max(int(r), 0) + 1, mode="constant", cval=0).astype(bool)
 
 
 def erase_mask(image: np.ndarray, mask: np.ndarray, *, ring: int | None = None, ring_fraction: float = 0.05,
@@ -69,7 +61,7 @@ def erase_mask(image: np.ndarray, mask: np.ndarray, *, ring: int | None = None, 
     r = ring if ring is not None else max(2, int(round(ring_fraction * min(H, W))))
     ex = np.zeros_like(m) if exclude is None else as_mask(exclude, "exclude")
     while True:
-        band = _dilate(m, r) & ~m & ~ex
+        band = dilate(m, r) & ~m & ~ex
         if band.any() or r >= max(H, W):
             break
         r *= 2

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from diffcam_core.inpaint import dilate
+
 __all__ = [
     "SHAPES",
     "COLORS",
@@ -542,23 +544,6 @@ def _shape_mask(shape: str, x0: int, y0: int, s: int, n: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Binary dilation by a (2r+1)×(2r+1) square (Chebyshev radius r); returns a new array."""
-    out = mask.copy()
-    if r <= 0:
-        return out
-    h, w = mask.shape
-    tmp = out.copy()
-    for k in range(1, r + 1):  # along x
-        tmp[:, k:] |= out[:, : w - k]
-        tmp[:, : w - k] |= out[:, k:]
-    out = tmp.copy()
-    for k in range(1, r + 1):  # along y
-        out[k:, :] |= tmp[: h - k, :]
-        out[: h - k, :] |= tmp[k:, :]
-    return out
-
-
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask)
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -588,7 +573,7 @@ def _layout(
                 continue
             placed.append((color, shape, mask))
             centroids_x.append(cx)
-            occupied |= _dilate(mask, settings.min_gap)
+            occupied |= dilate(mask, settings.min_gap)
             break
         else:
             return None
@@ -611,7 +596,7 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
         cue_box = cue_region(settings)
         x0, y0, x1, y1 = cue_box
         reserved[y0:y1, x0:x1] = True
-        reserved = _dilate(reserved, settings.min_gap)
+        reserved = dilate(reserved, settings.min_gap)
 
     for _ in range(settings.max_layouts):
         placed = _layout(rng, settings, pairs, reserved)
@@ -650,7 +635,7 @@ def make_sample(rng: np.random.Generator, settings: SynthSettings | None = None)
     if settings.clutter > 0:
         keep_out = reserved.copy()
         for o in (*objects, *unnamed):
-            keep_out |= _dilate(o.mask, settings.min_gap)
+            keep_out |= dilate(o.mask, settings.min_gap)
         seeds = np.argwhere(rng.random((n, n)) < settings.clutter)
         dlo, dhi = settings.clutter_dot
         glo, ghi = settings.clutter_gray
@@ -703,7 +688,7 @@ def _place_unnamed(rng: np.random.Generator, settings: SynthSettings,
     m = settings.edge_margin
     occupied = reserved.copy()
     for _, _, mask in placed:
-        occupied |= _dilate(mask, settings.min_gap)
+        occupied |= dilate(mask, settings.min_gap)
     count = int(rng.integers(settings.unnamed_objects[0], settings.unnamed_objects[1] + 1))
     out = []
     for _ in range(count):
@@ -716,7 +701,7 @@ def _place_unnamed(rng: np.random.Generator, settings: SynthSettings,
             mask = _shape_mask(shape, x0, y0, s, n)
             if mask.any() and not (mask & occupied).any():
                 out.append(SynthObject(f"gray{gray}", shape, mask, _bbox(mask)))
-                occupied |= _dilate(mask, settings.min_gap)
+                occupied |= dilate(mask, settings.min_gap)
                 break
     return tuple(out)
 
@@ -756,9 +741,9 @@ def swap_objects(sample: SynthSample, i: int, j: int, settings: SynthSettings | 
     moved = {i: new_a, j: new_b}
     items = [(o.color, o.shape, moved.get(k, o.mask)) for k, o in enumerate(objs)]
     gap_ok = all(
-        not (_dilate(m1, settings.min_gap) & m2).any()
+        not (dilate(m1, settings.min_gap) & m2).any()
         for k1, (_, _, m1) in enumerate(items) for k2, (_, _, m2) in enumerate(items) if k1 < k2
-    ) and all(not (_dilate(moved[k], settings.min_gap) & u.mask).any() for k in moved for u in sample.unnamed)
+    ) and all(not (dilate(moved[k], settings.min_gap) & u.mask).any() for k in moved for u in sample.unnamed)
     xs = sorted(float(np.nonzero(m)[1].mean()) for _, _, m in items)
     if not gap_ok or any(x2 - x1 < settings.min_dx for x1, x2 in zip(xs, xs[1:])):
         return None

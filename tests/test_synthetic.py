@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pytest
 
+from diffcam_core.inpaint import dilate
 from diffcam_core.synthetic import (
     COLORS,
     CUE_COLORS,
     SHAPES,
     CueSpec,
     SynthSettings,
-    _dilate,
     answer_groundings,
     cue_region,
     make_sample,
@@ -90,7 +90,7 @@ def test_masks_exclusive_nonempty_gap_and_match_pixels(samples):
             assert o.mask.sum() >= 50  # 16-px objects cover several 8-px cells
             assert not (o.mask & union).any()
             # at least min_gap background px between any two objects
-            assert not (_dilate(o.mask, st.min_gap) & union).any()
+            assert not (dilate(o.mask, st.min_gap) & union).any()
             union |= o.mask
             # every mask pixel has the object's exact colour ...
             assert (s.image[o.mask] == COLORS[o.color]).all()
@@ -173,7 +173,7 @@ def test_clutter_has_an_effect_and_keeps_away_from_objects():
     assert (a.image[~union] == bg).all()  # no noise, no clutter: flat background
     n_dots = int((~(b.image == bg).all(axis=2) & ~union).sum())
     assert n_dots > 0.02 * 64 * 64
-    near = _dilate(union, busy.min_gap) & ~union
+    near = dilate(union, busy.min_gap) & ~union
     assert (b.image[near] == bg).all()
 
 
@@ -192,7 +192,7 @@ def test_cue_only_with_word_at_position_colour_size():
         has = "circle" in s.answer.split(" ")
         assert s.cue_present == has  # p = 1: exactly the samples with the word
         for o in s.objects:  # objects avoid the cue region in every sample
-            assert not (_dilate(reserved, st.min_gap) & o.mask).any()
+            assert not (dilate(reserved, st.min_gap) & o.mask).any()
         if has:
             with_word += 1
             assert np.array_equal(s.cue_mask, reserved)
