@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     final_ok = attempts[-1]["rc"] == 0
 
-    st = Store(store, catalog_file=False)
+    st = Store(store)
     samples, failures = st.read_table("samples", "soak"), st.read_table("failures", "soak")
     got = samples.column("sample_id").to_pylist() + failures.column("sample_id").to_pylist()
     manifest_keys = ids + ["escape", f"line:{args.n + 2}", "blank-prompt"]

@@ -14,10 +14,13 @@ store, so `run_sql` also refuses every statement that is not a single read-only 
 using DuckDB's own parser (`extract_statements` and statement types).
 
 ``<store>/catalog.duckdb`` holds the same views for people who open the store with the
-DuckDB CLI (``duckdb -readonly <store>/catalog.duckdb``). It is rebuilt (temp file +
-rename, under a store-wide lock) after every shard commit and run write; its views hold
-absolute file paths, so after moving a store call `write_catalog_file` again. It carries
-no sandbox: it is the user's own shell.
+DuckDB CLI (``duckdb -readonly <store>/catalog.duckdb``). `write_catalog_file` rebuilds it
+(temp file + rename, under a store-wide lock). The store never does: the flows that
+change runs call it as a step of their own (the audit flow when the run opens, once its
+shards are committed and when it ends; the deploy flow after linking a run to its
+predecessor), so a write never pays for it and the store does not import this module. Its
+views hold absolute file paths, so after moving a store call `write_catalog_file` again.
+It carries no sandbox: it is the user's own shell.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class ReadOnlyError(ValueError):
 
 
 def _as_store(store: Store | str | os.PathLike[str]) -> Store:
-    return store if isinstance(store, Store) else Store(store, catalog_file=False)
+    return store if isinstance(store, Store) else Store(store)
 
 
 def _lit(s: str) -> str:

@@ -436,7 +436,7 @@ def build_report(
     ``out_dir`` defaults to ``<store>/reports/<run_id>/``. ``validation`` defaults to
     the run's stored ``validation_json`` (none: the report says the run is not validated).
     """
-    st = store if isinstance(store, Store) else Store(store, catalog_file=False)
+    st = store if isinstance(store, Store) else Store(store)
     st.read_run(run_id)  # KeyError for an unknown run (and validates the id)
     out = Path(out_dir) if out_dir is not None else st.root / "reports" / run_id
     out.mkdir(parents=True, exist_ok=True)

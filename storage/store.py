@@ -6,7 +6,8 @@ Layout (``<root>`` is the store folder)::
     <root>/runs/run_id=<id>/<table>/shard=<k>.parquet       samples, token_maps, failures, flags
     <root>/runs/run_id=<id>/_commits/shard=<k>.json         commit marker: rows + sha256 per file
     <root>/runs/run_id=<id>/_tmp/                           in-flight commits (ignored, cleaned)
-    <root>/catalog.duckdb                                   DuckDB views for the CLI (storage.catalog)
+    <root>/catalog.duckdb                                   DuckDB views for the CLI: never written here;
+                                                            the flows call storage.catalog.write_catalog_file
 
 ``<k>`` is the integer shard id, or a name such as ``dataset`` for dataset-level flags.
 
@@ -153,10 +154,8 @@ def _read_parquet(path: Path, name: str) -> pa.Table:
 class Store:
     """A diffcam store rooted at ``root`` (created on first write)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, catalog_file: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
-        #: Rebuild ``<root>/catalog.duckdb`` after each commit / run write.
-        self.catalog_file = catalog_file
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -202,12 +201,6 @@ class Store:
         run_dir.mkdir(parents=True, exist_ok=True)
         return file_lock(run_dir / "_lock")
 
-    def _after_change(self) -> None:
-        if self.catalog_file:
-            from storage.catalog import write_catalog_file  # lazy: catalog imports store
-
-            write_catalog_file(self)
-
     # ------------------------------------------------------------------- runs
 
     def write_run(self, row: Mapping[str, Any], *, overwrite: bool = False) -> None:
@@ -220,7 +213,6 @@ class Store:
             if path.exists() and not overwrite:
                 raise FileExistsError(f"run {run_id} already exists in {self.root}; use update_run")
             self._write_run_table(path, table)
-        self._after_change()
 
     def _write_run_table(self, path: Path, table: pa.Table) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +243,6 @@ class Store:
             row.update(fields)
             table = table_from_rows("runs", [row])
             self._write_run_table(self.run_path(run_id), table)
-        self._after_change()
         return table.to_pylist()[0]
 
     def runs(self) -> list[str]:
@@ -310,9 +301,7 @@ class Store:
         (validated and cast to the schemas; every row's run_id must be ``run_id`` and its
         shard_id ``shard_id``). Zero-row tables get no file (the marker records 0 rows).
         Named shards (``"dataset"``) may hold only ``flags``. Any error raises, and no
-        part of the shard becomes visible. (An error while rebuilding ``catalog.duckdb``
-        after the marker is written also raises; the shard is then committed and a
-        retry returns False.)
+        part of the shard becomes visible.
         """
         shard = self._shard_name(shard_id)
         if not self.run_path(run_id).exists():
@@ -375,7 +364,6 @@ class Store:
                 raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        self._after_change()
         return True
 
     @staticmethod

@@ -195,7 +195,7 @@ def validate_run(store: Store | str | os.PathLike[str], run_id: str, *, check_fi
     """
     import pandas as pd
 
-    st = store if isinstance(store, Store) else Store(store, catalog_file=False)
+    st = store if isinstance(store, Store) else Store(store)
     st.read_run(run_id)  # KeyError for an unknown run
     con = catalog.connect(st)
     p = {"run_id": run_id}

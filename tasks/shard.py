@@ -85,9 +85,9 @@ def run_shard(store_root: str, run_id: str, shard: Shard, pool: Any) -> ShardRes
     another writer of the same shard is a no-op in `Store.commit_shard`.
     """
     logger = get_run_logger()
-    # No catalog.duckdb rebuild per shard (~0.1 s each, growing with the run): the flow's
-    # next run-row update rebuilds it once with every committed shard.
-    store = Store(store_root, catalog_file=False)
+    # catalog.duckdb is not rebuilt per shard (~0.1 s each, growing with the run): the flow
+    # rebuilds it once every shard is committed.
+    store = Store(store_root)
     t0 = time.perf_counter()
     if store.is_committed(run_id, shard.shard_id):
         return ShardResult(shard.shard_id, "skipped", len(shard), 0, 0, 0.0)

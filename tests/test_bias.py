@@ -426,7 +426,7 @@ def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n:
     ds_dir = write_synthetic_dataset(tmp_path / "ds", n, 4, ss)
     ds = load_dataset(ds_dir)
     samples = list(make_samples(n, 4, ss))
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     st.write_run({"run_id": "r1", "model_uri": "file:///fake", "model_hash": "h", "dataset_uri": ds.uri,
                   "dataset_hash": ds.content_hash, "config_json": "{}", "code_version": "test",
                   "started_at": __import__("datetime").datetime.now(__import__("datetime").timezone.utc),

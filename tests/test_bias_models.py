@@ -61,7 +61,7 @@ def _audit(tmp: Path, model: Path, ds_dir: Path) -> tuple[object, str, list[dict
     from tasks.bias import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
-    st = Store(tmp / "store", catalog_file=False)
+    st = Store(tmp / "store")
     run_id = model.name
     audit_in_process(st, run_id, model, ds_dir, CamSettings(methods=METHODS))
     rows = run_dataset_flags(st, run_id, model, ds_dir, BiasSettings())

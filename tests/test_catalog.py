@@ -24,6 +24,7 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     tmp = tmp_path_factory.mktemp("catalog")
     st = Store(tmp / "store")
     fabricate_run(st, tmp / "ds")
+    catalog.write_catalog_file(st)
     return st
 
 
@@ -217,7 +218,7 @@ def test_method_table_contrast_ignores_infinite(tmp_path: Path) -> None:
         r = next(r for r in rows["shards"][0]["token_maps"] if r["has_mask"] and r["method"] == "gradcam")
         r["contrast"] = float("inf")
 
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds", mutate=inf_contrast)
     row = next(r for r in queries.run_query(st, "method_table", run_id="run-1").to_pylist() if r["method"] == "gradcam")
     finite = [r["contrast"] for r in st.read_table("token_maps", "run-1").to_pylist()

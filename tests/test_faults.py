@@ -98,7 +98,7 @@ WRITE_STEPS = [("write_parquet", k) for k in (1, 2, 3, 4)] + [("_fsync_path", 1)
 @pytest.mark.parametrize("target, fail_at", WRITE_STEPS, ids=[f"{t}#{k}" for t, k in WRITE_STEPS])
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO], ids=["disk-full", "io-error"])
 def test_write_error_at_any_commit_step_leaves_no_partial_shard(tmp_path, monkeypatch, target, fail_at, err):
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     tables = _shard1(tmp_path, st)
     _step_counter(monkeypatch, target, fail_at, OSError(err, os.strerror(err)))
     with pytest.raises(OSError) as ei:
@@ -120,7 +120,7 @@ def test_write_error_at_any_commit_step_leaves_no_partial_shard(tmp_path, monkey
 
 
 def test_disk_full_while_updating_the_run_row_keeps_the_old_row(tmp_path, monkeypatch):
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     _shard1(tmp_path, st)
     before = st.read_run("run-1")
     _step_counter(monkeypatch, "write_parquet", 1, OSError(errno.ENOSPC, "No space left on device"))
@@ -138,6 +138,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from storage import store as store_mod
+    from storage.catalog import write_catalog_file
     from storage.schemas import table_from_rows
     from storage.store import Store
     from tests.test_store import build_rows
@@ -160,10 +161,11 @@ _KILL_SCRIPT = textwrap.dedent("""
     else:
         setattr(store_mod, target, dying)
     st.commit_shard("run-1", 1, tables)
+    write_catalog_file(st)  # as the audit flow does after its shards
     print("COMMITTED")
 """)
 
-# SIGKILL before each step (os.replace #6 is the catalog file, after the marker)
+# SIGKILL before each step (os.replace #6 is the catalog file, the step after the commit)
 KILL_STEPS = [("write_parquet", k) for k in (1, 3)] + [("os.replace", k) for k in (1, 2, 4, 5, 6)] + \
     [("_write_bytes_atomic", 1)]
 

@@ -112,7 +112,7 @@ def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
             note = rec.source["notification"]
             assert rec.checkpoint == str(ckpt) and rec.trigger == "event" and rec.model_line == "shapes"
             assert note["kind"] == "mlflow:model_version.created" and note["run_id"] == out["run_id"]
-            row = Store(store, catalog_file=False).read_run(rec.run_id)
+            row = Store(store).read_run(rec.run_id)
             assert row["status"] == "succeeded" and row["n_results"] == 3, row
             assert json.loads(row["config_json"])["audit"]["pool"]["worker_deaths"] == 0
 

@@ -108,7 +108,7 @@ def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_
     assert r.returncode == 1, r.stdout + r.stderr
     assert "authentication failed" in r.stderr and "RAY_AUTH_MODE=token" in r.stderr, r.stderr[-3000:]
     assert took < 35, f"{took:.0f} s: Ray's own connect timeout is ~40 s"
-    row = Store(store, catalog_file=False).read_run("no-token")
+    row = Store(store).read_run("no-token")
     assert row["status"] == "failed" and "authentication failed" in row["error"], row
 
     # 2. with the cluster's token: audited on the cluster; one worker killed once and retried
@@ -120,7 +120,7 @@ def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_
     assert r.returncode == 0, out[-5000:]
     assert re.search(r"worker 0: pid \d+ on \S+ \(Ray node [0-9a-f]{12}\)", out), out[-5000:]
     assert "1 worker death(s)" in out and "1 sample call(s) retried" in out, out[-5000:]
-    row = Store(store, catalog_file=False).read_run("with-token")
+    row = Store(store).read_run("with-token")
     assert row["status"] == "succeeded" and row["n_results"] == 2 and row["n_failures"] == 0, row
     pool = json.loads(row["config_json"])["audit"]["pool"]
     assert pool["worker_deaths"] == 1 and pool["retried"] == 1 and pool["poison"] == 0, pool

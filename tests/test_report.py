@@ -20,7 +20,7 @@ from tests.test_store import fabricate_run
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Path, Path]:
     tmp = tmp_path_factory.mktemp("report")
-    st = Store(tmp / "store", catalog_file=False)
+    st = Store(tmp / "store")
     fabricate_run(st, tmp / "ds")
     failed = ValidationResult("run-1", False, [
         {"table": "token_maps", "expectation": "0 <= inside_frac <= 1", "success": False,
@@ -75,7 +75,7 @@ def test_markdown_summary(built: tuple[Store, Path, Path]) -> None:
 
 
 def test_missing_images_and_extra_section(tmp_path: Path) -> None:
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds")
     (tmp_path / "ds" / "s0.png").unlink()
     (tmp_path / "ds" / "s1.png").write_bytes(b"not a png")
@@ -95,7 +95,7 @@ def test_missing_images_and_extra_section(tmp_path: Path) -> None:
 
 
 def test_run_without_masks_or_rows(tmp_path: Path) -> None:
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
 
     def unmasked(rows) -> None:
         for shard in rows["shards"].values():

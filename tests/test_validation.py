@@ -21,7 +21,7 @@ def _validate(
     mutate: Callable[[dict[str, Any]], None] | None = None,
     after_commit: Callable[[Store], None] | None = None,
 ) -> ValidationResult:
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds", mutate=mutate)
     if after_commit is not None:
         after_commit(st)
