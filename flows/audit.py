@@ -273,6 +273,7 @@ def audit(
     """
     from diffcam_core.settings import CamSettings
     from storage.datasets import load_dataset
+    from storage.catalog import write_catalog_file
     from storage.schemas import TRIGGERS
     from storage.store import Store
     from tasks.finalize import dataset_flags_task, report_task, validate_run_task
@@ -332,6 +333,7 @@ def audit(
         "started_at": _now(), "finished_at": None, "status": "running",
         "n_samples": n_samples, "n_shards": len(shards), "trigger": trigger,
     }, config, logger)
+    write_catalog_file(st)  # catalog.duckdb (the DuckDB CLI's views) is a step of this flow, not of each store write
 
     try:
         # plan shards only: a named shard ("dataset": the dataset-level flags) is not one, and
@@ -370,6 +372,7 @@ def audit(
             "n_failures": st.read_table("failures", run_id).num_rows,
         }
         st.update_run(run_id, **counts)
+        write_catalog_file(st)  # every shard is in
         if counts["n_results"] == 0:
             raise RuntimeError(f"no sample could be audited ({counts['n_failures']} failures): see the failures table")
         t0 = time.perf_counter()
@@ -386,12 +389,14 @@ def audit(
         # The verdict and status go in before the report so that the report shows them; a
         # report that then fails turns the run into "failed" (below).
         st.update_run(run_id, validation_json=verdict.to_json(), status=status, finished_at=_now())
+        write_catalog_file(st)
         t0 = time.perf_counter()
         html_path, md_path = report_task(str(st.root), run_id, verdict)
         timings["report_s"] = time.perf_counter() - t0
     except BaseException as exc:
         try:
             st.update_run(run_id, status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:4000])
+            write_catalog_file(st)
         except Exception as e2:  # noqa: BLE001 - keep the original error
             logger.error("could not record the failure in the run row: %s", e2)
         raise

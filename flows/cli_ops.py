@@ -93,7 +93,7 @@ def compare_cmd(
         gates = CompareGates.from_dict({**gates.to_dict(), **overrides})
     except (OSError, ValueError, TypeError) as e:
         _fail(f"gates: {e}")
-    st = Store(store, catalog_file=False)
+    st = Store(store)
     known = st.runs()
     for rid in (run_a, run_b):
         if rid not in known:

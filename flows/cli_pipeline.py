@@ -298,7 +298,7 @@ def report_cmd(
         _fail(f"run id {run_id!r} must match {RUN_ID_RE.pattern}")
     if not store.is_dir():
         _fail(f"--store {store}: no such store folder")
-    st = Store(store, catalog_file=False)
+    st = Store(store)
     if run_id not in st.runs():
         known = st.runs()
         hint = f"; runs in this store: {', '.join(known[-5:])}" if known else "; the store has no runs"

@@ -366,7 +366,7 @@ def compare_runs(store: Any, run_a: str, run_b: str, gates: CompareGates | None 
     from storage.store import Store
 
     gates = gates or CompareGates()
-    st = store if isinstance(store, Store) else Store(store, catalog_file=False)
+    st = store if isinstance(store, Store) else Store(store)
     for rid in (run_a, run_b):
         st.read_run(rid)  # KeyError for a missing run, ValueError for a bad id
     con = catalog.connect(st)

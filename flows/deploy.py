@@ -253,6 +253,7 @@ def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: st
     """Claim → audit (subflow) → compare with the previous audit of the line. Inside a flow."""
     from flows.audit import audit
     from flows.registry import AuditLedger, AuditRecord, new_audit_run_id, settings_key
+    from storage.catalog import write_catalog_file
     from storage.store import Store
 
     logger = get_run_logger()
@@ -294,6 +295,7 @@ def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: st
     ledger.update(claim.run_id, previous_run_id=prev.run_id, compare_verdict="pass" if res["passed"] else "fail",
                   compare_dir=str(Path(res["markdown"]).parent))
     Store(store).update_run(claim.run_id, parent_run_id=prev.run_id)
+    write_catalog_file(store)  # the parent link shows in catalog.duckdb too
     out["compare"] = {"run_a": prev.run_id, **res}
     _emit_compared(model_line, prev.run_id, claim.run_id, res)
     (logger.info if res["passed"] else logger.warning)(

@@ -122,7 +122,7 @@ class FakeAudit:
                  **opts: Any) -> dict[str, Any]:
         self.calls.append({"model": model, "dataset": dataset, "run_id": run_id, "limit": limit,
                            "settings_json": settings_json, "trigger": trigger, **opts})
-        st = Store(store, catalog_file=False)
+        st = Store(store)
         name = Path(model).name
         if name.endswith("-crash") and name not in self.crashed:
             self.crashed.add(name)
@@ -459,7 +459,7 @@ def test_signed_notification_runs_an_audit_and_bad_ones_start_nothing(loop: Loop
     assert p["dataset"] == str(loop.dataset) and p["limit"] == 3 and p["trigger"] == "event"
     assert json.loads(p["settings_json"]) == {"methods": ["diffusion-cam"]} and p["workers"] == 1
     rid = p["run_id"]
-    st = Store(loop.store, catalog_file=False)
+    st = Store(loop.store)
     assert st.read_run(rid)["status"] == "succeeded" and st.read_run(rid)["trigger"] == "event"
     assert AuditLedger(loop.store).get(rid).source["notification"]["delivery_id"] == "delivery-ok-1"
 
