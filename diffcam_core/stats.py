@@ -28,7 +28,7 @@ import numpy as np
 
 from diffcam_core import metrics
 
-__all__ = ["STAT_KEYS", "StatKey", "StatsSettings", "band_cells", "border_mask", "centre_mask", "map_stats"]
+__all__ = ["STAT_KEYS", "StatKey", "StatsSettings", "band_cells", "border_mask", "centre_mask", "gini", "map_stats"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,17 @@ def centre_mask(shape: tuple[int, int], settings: StatsSettings = DEFAULT_STATS_
     return rows[:, None] & cols[None, :]
 
 
+def gini(a: np.ndarray) -> float:
+    """Gini coefficient of the cell values, in [0, 1 - 1/n]; 0 for a zero map or a single cell
+    (one definition for the ``gini`` statistic and the bias audit's flat-map rule)."""
+    n = a.size
+    total = float(a.sum())
+    if not total > 0 or n < 2:
+        return 0.0
+    srt = np.sort(a.ravel())
+    return max(0.0, float(2.0 * (np.arange(1, n + 1) * srt).sum() / (n * total) - (n + 1.0) / n))
+
+
 def map_stats(
     map: np.ndarray,
     mask: np.ndarray | None = None,
@@ -176,8 +187,6 @@ def map_stats(
         pr, pc = divmod(peak, w)
         nzp = p[p > 0]
         entropy = float(-(nzp * np.log(nzp)).sum() / math.log(n)) if n > 1 else 0.0
-        srt = np.sort(a.ravel())
-        gini = float(2.0 * (np.arange(1, n + 1) * srt).sum() / (n * total) - (n + 1.0) / n)
         border_frac = float(a[border].sum()) / total
         centre_frac = float(a[centre].sum()) / total
         out.update(
@@ -188,7 +197,7 @@ def map_stats(
             peak_x=(pc + 0.5) / w,
             peak_y=(pr + 0.5) / h,
             entropy=min(max(entropy, 0.0), 1.0),
-            gini=max(gini, 0.0),
+            gini=gini(a),
             border_frac=border_frac,
             border_enrichment=border_frac / out["border_area_share"],  # type: ignore[operator]
             centre_frac=centre_frac,
