@@ -21,19 +21,9 @@ from diffcam_core.bias_windows import (
     EPS, as_mask, cell_coverage, hotspot, window_box, window_cells, window_max, window_sums,
 )
 from diffcam_core.metrics import validate_map, validate_mask
-from diffcam_core.stats import border_mask
+from diffcam_core.stats import border_mask, gini
 
 __all__ = ["sample_flags", "region_sample_flags"]
-
-
-def _gini(a: np.ndarray) -> float:
-    n = a.size
-    total = float(a.sum())
-    if not total > 0 or n < 2:
-        return 0.0
-    srt = np.sort(a.ravel())
-    return max(0.0, float(2.0 * (np.arange(1, n + 1) * srt).sum() / (n * total) - (n + 1.0) / n))
-
 
 
 def sample_flags(
@@ -85,7 +75,7 @@ def sample_flags(
                   "meaning": "the map has no positive value: it points nowhere"}
             out.append(make_flag("zero_map", peak, settings.zero_max, ev, **ident))
             continue
-        g = _gini(a)
+        g = gini(a)
         if g <= settings.flat_gini_max:
             ev = {**base, "rule": "score <= threshold", "gini": g, "map_max": peak,
                   "map_min": float(a.min()), "grid": list(grid),
