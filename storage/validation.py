@@ -29,12 +29,12 @@ bars are switched off.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage import catalog
+from storage.jsonable import jsonable
 from storage.schemas import KEYS, TABLES, field_range, field_values
 from storage.store import Store
 
@@ -65,23 +65,6 @@ class ValidationResult:
     def from_json(cls, text: str) -> ValidationResult:
         d = json.loads(text)
         return cls(run_id=d["run_id"], success=bool(d["success"]), per_expectation=list(d["per_expectation"]))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        try:
-            v = v.item()
-        except (ValueError, TypeError):
-            return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
 
 
 def _import_gx() -> tuple[Any, Any]:
@@ -147,7 +130,7 @@ class _Suites:
                     "table": table.split(":")[0],
                     "expectation": exp.meta["name"],
                     "success": bool(r.success),
-                    "details": _jsonable(details),
+                    "details": jsonable(details),
                 })
         return out + self.extra
 
