@@ -152,7 +152,7 @@ def run_dataset_flags(
 ) -> list[dict[str, Any]]:
     """The dataset-level bias step of one run (= one checkpoint); returns ``flags`` rows.
 
-    ``dataset_path``: the dataset folder or manifest, or the `storage.datasets.Dataset` the
+    ``dataset_path``: the dataset folder or manifest, or the `storage.samples.Dataset` the
     flow already loaded (not read again); None: the run's ``dataset_uri``.
     ``model_dir`` (or a loaded ``adapter``): for the counterfactuals; None and no adapter:
     ``clever_hans`` flags keep ``confirmed`` None and their evidence says why.
