@@ -172,9 +172,9 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
             "k": None if a["clusters"] is None else a["clusters"]["k"]}
     out["raw_dataset_scores"] = raw
     # every cluster's best off-object region with the gates at 0: share, consistency, specificity (top 10)
-    loose = BiasSettings(**{**settings.to_dict(), "cluster_enrichment_min": 0.0, "cluster_consistency_min": 0.0,
-                            "cluster_specificity_min": 0.0, "min_cluster_size": 1, "min_cluster_frac": 0.0})
-    _, _, loose_analyses = analyse_run(run, objects, BiasSettings(**{**loose.to_dict(), "sample_methods": ()}))
+    loose = settings.with_(cluster_enrichment_min=0.0, cluster_consistency_min=0.0, cluster_specificity_min=0.0,
+                           min_cluster_size=1, min_cluster_frac=0.0)
+    _, _, loose_analyses = analyse_run(run, objects, loose.with_(sample_methods=()))
     cands = []
     for f in bias_dataset.all_dataset_flags(loose_analyses, loose):
         if f["kind"] != "clever_hans":
@@ -192,8 +192,7 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
     out["clever_hans_candidates"] = cands[:10]
     # raw sample scores: off-object hot-spot share with every gate at 0
     loose = BiasSettings(off_object_threshold=0.0, off_object_dominance=0.0, border_threshold=0.0)
-    sflags, _, _ = analyse_run(run, objects, BiasSettings(**{**loose.to_dict(), "dataset_methods": (),
-                                                               "sample_methods": METHODS}))
+    sflags, _, _ = analyse_run(run, objects, loose.with_(dataset_methods=(), sample_methods=METHODS))
     scores = defaultdict(lambda: defaultdict(float))
     for f in sflags:
         if f["kind"] != "off_object":
@@ -243,9 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     ds_dir = a.out / f"heldout-seed{a.seed}-n{a.n}-{ss.cue.word}-{ss.cue.pos}-{ss.cue.color}"
     if not (ds_dir / "manifest.jsonl").is_file():
         write_synthetic_dataset(ds_dir, a.n, a.seed, ss)
-    store = Store(a.out / "store")
+    store = Store(a.out / "store", catalog_file=False)
     settings = BiasSettings()
-    result: dict = {"n": a.n, "seed": a.seed, "cue": ss.cue.to_dict(), "settings": settings.to_dict(), "models": {}}
+    result: dict = {"n": a.n, "seed": a.seed, "cue": ss.cue.to_dict(), "settings": settings.model_dump(mode="json"), "models": {}}
     for label, model in (("planted", a.planted), ("clean", a.clean)):
         run_id = f"{label}-{model.name}-seed{a.seed}-n{a.n}"
         if run_id in store.runs():  # a fresh evaluation each time: flags are written once per run

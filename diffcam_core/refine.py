@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from diffcam_core.settings import Settings
 
 __all__ = [
     "PRESETS",
@@ -50,9 +53,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class RefineSettings:
-    """Every constant of docs/METHOD.md §3 in one saved-with-the-run object."""
+class RefineSettings(Settings):
+    """Every constant of docs/METHOD.md §3 in one object, recorded in each run's config (``refine``)."""
 
     # AKD (kernel size: k = nearest odd of akd_base · f_step · f_std · f_size)
     akd_base: float = 3.0
@@ -75,39 +77,34 @@ class RefineSettings:
     dacg_p_default: float = 85.0
     dacg_zeta_empty: float = 1e-6  # ζ when the map has no strictly positive value
     dacg_kernel: int = 3
-    dacg_sigma: float = 1.0
+    dacg_sigma: float = Field(1.0, gt=0)
     # CBA: δ = w_p50_nz·P50(nz) + w_p60_all·P60(all) + w_mean_nz·mean(nz) + w_max·max(H)
     cba_w_p50_nz: float = 0.15
     cba_w_p60_all: float = 0.15
     cba_w_mean_nz: float = 0.20
     cba_w_max: float = 0.015
-    cba_floor: float = 0.5
+    cba_floor: float = Field(0.5, gt=0, le=1)  # in (0, 1]
     # clip + min-max between CBA and SICD (the §2 normalisation epsilon)
     minmax_eps: float = 1e-8
     # SICD
-    sicd_alpha_max: float = 0.5
+    sicd_alpha_max: float = Field(0.5, ge=0)
     sicd_keep_ratio: float = 0.9
     heur_repeat_coef: float = 0.05  # I = heur_repeat_coef·r + heur_spike_coef·1[H > μ + kσ]
     heur_spike_coef: float = 0.02
     heur_spike_nsigma: float = 2.0
 
-    def __post_init__(self) -> None:
-        for name in ("akd_k_min", "akd_k_max", "dacg_kernel"):
-            v = getattr(self, name)
-            if v < 1 or v % 2 == 0:
-                raise ValueError(f"RefineSettings.{name} must be a positive odd integer, got {v}")
+    @field_validator("akd_k_min", "akd_k_max", "dacg_kernel")
+    @classmethod
+    def _odd(cls, v: int, info: Any) -> int:
+        if v < 1 or v % 2 == 0:
+            raise ValueError(f"RefineSettings.{info.field_name} must be a positive odd integer, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kernel_range(self) -> RefineSettings:
         if self.akd_k_min > self.akd_k_max:
             raise ValueError(f"akd_k_min {self.akd_k_min} > akd_k_max {self.akd_k_max}")
-        if not 0.0 < self.cba_floor <= 1.0:
-            raise ValueError(f"cba_floor must be in (0, 1], got {self.cba_floor}")
-        if self.dacg_sigma <= 0:
-            raise ValueError(f"dacg_sigma must be > 0, got {self.dacg_sigma}")
-        if not 0.0 <= self.sicd_alpha_max:
-            raise ValueError(f"sicd_alpha_max must be >= 0, got {self.sicd_alpha_max}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for saving with a run (JSON-serialisable)."""
-        return asdict(self)
+        return self
 
 
 DEFAULT_SETTINGS = RefineSettings()

@@ -21,12 +21,13 @@ None. No value is ever NaN or infinite.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from diffcam_core import metrics
+from diffcam_core.settings import Settings
 
 __all__ = ["STAT_KEYS", "StatKey", "StatsSettings", "band_cells", "border_mask", "centre_mask", "gini", "map_stats"]
 
@@ -84,8 +85,7 @@ STAT_KEYS: tuple[StatKey, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class StatsSettings:
+class StatsSettings(Settings):
     """Region definitions for the border and centre statistics.
 
     border_fraction: the outer band is round(border_fraction · side) cells wide per axis
@@ -96,18 +96,8 @@ class StatsSettings:
     ±centre_fraction/2 of 0.5 on both axes (0.5 → the middle half of each side).
     """
 
-    border_fraction: float = 0.125
-    centre_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.border_fraction <= 0.5:
-            raise ValueError(f"border_fraction must be in (0, 0.5], got {self.border_fraction}")
-        if not 0.0 < self.centre_fraction <= 1.0:
-            raise ValueError(f"centre_fraction must be in (0, 1], got {self.centre_fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for saving with a run."""
-        return asdict(self)
+    border_fraction: float = Field(0.125, gt=0.0, le=0.5)
+    centre_fraction: float = Field(0.5, gt=0.0, le=1.0)
 
 
 DEFAULT_STATS_SETTINGS = StatsSettings()

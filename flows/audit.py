@@ -4,8 +4,10 @@
 
 1. resolve the model folder (content hash) and the dataset (`storage.datasets.load_dataset`,
    content hash); a missing dataset means the built-in synthetic one;
-2. write the ``runs`` row (status ``running``, config JSON, code version) — or, when the run
-   id exists, check that it is the same model, dataset and plan and resume it;
+2. write the ``runs`` row (status ``running``, config JSON: every setting that shapes the
+   numbers, `diffcam_core.settings.run_settings`, and the run options; code version) — or,
+   when the run id exists, check that it is the same model, dataset, settings and plan and
+   resume it;
 3. plan shards (`tasks.plan.plan_shards`: stable ids);
 4. for every shard not yet committed, the `tasks.shard.run_shard` task (Prefect retries)
    maps its samples over the Ray worker pool (`tasks.worker.CamPool`) and commits the shard
@@ -43,6 +45,7 @@ set_env_defaults()  # before prefect / ray are imported (flows/env.py says why)
 
 from prefect import flow, get_run_logger  # noqa: E402
 
+from diffcam_core.settings import CamSettings  # noqa: E402
 from flows.paths import DEFAULT_MODEL, DEFAULT_STORE, REPO_ROOT  # noqa: E402
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "code_version",
     "default_dataset",
     "new_run_id",
+    "remember_dataset",
     "DEFAULT_SYNTHETIC_N",
 ]
 
@@ -119,6 +123,31 @@ def default_dataset(store: str | Path, n: int = DEFAULT_SYNTHETIC_N, seed: int =
     return path
 
 
+#: Datasets already loaded and hashed in this process, by resolved path (`remember_dataset`).
+_LOADED: dict[str, tuple[Any, int, int]] = {}
+
+
+def remember_dataset(path: str | Path, ds: Any) -> None:
+    """Hand the flow a dataset the caller already loaded and hashed (``diffcam audit`` does, to
+    refuse a bad manifest before Prefect starts), so that the audit does not read and hash it
+    again. A flow parameter must be JSON through Prefect's API, which a manifest's samples are
+    not, hence this hand-over in the process; the next `audit` of ``path`` takes it, unless the
+    manifest file changed since."""
+    st = ds.manifest_path.stat()
+    _LOADED[str(Path(path).resolve())] = (ds, st.st_mtime_ns, st.st_size)
+
+
+def _load_dataset(path: Path) -> Any:
+    from storage.datasets import load_dataset
+
+    ds, mtime_ns, size = _LOADED.pop(str(path.resolve()), (None, None, None))
+    if ds is not None:
+        st = ds.manifest_path.stat()
+        if (st.st_mtime_ns, st.st_size) == (mtime_ns, size):
+            return ds
+    return load_dataset(path)  # ManifestError (a ValueError) lists every structural problem
+
+
 def new_run_id() -> str:
     """``YYYYmmdd-HHMMSS-<6 hex>`` (UTC): sortable, unique enough for one store."""
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -145,10 +174,9 @@ def _check_resume(row: dict[str, Any], model_h: str, dataset_h: str, config: dic
         old = json.loads(row["config_json"])
     except (TypeError, json.JSONDecodeError):
         old = {}
-    new_cam = {k: v for k, v in config.items() if k != "audit"}
-    old_cam = {k: v for k, v in old.items() if k != "audit"}
-    if old_cam != new_cam:
-        problems.append("CAM settings differ")
+    differ = sorted(k for k in set(config) | set(old) if k != "audit" and old.get(k) != config.get(k))
+    if differ:
+        problems.append(f"settings differ ({', '.join(differ)})")
     for k in _PLAN_KEYS:
         if old.get("audit", {}).get(k) != config["audit"][k]:
             problems.append(f"{k} {old.get('audit', {}).get(k)!r} ≠ {config['audit'][k]!r}")
@@ -255,7 +283,7 @@ def audit(
     workers: int | None = None,
     gpus_per_worker: float = 1.0,
     ray_address: str | None = None,
-    settings_json: str | None = None,
+    settings: CamSettings | None = None,
     shard_size: int | None = None,
     batch_size: int = 1,
     cpus_per_worker: int | None = None,
@@ -266,13 +294,15 @@ def audit(
 ) -> dict[str, Any]:
     """Audit ``model`` on ``dataset`` into ``store``; returns a summary dict (see the module doc).
 
-    ``settings_json``: `CamSettings.to_dict()` as JSON (None: defaults). ``dataset`` None:
-    the built-in synthetic dataset (``synthetic_n`` samples). ``shard_size`` None: 16.
+    ``settings``: what Diffusion-CAM computes (None: defaults; from Prefect's API it arrives
+    as its JSON dict and is validated into `CamSettings`). ``dataset`` None: the built-in
+    synthetic dataset (``synthetic_n`` samples); a dataset given to `remember_dataset` is
+    not loaded again. ``shard_size`` None: 16.
     Raises `AuditConfigError` for bad input (before any run row is written) and
     RuntimeError when the run failed (after recording why in the run row).
     """
-    from diffcam_core.settings import CamSettings
-    from storage.datasets import load_dataset
+    from diffcam_core.bias_settings import BiasSettings
+    from diffcam_core.settings import run_settings
     from storage.catalog import write_catalog_file
     from storage.schemas import TRIGGERS
     from storage.store import Store
@@ -295,10 +325,8 @@ def audit(
         raise AuditConfigError(f"trigger {trigger!r} is not one of {TRIGGERS}")
     if gpus_per_worker < 0:
         raise AuditConfigError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
-    try:
-        settings = CamSettings.from_dict(json.loads(settings_json)) if settings_json else CamSettings()
-    except (ValueError, TypeError) as e:
-        raise AuditConfigError(f"settings: {e}") from e
+    settings = settings if settings is not None else CamSettings()
+    bias_settings = BiasSettings()  # the dataset step's (recorded in the run's config)
     st = Store(store)
     run_id = run_id or new_run_id()
     try:
@@ -309,14 +337,14 @@ def audit(
     model_dir = _resolve_model(model)
     m_hash = model_hash(model_dir)
     ds_path = Path(dataset) if dataset else default_dataset(st.root, n=synthetic_n)
-    ds = load_dataset(ds_path)  # ManifestError (a ValueError) lists every structural problem
+    ds = _load_dataset(ds_path)
     if ds.line_problems:
         logger.warning("%d manifest problem(s): those lines become failure rows (first: %s)",
                        len(ds.line_problems), "; ".join(str(p) for p in ds.line_problems[:5]))
     shards = plan_shards(ds.samples, shard_size=shard_size, limit=limit, root=ds.root)
     n_samples = sum(len(s) for s in shards)
     config = {
-        **settings.to_dict(),
+        **run_settings(settings, bias_settings),
         "audit": {
             "shard_size": shard_size, "limit": limit, "batch_size": batch_size, "workers": workers,
             "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker, "ray_address": ray_address,
@@ -344,7 +372,7 @@ def audit(
         pool = None
         if any(s.items for s in pending):
             pool = CamPool(
-                PoolConfig(model_dir=str(model_dir), settings=settings.to_dict(), workers=workers,
+                PoolConfig(model_dir=str(model_dir), settings=settings, workers=workers,
                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                            ray_address=ray_address, batch_size=batch_size),
                 log=logger.info,
@@ -376,7 +404,7 @@ def audit(
         if counts["n_results"] == 0:
             raise RuntimeError(f"no sample could be audited ({counts['n_failures']} failures): see the failures table")
         t0 = time.perf_counter()
-        n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), str(ds_path))
+        n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), ds, bias_settings)
         timings["dataset_flags_s"] = time.perf_counter() - t0
         logger.info("dataset-level bias analysis: %d flag rows", n_flags)
         t0 = time.perf_counter()

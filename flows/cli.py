@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from diffcam_core.settings import AttributionStep, Distractor
+from flows.cli_common import fail
 from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
 
 app = typer.Typer(
@@ -33,11 +35,6 @@ data_app = typer.Typer(help="Make datasets (synthetic shapes with exact masks an
 bench_app = typer.Typer(help="Benchmarks that print the paper-style tables.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @data_app.command("synth")
@@ -62,12 +59,12 @@ def data_synth(
     try:
         settings = SynthSettings(cue=CueSpec.parse(cue) if cue else None)
     except ValueError as e:
-        _fail(f"--cue: {e}")
+        fail(f"--cue: {e}")
     try:
         with typer.progressbar(length=n, label="writing samples") as bar:
             path = write_synthetic_dataset(out, n, seed, settings, progress=lambda k: bar.update(1))
     except FileExistsError as e:
-        _fail(f"{e} — pass a new --out folder")
+        fail(f"{e} — pass a new --out folder")
     typer.echo(f"wrote {n} samples to {path}")
 
 
@@ -108,7 +105,7 @@ def train_tiny_cmd(
     try:
         arch = TinyModelSpec.from_overrides(json.loads(spec) if spec else {})
     except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        _fail(f"--spec: {e}")
+        fail(f"--spec: {e}")
     try:
         report = run_train_tiny(
             data, out,
@@ -118,7 +115,7 @@ def train_tiny_cmd(
             progress=lambda s, loss, acc: typer.echo(f"step {s:5d}  loss {loss:.4f}  token-acc {acc:.3f}"),
         )
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(json.dumps(report.get("heldout_eval", {}), indent=2))
     typer.echo(f"saved to {out}")
 
@@ -130,8 +127,10 @@ def explain_cmd(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", help="Local checkpoint folder (safetensors)."),
     out: Path = typer.Option(Path("explain-out"), "--out", help="Folder for overlays and explain.json."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (see explain.json `layers`)."),
-    distractor: str = typer.Option("others-mean", "--distractor", help="others-mean (default, best on the benchmark) | previous | none"),
-    attribution_step: str = typer.Option("commit", "--attribution-step", help="commit | final"),
+    distractor: Distractor = typer.Option(
+        "others-mean", "--distractor", help="Contrast target (others-mean: the default, best on the benchmark)."),
+    attribution_step: AttributionStep = typer.Option(
+        "commit", "--attribution-step", help="Canvas the word is scored on: the word's commit step, or the final one."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Answer PROMPT about IMAGE; write one overlay PNG per word (raw | refined) and explain.json."""
@@ -142,7 +141,7 @@ def explain_cmd(
         summary = run_explain(image, prompt, model, out, layer=layer, distractor=distractor,
                               attribution_step=attribution_step, seed=seed)
     except (ValueError, FileNotFoundError, SampleError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"answer: {summary['answer']}")
     for w in summary["words"]:
         typer.echo(f"  {w['index']:2d} {w['word']:<12} commit step {w['commit_step']:3d}  -> {w['overlay']}")

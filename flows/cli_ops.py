@@ -16,14 +16,10 @@ from typing import Any, Optional
 
 import typer
 
+from flows.cli_common import fail
 from flows.paths import DEFAULT_STORE
 
 __all__ = ["register"]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def _need_server(what: str) -> None:
@@ -31,7 +27,7 @@ def _need_server(what: str) -> None:
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
-            _fail(f"{what} needs a Prefect server: start one with `prefect server start --host 127.0.0.1` and "
+            fail(f"{what} needs a Prefect server: start one with `prefect server start --host 127.0.0.1` and "
                   "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or point it at your team's server)")
 
 
@@ -74,9 +70,9 @@ def compare_cmd(
 
     for rid in (run_a, run_b):
         if not RUN_ID_RE.match(rid):
-            _fail(f"run id {rid!r} must match {RUN_ID_RE.pattern}")
+            fail(f"run id {rid!r} must match {RUN_ID_RE.pattern}")
     if not store.is_dir():
-        _fail(f"--store {store}: no such store folder")
+        fail(f"--store {store}: no such store folder")
     try:
         gates = load_gates(gates_file) if gates_file else CompareGates()
         overrides: dict[str, Any] = {}
@@ -90,14 +86,14 @@ def compare_cmd(
             overrides["new_flags_confirmed_only"] = False
         if method:
             overrides["method"] = method
-        gates = CompareGates.from_dict({**gates.to_dict(), **overrides})
+        gates = gates.with_(**overrides)
     except (OSError, ValueError, TypeError) as e:
-        _fail(f"gates: {e}")
+        fail(f"gates: {e}")
     st = Store(store)
     known = st.runs()
     for rid in (run_a, run_b):
         if rid not in known:
-            _fail(f"run {rid!r} not found in {st.root}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
+            fail(f"run {rid!r} not found in {st.root}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
     cmp = compare_runs(st, run_a, run_b, gates)
     md, js = write_comparison(cmp, out or default_out_dir(st.root, run_a, run_b))
     if as_json:
@@ -132,13 +128,13 @@ def _ops_config(config: Optional[Path], **overrides: Any):
             cfg = OpsConfig.from_toml(config, **overrides)
         else:
             if not overrides.get("registry"):
-                _fail("give --registry FOLDER (or --config ops.toml)")
+                fail("give --registry FOLDER (or --config ops.toml)")
             cfg = OpsConfig(**{k: v for k, v in overrides.items() if v is not None})
         if audit_options:
             cfg = cfg.with_(audit_options={**cfg.audit_options, **audit_options})
         cfg.registry_roots()  # the registry must exist
     except (OSError, ValueError, TypeError) as e:
-        _fail(str(e))
+        fail(str(e))
     return cfg
 
 
@@ -172,7 +168,7 @@ def sweep_cmd(
     )
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
-        _fail(f"sweep failed: {state.message or result}", code=1)
+        fail(f"sweep failed: {state.message or result}", code=1)
     for r in result["checkpoints"]:
         typer.echo(f"  {r['action']:<8} {r['model_line']}/{r['name']}  {r.get('run_id') or ''}  {r['reason']}")
         if r.get("compare"):
@@ -181,7 +177,7 @@ def sweep_cmd(
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if state.is_failed():
-        _fail(f"sweep: {state.message}", code=1)
+        fail(f"sweep: {state.message}", code=1)
 
 
 _DEPLOY_HELP = """Create the two Prefect deployments: the nightly sweep (cron) and the audit triggered by the `diffcam.model.registered` event (its payload becomes the flow's parameters).
@@ -221,7 +217,7 @@ def deploy_cmd(
         typer.echo(json.dumps(describe_deployments(cfg), indent=1, default=str))
         return
     if not cfg.work_pool:
-        _fail("--work-pool is required to register deployments (on one machine, `diffcam serve` creates and runs them)")
+        fail("--work-pool is required to register deployments (on one machine, `diffcam serve` creates and runs them)")
     _need_server("diffcam deploy")
     ids = deploy_to_work_pool(cfg, image=image)
     typer.echo(f"registered {len(ids)} deployment(s) on work pool {cfg.work_pool!r}: "
@@ -301,7 +297,7 @@ def webhook_cmd(
             dataset_roots=tuple(dataset_root or ()), aliases=tuple(alias or ()), tolerance_s=tolerance_s,
             max_body_bytes=max_body_bytes, secret_env=secret_env))
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -14,20 +14,17 @@ import math
 import sys
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
+from diffcam_core.settings import AttributionStep, Distractor
+from flows.cli_common import fail
 from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
 
 __all__ = ["register", "format_table"]
 
-FORMATS = ("table", "csv", "json", "parquet")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+OutputFormat = Literal["table", "csv", "json", "parquet"]
 
 
 # ----------------------------------------------------------------------------- audit
@@ -67,8 +64,10 @@ def audit_cmd(
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", help="Connect to this Ray cluster (e.g. auto, ray://host:10001). Default: a local Ray."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (default: the model's own default)."),
-    distractor: str = typer.Option("others-mean", "--distractor", help="Contrast target: others-mean (default, best on the benchmark) | previous | none."),
-    attribution_step: str = typer.Option("commit", "--attribution-step", help="commit | final."),
+    distractor: Distractor = typer.Option(
+        "others-mean", "--distractor", help="Contrast target (others-mean: the default, best on the benchmark)."),
+    attribution_step: AttributionStep = typer.Option(
+        "commit", "--attribution-step", help="Canvas the word is scored on: the word's commit step, or the final one."),
     seed: int = typer.Option(0, "--seed", help="Generation seed."),
     faithfulness: float = typer.Option(
         0.1, "--faithfulness", min=0.0, max=1.0,
@@ -89,19 +88,20 @@ def audit_cmd(
 
     # Cheap checks first: Prefect and Ray take seconds to start.
     if run_id is not None and not RUN_ID_RE.match(run_id):
-        _fail(f"--run-id {run_id!r} must match {RUN_ID_RE.pattern}")
+        fail(f"--run-id {run_id!r} must match {RUN_ID_RE.pattern}")
     if not model.is_dir() or not (model / "config.json").is_file():
-        _fail(f"--model {model}: not a checkpoint folder (needs config.json and *.safetensors)")
+        fail(f"--model {model}: not a checkpoint folder (needs config.json and *.safetensors)")
     if dataset is not None and not dataset.exists():
-        _fail(f"--dataset {dataset}: does not exist")
-    if dataset is not None:  # validate before Prefect and Ray start (seconds); the flow loads it again
+        fail(f"--dataset {dataset}: does not exist")
+    ds = None
+    if dataset is not None:  # validate before Prefect and Ray start (seconds); the flow reuses it
         from storage.datasets import load_dataset
         from storage.samples import ManifestError
 
         try:
             ds = load_dataset(dataset)
         except ManifestError as e:
-            _fail(str(e))
+            fail(str(e))
         if ds.line_problems:  # each such line becomes a failure row; the rest is audited
             shown = [f"  {p}" for p in ds.line_problems[:20]]
             more = len(ds.line_problems) - len(shown)
@@ -112,23 +112,25 @@ def audit_cmd(
         settings = CamSettings(layer=layer, distractor=distractor, attribution_step=attribution_step,
                                generation=GenerationSettings(seed=seed), faithfulness=faithfulness)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
 
-    from flows.audit import AuditConfigError, audit
+    from flows.audit import AuditConfigError, audit, remember_dataset
     from storage.samples import ManifestError
 
+    if ds is not None:
+        remember_dataset(dataset, ds)
     try:
         summary = audit(
             model=str(model), dataset=None if dataset is None else str(dataset), store=str(store), run_id=run_id,
             limit=limit, workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
-            settings_json=json.dumps(settings.to_dict()), shard_size=shard_size, batch_size=batch_size,
+            settings=settings, shard_size=shard_size, batch_size=batch_size,
             cpus_per_worker=cpus_per_worker,
             synthetic_n=synthetic_n,
         )
     except (AuditConfigError, ManifestError, FileExistsError) as e:
-        _fail(str(e))
+        fail(str(e))
     except Exception as e:  # noqa: BLE001 - the run row holds the reason too
-        _fail(f"audit failed: {type(e).__name__}: {e}", code=1)
+        fail(f"audit failed: {type(e).__name__}: {e}", code=1)
     if json_out is not None:
         json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     s = summary
@@ -225,17 +227,15 @@ def _hex_binary(table: Any) -> Any:
 def sql_cmd(
     query: str = typer.Argument(..., help="One read-only SQL statement (quote it)."),
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet."),
+    fmt: OutputFormat = typer.Option("table", "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Write here instead of stdout (required for parquet on a terminal)."),
     max_rows: int = typer.Option(100, "--max-rows", min=1, help="Rows shown by --format table."),
 ) -> None:
-    if fmt not in FORMATS:
-        _fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not store.is_dir():
-        _fail(f"--store {store}: no such store folder (run `diffcam audit` first)")
+        fail(f"--store {store}: no such store folder (run `diffcam audit` first)")
     if fmt == "parquet" and out is None and sys.stdout.isatty():
-        _fail("--format parquet writes binary: give --out FILE (or redirect stdout)")
+        fail("--format parquet writes binary: give --out FILE (or redirect stdout)")
     import duckdb
 
     from storage.catalog import ReadOnlyError, run_sql
@@ -244,11 +244,11 @@ def sql_cmd(
     try:
         table = run_sql(store, query)
     except ReadOnlyError as e:
-        _fail(f"refused: {e}")
+        fail(f"refused: {e}")
     except duckdb.Error as e:
-        _fail(f"query failed: {e}")
+        fail(f"query failed: {e}")
     except StoreCorruptError as e:  # a forged or damaged commit marker: never follow it
-        _fail(f"the store is damaged: {e}", code=1)
+        fail(f"the store is damaged: {e}", code=1)
 
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -295,14 +295,14 @@ def report_cmd(
     from storage.store import RUN_ID_RE, Store
 
     if not RUN_ID_RE.match(run_id):
-        _fail(f"run id {run_id!r} must match {RUN_ID_RE.pattern}")
+        fail(f"run id {run_id!r} must match {RUN_ID_RE.pattern}")
     if not store.is_dir():
-        _fail(f"--store {store}: no such store folder")
+        fail(f"--store {store}: no such store folder")
     st = Store(store)
     if run_id not in st.runs():
         known = st.runs()
         hint = f"; runs in this store: {', '.join(known[-5:])}" if known else "; the store has no runs"
-        _fail(f"run {run_id!r} not found in {st.root}{hint}")
+        fail(f"run {run_id!r} not found in {st.root}{hint}")
     html_path, md_path = build_report(st, run_id, out)
     typer.echo(f"report  {html_path}\nsummary {md_path}")
 

@@ -28,13 +28,13 @@ so a worker needs the ``diffcam`` package installed, not this checkout's working
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.env import set_env_defaults
 
@@ -43,6 +43,8 @@ set_env_defaults()  # before prefect is imported (flows/env.py)
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from diffcam_core.settings import CamSettings, Settings  # noqa: E402
+from flows.compare import CompareGates  # noqa: E402
 from flows.paths import DEFAULT_STORE  # noqa: E402
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "PAYLOAD_FIELDS",
     "TRIGGER_PARAMETERS",
     "PayloadError",
+    "RegisteredPayload",
     "validate_payload",
     "OpsConfig",
     "audit_new_checkpoints",
@@ -68,66 +71,63 @@ EVENT_REGISTERED = "diffcam.model.registered"
 EVENT_COMPARE_PASSED = "diffcam.compare.passed"
 EVENT_COMPARE_FAILED = "diffcam.compare.failed"
 RESOURCE_PREFIX = "diffcam.checkpoint."
-#: Every key of an `EVENT_REGISTERED` payload. All must be present (null where unknown):
-#: a template field missing from the payload makes Prefect's trigger action fail (no run).
-PAYLOAD_FIELDS = ("checkpoint", "model_line", "version", "dataset", "settings", "limit", "force", "notification")
-#: The event deployment's trigger parameters: one single-expression template per payload key
-#: (Prefect renders those with ``| tojson``, so dicts, ints, booleans and null keep their type).
-TRIGGER_PARAMETERS = {k: "{{ event.payload.%s }}" % k for k in PAYLOAD_FIELDS}
 
 
 class PayloadError(ValueError):
     """An `EVENT_REGISTERED` payload that would not start a correct run."""
 
 
+class RegisteredPayload(BaseModel):
+    """An `EVENT_REGISTERED` payload. Every key must be present (null where unknown): a
+    template field missing from the payload makes Prefect's trigger action fail (no run).
+    ``settings`` is a `CamSettings` subset (unset fields: the deployment's defaults)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: Annotated[str, Field(min_length=1)]
+    model_line: Annotated[str, Field(min_length=1)]
+    version: str | None
+    dataset: Annotated[str, Field(min_length=1)] | None
+    settings: CamSettings | None
+    limit: Annotated[int, Field(ge=1, strict=True)] | None
+    force: Annotated[bool, Field(strict=True)]
+    notification: dict[str, Any]
+
+
+#: Every key of an `EVENT_REGISTERED` payload (`RegisteredPayload`).
+PAYLOAD_FIELDS = tuple(RegisteredPayload.model_fields)
+#: The event deployment's trigger parameters: one single-expression template per payload key
+#: (Prefect renders those with ``| tojson``, so dicts, ints, booleans and null keep their type).
+TRIGGER_PARAMETERS = {k: "{{ event.payload.%s }}" % k for k in PAYLOAD_FIELDS}
+
+
 def validate_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """Check an `EVENT_REGISTERED` payload before it is emitted; returns it unchanged.
+    """Check an `EVENT_REGISTERED` payload before it is emitted (`RegisteredPayload`);
+    returns it unchanged.
 
     Raises `PayloadError` naming every problem: a missing or unknown key, a wrong type, CAM
-    settings that `CamSettings.from_dict` refuses, a limit < 1. Paths are checked by the
-    caller (the receiver knows the roots) and again by `audit_checkpoint`."""
-    from diffcam_core.settings import CamSettings
-
-    problems = []
+    settings that `CamSettings` refuses, a limit < 1. Paths are checked by the caller (the
+    receiver knows the roots) and again by `audit_checkpoint`."""
     if not isinstance(payload, dict):
         raise PayloadError(f"payload must be an object, got {type(payload).__name__}")
-    missing = [k for k in PAYLOAD_FIELDS if k not in payload]
-    unknown = sorted(set(payload) - set(PAYLOAD_FIELDS))
-    if missing:
-        problems.append(f"missing key(s) {missing}")
-    if unknown:
-        problems.append(f"unknown key(s) {unknown}")
-
-    def check(key: str, ok: bool, want: str) -> None:
-        if key in payload and not ok:
-            problems.append(f"{key} must be {want}, got {payload[key]!r}")
-
-    g = payload.get
-    check("checkpoint", isinstance(g("checkpoint"), str) and bool(g("checkpoint")), "a non-empty string")
-    check("model_line", isinstance(g("model_line"), str) and bool(g("model_line")), "a non-empty string")
-    check("version", g("version") is None or isinstance(g("version"), str), "a string or null")
-    check("dataset", g("dataset") is None or (isinstance(g("dataset"), str) and bool(g("dataset"))),
-          "a non-empty string or null")
-    check("settings", g("settings") is None or isinstance(g("settings"), dict), "an object or null")
-    check("limit", g("limit") is None or (isinstance(g("limit"), int) and not isinstance(g("limit"), bool)
-                                          and g("limit") >= 1), "an integer >= 1 or null")
-    check("force", isinstance(g("force"), bool), "true or false")
-    check("notification", isinstance(g("notification"), dict), "an object")
-    if isinstance(g("settings"), dict):
-        try:
-            CamSettings.from_dict(g("settings"))
-        except (ValueError, TypeError) as e:
-            problems.append(f"settings: {e}")
-    if problems:
-        raise PayloadError("; ".join(problems))
+    try:
+        RegisteredPayload.model_validate(payload)
+    except ValidationError as e:
+        errors = e.errors()
+        missing = [err["loc"][0] for err in errors if err["type"] == "missing"]
+        unknown = sorted(str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden")
+        problems = ([f"missing key(s) {missing}"] if missing else []) + (
+            [f"unknown key(s) {unknown}"] if unknown else [])
+        problems += [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}, got {err['input']!r}"
+                     for err in errors if err["type"] not in ("missing", "extra_forbidden")]
+        raise PayloadError("; ".join(problems)) from None
     return payload
 
 
 # --------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
-class OpsConfig:
+class OpsConfig(Settings):
     """Everything the two deployments need; ``diffcam deploy/serve --config ops.toml``
     reads it from the ``[ops]`` table (with ``[ops.settings]`` = CamSettings and
     ``[ops.gates]`` = `flows.compare.CompareGates`)."""
@@ -135,17 +135,17 @@ class OpsConfig:
     registry: str  #: registry source URI or folder (flows.registry.open_source)
     store: str = str(DEFAULT_STORE)
     dataset: str | None = None  #: None: the built-in synthetic dataset of the store
-    settings: dict[str, Any] | None = None  #: CamSettings.to_dict() subset; None = defaults
-    limit: int | None = None
+    settings: CamSettings | None = None  #: the fields set are the deployments' settings; None = defaults
+    limit: int | None = Field(None, ge=1)
     cron: str = "0 2 * * *"  #: nightly sweep
     timezone: str = "UTC"
     extra_registry_roots: tuple[str, ...] = ()  #: more folders event payloads may point into
-    audit_options: dict[str, Any] = field(default_factory=dict)  #: workers, gpus_per_worker, ray_address, ...
+    audit_options: dict[str, Any] = Field(default_factory=dict)  #: workers, gpus_per_worker, ray_address, ...
     settle_s: float = 60.0
     stale_after_s: float = 12 * 3600.0
     compare: bool = True
     fail_on_regression: bool = True
-    gates: dict[str, Any] | None = None
+    gates: CompareGates | None = None  #: None: the default gates
     sweep_name: str = "diffcam-sweep"
     event_name: str = "diffcam-on-registered"
     tags: tuple[str, ...] = ("diffcam",)
@@ -153,42 +153,38 @@ class OpsConfig:
     work_pool: str | None = None
     job_variables: dict[str, Any] | None = None
 
-    def __post_init__(self) -> None:
-        from diffcam_core.settings import CamSettings
+    # Deployment runs start in another working directory: keep absolute paths.
+    @field_validator("registry")
+    @classmethod
+    def _absolute_registry(cls, v: str) -> str:
+        return v if "://" in v else str(Path(v).expanduser().absolute())
 
-        from flows.compare import CompareGates
+    @field_validator("store", "dataset")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().absolute())
 
-        # Deployment runs start in another working directory: keep absolute paths.
-        if "://" not in self.registry:
-            object.__setattr__(self, "registry", str(Path(self.registry).expanduser().absolute()))
-        object.__setattr__(self, "store", str(Path(self.store).expanduser().absolute()))
-        if self.dataset is not None:
-            object.__setattr__(self, "dataset", str(Path(self.dataset).expanduser().absolute()))
-        if self.settings is not None:
-            CamSettings.from_dict(self.settings)  # ValueError names the bad field
-        CompareGates.from_dict(self.gates)
-        _check_audit_options(self.audit_options)
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+    @field_validator("audit_options")
+    @classmethod
+    def _audit_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_audit_options(v)
+        return v
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> OpsConfig:
         data = tomllib.loads(Path(path).read_text())
         ops = dict(data.get("ops", data))
-        known = {f.name for f in fields(cls)}
-        unknown = set(ops) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown [ops] key(s) {sorted(unknown)}; known: {sorted(known)}")
-        for k in ("tags", "extra_registry_roots"):
-            if k in ops:
-                ops[k] = tuple(ops[k])
         ops.update({k: v for k, v in overrides.items() if v is not None})
         if "registry" not in ops:
             raise ValueError(f"{path}: [ops] needs registry = \"<folder>\" (or pass --registry)")
-        return cls(**ops)
+        try:
+            return cls.model_validate(ops)
+        except ValidationError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def with_(self, **kw: Any) -> OpsConfig:
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+        """A validated copy with the values of ``kw`` that are not None (CLI flags left unset)."""
+        return super().with_(**{k: v for k, v in kw.items() if v is not None})
 
     def registry_roots(self) -> list[str]:
         from flows.registry import open_source
@@ -197,11 +193,16 @@ class OpsConfig:
         return roots + [str(Path(r).expanduser().resolve()) for r in self.extra_registry_roots]
 
     def defaults(self) -> dict[str, Any]:
-        """Deployment-level values a notification leaves null."""
-        return {"dataset": self.dataset, "settings": self.settings, "limit": self.limit}
+        """Deployment-level values a notification leaves null (JSON, as Prefect parameters)."""
+        return {"dataset": self.dataset, "settings": _settings_json(self.settings), "limit": self.limit}
 
 
-_AUDIT_CORE = {"model", "dataset", "store", "run_id", "limit", "settings_json", "trigger"}
+def _settings_json(settings: CamSettings | None) -> dict[str, Any] | None:
+    """The fields the operator set, as JSON: a deployment parameter shows what was chosen."""
+    return None if settings is None else settings.model_dump(mode="json", exclude_unset=True)
+
+
+_AUDIT_CORE = {"model", "dataset", "store", "run_id", "limit", "settings", "trigger"}
 
 
 def _check_audit_options(options: dict[str, Any] | None) -> None:
@@ -218,11 +219,11 @@ def _check_audit_options(options: dict[str, Any] | None) -> None:
 
 
 @task(name="compare-with-previous", cache_policy=NO_CACHE)
-def compare_task(store: str, run_a: str, run_b: str, gates: dict[str, Any] | None) -> dict[str, Any]:
+def compare_task(store: str, run_a: str, run_b: str, gates: CompareGates | None) -> dict[str, Any]:
     """`flows.compare.compare_runs` + `write_comparison` into ``<store>/compare/<A>__<B>/``."""
-    from flows.compare import CompareGates, compare_runs, default_out_dir, write_comparison
+    from flows.compare import compare_runs, default_out_dir, write_comparison
 
-    cmp = compare_runs(store, run_a, run_b, CompareGates.from_dict(gates))
+    cmp = compare_runs(store, run_a, run_b, gates)
     md, js = write_comparison(cmp, default_out_dir(store, run_a, run_b))
     failed = [g.name for g in cmp.gate_results if not g.passed]
     return {"passed": cmp.passed, "failed_gates": failed, "markdown": str(md), "json": str(js),
@@ -247,8 +248,8 @@ def _resolve_dataset(store: str, dataset: str | None) -> tuple[str, str]:
 
 
 def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: str, store: str, dataset: str,
-               dataset_hash: str, settings: dict[str, Any] | None, limit: int | None, trigger: str, force: bool,
-               source: dict[str, Any], audit_options: dict[str, Any], compare: bool, gates: dict[str, Any] | None,
+               dataset_hash: str, settings: CamSettings | None, limit: int | None, trigger: str, force: bool,
+               source: dict[str, Any], audit_options: dict[str, Any], compare: bool, gates: CompareGates | None,
                stale_after_s: float) -> dict[str, Any]:
     """Claim → audit (subflow) → compare with the previous audit of the line. Inside a flow."""
     from flows.audit import audit
@@ -273,7 +274,7 @@ def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: st
     try:
         summary = audit(
             model=str(checkpoint), dataset=dataset, store=store, run_id=claim.run_id, limit=limit,
-            settings_json=json.dumps(settings, sort_keys=True) if settings else None, trigger=trigger,
+            settings=settings, trigger=trigger,
             **audit_options,
         )
     except BaseException:
@@ -335,7 +336,7 @@ def audit_new_checkpoints(
     registry: str,
     store: str = str(DEFAULT_STORE),
     dataset: str | None = None,
-    settings: dict[str, Any] | None = None,
+    settings: CamSettings | None = None,
     limit: int | None = None,
     force: bool = False,
     settle_s: float = 60.0,
@@ -343,7 +344,7 @@ def audit_new_checkpoints(
     max_audits: int | None = None,
     audit_options: dict[str, Any] | None = None,
     compare: bool = True,
-    gates: dict[str, Any] | None = None,
+    gates: CompareGates | None = None,
     fail_on_regression: bool = True,
 ) -> dict[str, Any]:
     """Audit every checkpoint of ``registry`` not yet audited with this dataset and settings.
@@ -396,7 +397,7 @@ def audit_checkpoint(
     model_line: str | None = None,
     version: str | None = None,
     dataset: str | None = None,
-    settings: dict[str, Any] | None = None,
+    settings: CamSettings | None = None,
     limit: int | None = None,
     force: bool = False,
     notification: dict[str, Any] | None = None,
@@ -404,7 +405,7 @@ def audit_checkpoint(
     stale_after_s: float = 12 * 3600.0,
     audit_options: dict[str, Any] | None = None,
     compare: bool = True,
-    gates: dict[str, Any] | None = None,
+    gates: CompareGates | None = None,
     fail_on_regression: bool = True,
     trigger: str = "event",
 ) -> dict[str, Any]:
@@ -425,11 +426,8 @@ def audit_checkpoint(
         raise ValueError(f"{path}: not a checkpoint folder (needs config.json and *.safetensors)")
     ds = dataset if dataset is not None else defaults.get("dataset")
     cam = settings if settings is not None else defaults.get("settings")
+    cam = None if cam is None else CamSettings.model_validate(cam)  # the defaults arrive as JSON
     lim = limit if limit is not None else defaults.get("limit")
-    if cam is not None:
-        from diffcam_core.settings import CamSettings
-
-        CamSettings.from_dict(cam)
     ds_path, ds_hash = _resolve_dataset(store, ds)
     content_hash = HashCache(Path(store) / "ops" / "hash-cache.json").content_hash(path)
     line = model_line or path.parent.name
@@ -453,7 +451,8 @@ def build_deployments(cfg: OpsConfig) -> list[Any]:
 
     common = {
         "store": cfg.store, "stale_after_s": cfg.stale_after_s, "audit_options": dict(cfg.audit_options),
-        "compare": cfg.compare, "gates": cfg.gates, "fail_on_regression": cfg.fail_on_regression,
+        "compare": cfg.compare, "fail_on_regression": cfg.fail_on_regression,
+        "gates": None if cfg.gates is None else cfg.gates.model_dump(mode="json", exclude_unset=True),
     }
     kw: dict[str, Any] = {"tags": list(cfg.tags), "entrypoint_type": EntrypointType.MODULE_PATH,
                           "concurrency_limit": cfg.concurrency_limit}
@@ -466,7 +465,8 @@ def build_deployments(cfg: OpsConfig) -> list[Any]:
     sweep = audit_new_checkpoints.to_deployment(
         name=cfg.sweep_name,
         schedule=Cron(cfg.cron, timezone=cfg.timezone),
-        parameters={"registry": cfg.registry, "dataset": cfg.dataset, "settings": cfg.settings, "limit": cfg.limit,
+        parameters={"registry": cfg.registry, "dataset": cfg.dataset, "settings": _settings_json(cfg.settings),
+                    "limit": cfg.limit,
                     "settle_s": cfg.settle_s, **common},
         description=f"Nightly: audit checkpoints of {cfg.registry} not yet audited with these settings.",
         **kw,

@@ -417,13 +417,13 @@ def open_source(spec: str | os.PathLike[str], **options: Any) -> CheckpointSourc
 # ------------------------------------------------------------------------------ ledger
 
 
-def settings_key(settings: dict[str, Any] | None, limit: int | None) -> tuple[str, str]:
+def settings_key(settings: Any, limit: int | None) -> tuple[str, str]:
     """(hash, canonical JSON) of what decides an audit's result besides model and dataset:
-    the full `CamSettings` (defaults filled in, so ``{}`` and the explicit defaults are the
-    same key) and ``limit``. Execution options (workers, GPUs, shard size) are not part of it."""
+    the full `CamSettings` (given as one or as a dict; defaults filled in, so ``{}`` and the
+    explicit defaults are the same key) and ``limit``. Execution options (workers, GPUs, shard size) are not part of it."""
     from diffcam_core.settings import CamSettings
 
-    cam = CamSettings.from_dict(settings or {}).to_dict()
+    cam = CamSettings.model_validate(settings or {}).model_dump(mode="json")
     canonical = json.dumps({"cam": cam, "limit": limit}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest(), canonical
 
@@ -479,7 +479,7 @@ class AuditLedger:
     def __init__(self, store_root: str | os.PathLike[str], *, stale_after_s: float = 12 * 3600.0) -> None:
         from storage.store import Store
 
-        self.store = Store(store_root)
+        self.store = Store(store_root, catalog_file=False)
         self.dir = self.store.root / "ops" / "audits"
         self.stale_after_s = stale_after_s
 

@@ -54,12 +54,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from diffcam_core.settings import Settings
 
 __all__ = [
     "WebhookSettings",
@@ -94,8 +96,7 @@ def signature_header(secret: str, delivery_id: str, timestamp: str, body: bytes)
     return f"v1,{sign(secret, delivery_id, timestamp, body)}"
 
 
-@dataclass(frozen=True)
-class WebhookSettings:
+class WebhookSettings(Settings):
     """Receiver configuration (the secret itself is read from ``secret_env``)."""
 
     registry: str  #: registry source (flows.registry.open_source): its roots + version lookup
@@ -104,18 +105,12 @@ class WebhookSettings:
     #: folders a plain-form ``dataset`` may point into; empty: notifications cannot pick a dataset
     dataset_roots: tuple[str, ...] = ()
     secret_env: str = "DIFFCAM_WEBHOOK_SECRET"
-    tolerance_s: int = 300
-    max_body_bytes: int = 64 * 1024
+    tolerance_s: int = Field(300, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=256)
     #: MLflow aliases that trigger an audit (empty: every alias)
     aliases: tuple[str, ...] = ()
     mlflow_events: tuple[str, ...] = ("model_version.created", "model_version_alias.created")
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.tolerance_s < 1:
-            raise ValueError(f"tolerance_s must be >= 1, got {self.tolerance_s}")
-        if self.max_body_bytes < 256:
-            raise ValueError(f"max_body_bytes must be >= 256, got {self.max_body_bytes}")
+    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 class ReplayCache:

@@ -38,7 +38,7 @@ def audit_in_process(
     ``succeeded`` at the end); an existing run id raises (use a new one)."""
     from datetime import datetime, timezone
 
-    from diffcam_core.settings import CamSettings
+    from diffcam_core.settings import CamSettings, run_settings
     from storage.datasets import load_dataset
     from storage.schemas import table_from_rows
     from tasks.plan import plan_shards
@@ -49,7 +49,7 @@ def audit_in_process(
     ds = load_dataset(dataset_path)
     shards = plan_shards(ds.samples, shard_size=shard_size, limit=limit, root=ds.root)
     n = sum(len(s) for s in shards)
-    config = {**cam.to_dict(), "audit": {"shard_size": shard_size, "limit": limit, "in_process": True}}
+    config = {**run_settings(cam), "audit": {"shard_size": shard_size, "limit": limit, "in_process": True}}
     store.write_run({
         "run_id": run_id, "model_uri": Path(model_dir).resolve().as_uri(), "model_hash": "in-process",
         "dataset_uri": ds.uri, "dataset_hash": ds.content_hash, "config_json": json.dumps(config, sort_keys=True),
@@ -57,7 +57,7 @@ def audit_in_process(
         "n_samples": n, "n_shards": len(shards), "trigger": "manual",
     })
     t0 = time.perf_counter()
-    worker = CamWorker(str(model_dir), cam.to_dict(), threads=threads, device=device)
+    worker = CamWorker(str(model_dir), cam, threads=threads, device=device)
     t1 = time.perf_counter()
     n_ok = n_fail = 0
     for shard in shards:

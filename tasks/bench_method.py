@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -207,7 +206,7 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
             if i < faith_n:
                 t1 = time.perf_counter()
                 canvas, cond = attribution_canvas(gen, w.word, settings.attribution_step)
-                gen_settings = replace(settings.generation, seed=settings.generation.seed + i)
+                gen_settings = settings.generation.with_(seed=settings.generation.seed + i)
                 score, said = adapter_scorer(adapter, s.prompt, canvas, cond, w.word, gen_settings)
                 faith = word_faithfulness(s.image, wmaps, score, said, word_key=f"{i}:{w.word.index}")
                 faith_s += time.perf_counter() - t1
@@ -259,7 +258,7 @@ def _swap_test(adapter, s, gen, maps, result, settings, methods, *, rows, ground
         return
     info["pairs"] += 1
     inputs = adapter.prepare(Image.fromarray(swapped.image), swapped.prompt)
-    gen2 = adapter.generate(inputs, replace(settings.generation, seed=settings.generation.seed + index))
+    gen2 = adapter.generate(inputs, settings.generation.with_(seed=settings.generation.seed + index))
     result2 = attribute(adapter, inputs, gen2, settings)
     maps2 = _maps_for(result2, gen2.n_steps, refine_settings, presets)
     objectness2 = evidence.objectness_map(swapped.image, result2.grid)
@@ -292,7 +291,7 @@ def generate_all(adapter, n: int, settings: CamSettings, synth: SynthSettings = 
     for i, s in enumerate(make_samples(n, seed, synth)):
         t0 = time.perf_counter()
         inputs = adapter.prepare(Image.fromarray(s.image), s.prompt)
-        gen = adapter.generate(inputs, replace(settings.generation, seed=settings.generation.seed + i))
+        gen = adapter.generate(inputs, settings.generation.with_(seed=settings.generation.seed + i))
         t_gen.append(time.perf_counter() - t0)
         out.append((s, gen, inputs))
     exact = float(np.mean([g.text == s.answer for s, g, _ in out])) if out else 0.0
@@ -431,20 +430,20 @@ def tune(adapter, samples, base: CamSettings, echo=print) -> dict[str, Any]:
     out: dict[str, Any] = {"layer_sweep": {}, "distractor_sweep": {}, "attribution_step": {}, "dacg_sigma": {}}
     dcam = ("gradcam", "diffusion-cam-raw", "diffusion-cam")
     for layer in adapter.valid_layers():
-        t, _ = evaluate(adapter, samples, replace(base, layer=layer, methods=dcam), dcam)
+        t, _ = evaluate(adapter, samples, base.with_(layer=layer, methods=dcam), dcam)
         out["layer_sweep"][layer] = t
         echo(format_table(t, f"\n[tuning] layer {layer} ({len(samples)} images)"))
     for mode in ("previous", "others-mean", "none"):
-        t, _ = evaluate(adapter, samples, replace(base, distractor=mode, methods=dcam[1:]), dcam[1:])
+        t, _ = evaluate(adapter, samples, base.with_(distractor=mode, methods=dcam[1:]), dcam[1:])
         out["distractor_sweep"][mode] = t
         echo(format_table(t, f"\n[tuning] distractor {mode} ({len(samples)} images)"))
     for step in ("commit", "final"):
-        t, _ = evaluate(adapter, samples, replace(base, attribution_step=step, methods=dcam[1:]), dcam[1:])
+        t, _ = evaluate(adapter, samples, base.with_(attribution_step=step, methods=dcam[1:]), dcam[1:])
         out["attribution_step"][step] = t
         echo(format_table(t, f"\n[tuning] attribution step {step} ({len(samples)} images)"))
     for sigma in DACG_SIGMAS:
-        t, _ = evaluate(adapter, samples, replace(base, methods=dcam[1:]), ("+dacg", "diffusion-cam-raw"),
-                        refine_settings=replace(DEFAULT_SETTINGS, dacg_sigma=sigma))
+        t, _ = evaluate(adapter, samples, base.with_(methods=dcam[1:]), ("+dacg", "diffusion-cam-raw"),
+                        refine_settings=DEFAULT_SETTINGS.with_(dacg_sigma=sigma))
         out["dacg_sigma"][str(sigma)] = t
         echo(format_table(t, f"\n[tuning] DACG sigma {sigma} ({len(samples)} images)"))
     out["chosen_on_tuning_seed"] = {
@@ -471,7 +470,8 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
     faith_n = min(n, 100) if faith_n is None else faith_n
     clutter_n = n if clutter_n is None else clutter_n
     out: dict[str, Any] = {"model": str(model), "n_images": n, "tuning_seed": TUNING_SEED, "report_seed": REPORT_SEED,
-                           "settings": base.to_dict(), "refine_settings": DEFAULT_SETTINGS.to_dict()}
+                           "settings": base.model_dump(mode="json"),
+                           "refine_settings": DEFAULT_SETTINGS.model_dump(mode="json")}
     if sweep:
         tn = sweep_n or max(1, n // 2)
         echo(f"model {model}; tuning sweeps on {tn} synthetic images of the tuning seed {TUNING_SEED} ...")
@@ -484,7 +484,7 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
     methods = ROW_METHODS
     echo(f"evaluating {len(methods)} rows; faithfulness on the first {faith_n} images; swap test on every "
          "image with two or more objects ...")
-    table, info = evaluate(adapter, samples, replace(base, methods=("gradcam", "diffusion-cam-raw", "diffusion-cam",
+    table, info = evaluate(adapter, samples, base.with_(methods=("gradcam", "diffusion-cam-raw", "diffusion-cam",
                                                                     "token-gradnorm")),
                            methods, faith_n=faith_n, swap=True, echo=echo)
     out.update(generation=gen_info, main=table, main_info=info, rows=contract_rows(table),
@@ -505,7 +505,7 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
     if clutter_n:
         echo(f"\nclutter split: {clutter_n} images of seed {REPORT_SEED} with 1-2 unnamed grey shapes ...")
         csamples, cgen = generate_all(adapter, clutter_n, base, synth=CLUTTER)
-        ctable, cinfo = evaluate(adapter, csamples, replace(base, methods=("gradcam", "diffusion-cam-raw",
+        ctable, cinfo = evaluate(adapter, csamples, base.with_(methods=("gradcam", "diffusion-cam-raw",
                                                                            "diffusion-cam", "token-gradnorm")),
                                  methods, synth=CLUTTER)
         out["clutter"] = {"n_images": clutter_n, "synth": CLUTTER.to_dict(), "generation": cgen, "info": cinfo,
@@ -516,7 +516,7 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
              f"unmatched content words {cinfo['unmatched_content_words']}")
     answers = []
     for s, gen, inputs in samples[:20]:
-        r = attribute(adapter, inputs, gen, replace(base, methods=("diffusion-cam-raw",)))
+        r = attribute(adapter, inputs, gen, base.with_(methods=("diffusion-cam-raw",)))
         if r.words:
             answers.append(([w.maps["diffusion-cam-raw"].astype(np.float64) for w in r.words], gen.n_steps))
     if answers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -11,8 +12,11 @@ __all__ = ["dataset_flags_task", "validate_run_task", "report_task"]
 
 
 @task(name="dataset-flags", cache_policy=NO_CACHE)
-def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset_path: str) -> int:
+def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset: Any, settings: Any) -> int:
     """Dataset-level bias analysis (`tasks.bias`) after all shards; commits the flags once.
+
+    ``dataset``: the `storage.datasets.Dataset` the flow loaded (not read again) or its path;
+    ``settings``: the `BiasSettings` recorded in the run's config.
 
     Idempotent: a resumed run whose dataset flags are already committed writes nothing.
     Returns the number of flag rows written (0 when they were already there).
@@ -23,7 +27,7 @@ def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset_pat
     st = Store(store_root)
     if st.is_committed(run_id, "dataset"):
         return 0
-    rows = run_dataset_flags(st, run_id, model_dir, dataset_path)
+    rows = run_dataset_flags(st, run_id, model_dir, dataset, settings)
     return len(rows) if write_dataset_flags(st, run_id, rows) else 0
 
 

@@ -323,8 +323,8 @@ def evaluate_answers(
     kind_total = {k: 0 for k in kinds}
     steps = []
     for i, ex in enumerate(examples):
-        g = adapter.generate(adapter.prepare(Image.fromarray(ex.image), ex.prompt), gen_settings.__class__(
-            **{**asdict(gen_settings), "seed": gen_settings.seed + i}))
+        g = adapter.generate(adapter.prepare(Image.fromarray(ex.image), ex.prompt), gen_settings.with_(
+            seed=gen_settings.seed + i))
         got = g.text.split()
         ref = ex.answer.split()
         exact += got == ref

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffcam_core.settings import CamSettings
 from storage.store import file_sha256
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
@@ -109,13 +110,12 @@ class CamWorker:
     available and ``allow_cuda``), else ``cpu``.
     """
 
-    def __init__(self, model_dir: str, settings: dict[str, Any], threads: int = 1,
+    def __init__(self, model_dir: str, settings: CamSettings, threads: int = 1,
                  device: str | None = None, allow_cuda: bool = True,
                  faults: dict[str, Any] | str | None = None) -> None:
         import torch
 
         from diffcam_core.models.base import load_adapter
-        from diffcam_core.settings import CamSettings
 
         try:  # the per-actor "Loading weights" bar would interleave in the driver's log
             from transformers.utils import logging as hf_logging
@@ -129,7 +129,7 @@ class CamWorker:
         t0 = time.perf_counter()
         self.adapter = load_adapter(model_dir, device=device)
         self.load_s = time.perf_counter() - t0
-        self.settings = CamSettings.from_dict(settings)
+        self.settings = settings
         layer = self.settings.layer
         if layer is not None and layer not in self.adapter.valid_layers():
             valid = self.adapter.valid_layers()
@@ -293,7 +293,7 @@ class PoolConfig:
     replaced), ``faults`` (test-only injection; None: read ``DIFFCAM_FAULTS``)."""
 
     model_dir: str
-    settings: dict[str, Any]
+    settings: CamSettings
     workers: int | None = None
     gpus_per_worker: float = 1.0
     cpus_per_worker: int | None = None

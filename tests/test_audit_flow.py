@@ -332,6 +332,6 @@ def test_worker_measures_evidence_columns(make_dataset):
         rnd = [t["map"] for t in r["token_maps"] if t["method"] == "random"]
         assert len(obj) == 1 and len(set(rnd)) == len(rnd)
     # off: nothing measured, and the selection is by sample id, reproducible
-    w.settings = CamSettings.from_dict({"methods": ["token-gradnorm"], "faithfulness": 0.0})
+    w.settings = CamSettings(methods=("token-gradnorm",), faithfulness=0.0)
     off = w.process(items[:1])[0]
     assert all(t["vanished"] is None for t in off["token_maps"]) and off["samples"]["t_faithfulness_s"] is None

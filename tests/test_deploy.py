@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from diffcam_core.settings import CamSettings
+from flows.compare import CompareGates
 from flows.deploy import (
     EVENT_COMPARE_FAILED,
     EVENT_REGISTERED,
@@ -78,9 +80,11 @@ def test_ops_config_from_toml_and_validation(tmp_path: Path) -> None:
     p.write_text(f'[ops]\nregistry = "{tmp_path / "reg"}"\nlimit = 5\n[ops.settings]\ndistractor = "none"\n'
                  '[ops.gates]\nmax_obj_iou_drop_points = 1.0\n[ops.audit_options]\nworkers = 2\n')
     cfg = OpsConfig.from_toml(p, cron="0 3 * * *")
-    assert cfg.limit == 5 and cfg.settings == {"distractor": "none"} and cfg.cron == "0 3 * * *"
-    assert cfg.audit_options == {"workers": 2} and cfg.gates == {"max_obj_iou_drop_points": 1.0}
-    for bad, msg in (({"settings": {"distractor": "x"}}, "distractor"), ({"gates": {"nope": 1}}, "unknown gate"),
+    assert cfg.limit == 5 and cfg.settings == CamSettings(distractor="none") and cfg.cron == "0 3 * * *"
+    assert cfg.audit_options == {"workers": 2} and cfg.gates == CompareGates(max_obj_iou_drop_points=1.0)
+    assert cfg.with_(limit=None, cron="1 1 * * *").limit == 5  # unset CLI flags keep the config's values
+    for bad, msg in (({"settings": {"distractor": "x"}}, "distractor"),
+                     ({"gates": {"nope": 1}}, r"unknown CompareGates field\(s\) \['nope'\]"),
                      ({"audit_options": {"threads": 9}}, "not parameters of flows.audit"), ({"limit": 0}, "limit")):
         with pytest.raises(ValueError, match=msg):
             OpsConfig(registry=str(tmp_path / "reg"), **bad)
@@ -118,10 +122,10 @@ class FakeAudit:
         self.calls: list[dict[str, Any]] = []
         self.crashed: set[str] = set()
 
-    def __call__(self, *, model: str, dataset: str, store: str, run_id: str, limit, settings_json, trigger,
+    def __call__(self, *, model: str, dataset: str, store: str, run_id: str, limit, settings, trigger,
                  **opts: Any) -> dict[str, Any]:
         self.calls.append({"model": model, "dataset": dataset, "run_id": run_id, "limit": limit,
-                           "settings_json": settings_json, "trigger": trigger, **opts})
+                           "settings": settings, "trigger": trigger, **opts})
         st = Store(store)
         name = Path(model).name
         if name.endswith("-crash") and name not in self.crashed:
@@ -163,7 +167,7 @@ def test_sweep_skips_audited_resumes_failed_and_compares(prefect_harness, fake_a
     call = fake_audit.calls[0]
     assert call["trigger"] == "schedule" and call["limit"] == 2
     assert call["model"] == str((reg / "line" / "v1").resolve())
-    assert json.loads(call["settings_json"]) == {"methods": ["diffusion-cam"]}
+    assert call["settings"] == CamSettings(methods=("diffusion-cam",))  # typed, from the flow's JSON parameter
 
     make_ckpt(reg / "line" / "v2", b"2")
     make_ckpt(reg / "line" / "v3-crash", b"3")
@@ -457,7 +461,7 @@ def test_signed_notification_runs_an_audit_and_bad_ones_start_nothing(loop: Loop
     assert audit_run["state"]["type"] == "COMPLETED"
     p = audit_run["parameters"]
     assert p["dataset"] == str(loop.dataset) and p["limit"] == 3 and p["trigger"] == "event"
-    assert json.loads(p["settings_json"]) == {"methods": ["diffusion-cam"]} and p["workers"] == 1
+    assert CamSettings.model_validate(p["settings"]) == CamSettings(methods=("diffusion-cam",)) and p["workers"] == 1
     rid = p["run_id"]
     st = Store(loop.store)
     assert st.read_run(rid)["status"] == "succeeded" and st.read_run(rid)["trigger"] == "event"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pydantic
 import pytest
 
 from diffcam_core import refine as R
@@ -64,11 +65,11 @@ def test_settings_hold_the_method_constants() -> None:
         "minmax_eps": 1e-8, "sicd_alpha_max": 0.5, "sicd_keep_ratio": 0.9,
         "heur_repeat_coef": 0.05, "heur_spike_coef": 0.02, "heur_spike_nsigma": 2.0,
     }  # fmt: skip
-    d = s.to_dict()
+    d = s.model_dump()
     for k, v in expected.items():
         assert d[k] == v, k
-    assert R.RefineSettings(**d) == s
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert R.RefineSettings.model_validate(d) == s
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         s.akd_k_max = 13  # type: ignore[misc]
 
 

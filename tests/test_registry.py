@@ -179,7 +179,8 @@ def test_settings_key_fills_defaults_and_ignores_nothing_that_matters() -> None:
     from diffcam_core.settings import CamSettings
 
     h0, _ = settings_key(None, None)
-    assert settings_key({}, None)[0] == h0 == settings_key(CamSettings().to_dict(), None)[0]
+    assert settings_key({}, None)[0] == h0 == settings_key(CamSettings().model_dump(), None)[0]
+    assert settings_key(CamSettings(), None)[0] == h0
     assert settings_key({"distractor": "none"}, None)[0] != h0
     assert settings_key(None, 10)[0] != h0
     with pytest.raises(ValueError, match="unknown"):
