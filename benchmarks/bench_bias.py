@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds_dir = a.out / f"heldout-seed{a.seed}-n{a.n}-{ss.cue.word}-{ss.cue.pos}-{ss.cue.color}"
     if not (ds_dir / "manifest.jsonl").is_file():
         write_synthetic_dataset(ds_dir, a.n, a.seed, ss)
-    store = Store(a.out / "store", catalog_file=False)
+    store = Store(a.out / "store")
     settings = BiasSettings()
     result: dict = {"n": a.n, "seed": a.seed, "cue": ss.cue.to_dict(), "settings": settings.model_dump(mode="json"), "models": {}}
     for label, model in (("planted", a.planted), ("clean", a.clean)):

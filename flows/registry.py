@@ -479,7 +479,7 @@ class AuditLedger:
     def __init__(self, store_root: str | os.PathLike[str], *, stale_after_s: float = 12 * 3600.0) -> None:
         from storage.store import Store
 
-        self.store = Store(store_root, catalog_file=False)
+        self.store = Store(store_root)
         self.dir = self.store.root / "ops" / "audits"
         self.stale_after_s = stale_after_s
 

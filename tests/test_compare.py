@@ -76,7 +76,7 @@ def fabricate(store: Store, run_id: str, *, n: int = 12, iou: dict[str, float] |
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store", catalog_file=False)
+    return Store(tmp_path / "store")
 
 
 def test_metric_row_matches_scipy() -> None:
@@ -241,7 +241,7 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     ds = write_synthetic_dataset(tmp_path / "heldout", 64, 2, SynthSettings(cue=CueSpec.parse(CUE)))
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     cam = CamSettings(methods=("diffusion-cam", "token-gradnorm", "token-gradxinput"))
     for rid, model in (("clean", DEFAULT_MODEL), ("cue", CUE_MODEL)):
         audit_in_process(st, rid, model, ds, cam)

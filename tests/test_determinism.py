@@ -138,10 +138,10 @@ def _verdict(tmp_path: Path, damage) -> tuple:
     from flows.audit import validate_or_integrity_failure
     from storage.validation import validate_run
 
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds")
     damage(st)
-    res = validate_or_integrity_failure(st, "run-1", lambda root, rid: validate_run(Store(root, catalog_file=False), rid))
+    res = validate_or_integrity_failure(st, "run-1", lambda root, rid: validate_run(Store(root), rid))
     return res, {(e["table"], e["expectation"]) for e in res.failed}
 
 
@@ -187,7 +187,7 @@ def test_damaged_tables_fail_validation_never_pass(tmp_path, damage, must_fail):
 
 
 def test_forged_marker_is_refused_by_every_reader(tmp_path):
-    st = Store(tmp_path / "store", catalog_file=False)
+    st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds")
     _forge_marker(st)
     with pytest.raises(StoreCorruptError, match=r"path '\.\./\.\./\.\./\.\./etc/passwd' is not samples/shard=0"):
