@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from diffcam_core.settings import Settings
 
 from diffcam_core.inpaint import dilate
 
@@ -265,8 +268,11 @@ def _parse_color(val: str) -> str | tuple[int, int, int]:
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class SynthSettings:
+#: An 8-bit intensity.
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+class SynthSettings(Settings):
     """Everything that shapes a synthetic sample; saved with every generated dataset.
 
     - ``count_probs[k]``: probability of ``k + 1`` objects (must sum to 1).
@@ -294,149 +300,82 @@ class SynthSettings:
       ``(0, 0)`` (default) draws none and leaves the random stream as before.
     """
 
-    image_size: int = 64
-    count_probs: tuple[float, ...] = (0.45, 0.45, 0.1)
+    image_size: int = Field(64, ge=8)
+    count_probs: tuple[Annotated[float, Field(ge=0.0)], ...] = (0.45, 0.45, 0.1)
     size_range: tuple[int, int] = (18, 26)
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = SHAPES
-    background: tuple[int, int, int] = (40, 40, 40)
-    background_noise: float = 4.0
-    clutter: float = 0.01
+    background: tuple[Byte, Byte, Byte] = (40, 40, 40)
+    background_noise: float = Field(4.0, ge=0.0)
+    clutter: float = Field(0.01, ge=0.0, le=1.0)
     clutter_dot: tuple[int, int] = (1, 2)
-    clutter_gray: tuple[int, int] = (70, 130)
-    min_gap: int = 2
-    min_dx: float = 4.0
-    edge_margin: int = 1
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    clutter_gray: tuple[Byte, Byte] = (70, 130)
+    min_gap: int = Field(2, ge=0)
+    min_dx: float = Field(4.0, ge=0.0)
+    edge_margin: int = Field(1, ge=0)
+    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
     cue: CueSpec | None = None
-    cue_margin: int = 2
-    max_attempts: int = 100
-    max_layouts: int = 50
+    cue_margin: int = Field(2, ge=0)
+    max_attempts: int = Field(100, ge=1)
+    max_layouts: int = Field(50, ge=1)
     unnamed_objects: tuple[int, int] = (0, 0)
-    unnamed_gray: tuple[int, int] = (100, 160)
+    unnamed_gray: tuple[Byte, Byte] = (100, 160)
 
-    def __post_init__(self) -> None:
-        def set_(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        def int_(name: str, lo: int) -> int:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-            set_(name, int(v))
-            return int(v)
-
-        size = int_("image_size", 8)
-        int_("min_gap", 0)
-        int_("edge_margin", 0)
-        int_("cue_margin", 0)
-        int_("max_attempts", 1)
-        int_("max_layouts", 1)
-
-        colors = tuple(self.colors)
-        if not colors or len(set(colors)) != len(colors) or any(c not in COLORS for c in colors):
-            raise ValueError(f"colors must be distinct names from {sorted(COLORS)}, got {self.colors!r}")
-        set_("colors", colors)
-        shapes = tuple(self.shapes)
-        if not shapes or len(set(shapes)) != len(shapes) or any(s not in SHAPES for s in shapes):
-            raise ValueError(f"shapes must be distinct names from {list(SHAPES)}, got {self.shapes!r}")
-        set_("shapes", shapes)
-
-        probs = tuple(float(p) for p in self.count_probs)
-        if not probs or any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
-            raise ValueError(f"count_probs must be non-negative and sum to 1, got {self.count_probs!r}")
-        max_count = max(k + 1 for k, p in enumerate(probs) if p > 0)
-        if max_count > len(colors) * len(shapes):
-            raise ValueError(
-                f"count_probs allows {max_count} objects but only {len(colors) * len(shapes)} "
-                "distinct (colour, shape) pairs exist"
-            )
-        set_("count_probs", probs)
-
-        lo, hi = (int(v) for v in self.size_range)
-        if not 2 <= lo <= hi <= size - 2 * self.edge_margin:
-            raise ValueError(
-                f"size_range must satisfy 2 <= lo <= hi <= image_size - 2*edge_margin "
-                f"({size - 2 * self.edge_margin}), got {self.size_range!r}"
-            )
-        set_("size_range", (lo, hi))
-        set_("background", _rgb(self.background, "background"))
-
-        if not float(self.background_noise) >= 0:
-            raise ValueError(f"background_noise must be >= 0, got {self.background_noise!r}")
-        set_("background_noise", float(self.background_noise))
-        if not 0.0 <= float(self.clutter) <= 1.0:
-            raise ValueError(f"clutter must be in [0, 1], got {self.clutter!r}")
-        set_("clutter", float(self.clutter))
-        dlo, dhi = (int(v) for v in self.clutter_dot)
-        if not 1 <= dlo <= dhi:
-            raise ValueError(f"clutter_dot must satisfy 1 <= lo <= hi, got {self.clutter_dot!r}")
-        set_("clutter_dot", (dlo, dhi))
-        glo, ghi = (int(v) for v in self.clutter_gray)
-        if not 0 <= glo <= ghi <= 255:
-            raise ValueError(f"clutter_gray must satisfy 0 <= lo <= hi <= 255, got {self.clutter_gray!r}")
-        set_("clutter_gray", (glo, ghi))
-        ulo, uhi = (int(v) for v in self.unnamed_objects)
-        if not 0 <= ulo <= uhi:
-            raise ValueError(f"unnamed_objects must satisfy 0 <= lo <= hi, got {self.unnamed_objects!r}")
-        set_("unnamed_objects", (ulo, uhi))
-        ug0, ug1 = (int(v) for v in self.unnamed_gray)
-        if not 0 <= ug0 <= ug1 <= 255:
-            raise ValueError(f"unnamed_gray must satisfy 0 <= lo <= hi <= 255, got {self.unnamed_gray!r}")
-        set_("unnamed_gray", (ug0, ug1))
-        if not float(self.min_dx) >= 0:
-            raise ValueError(f"min_dx must be >= 0, got {self.min_dx!r}")
-        set_("min_dx", float(self.min_dx))
-
-        prompts = tuple(self.prompts)
-        if not prompts:
-            raise ValueError("prompts must not be empty")
-        for p in prompts:
-            words = p.split(" ") if isinstance(p, str) else []
-            if not words or any(not _WORD_RE.match(w) for w in words):
-                raise ValueError(
-                    f"prompt {p!r} must be lower-case words (a-z or '?') separated by single spaces"
-                )
-        set_("prompts", prompts)
-
-        if self.cue is not None:
-            if not isinstance(self.cue, CueSpec):
-                raise ValueError(f"cue must be a CueSpec or None, got {self.cue!r}")
-            if self.cue.word not in (*colors, *shapes):
-                raise ValueError(
-                    f"cue word {self.cue.word!r} never appears in an answer: "
-                    f"colors are {list(colors)}, shapes are {list(shapes)}"
-                )
-            x0, y0, x1, y1 = cue_region(self)
-            if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
-                raise ValueError(
-                    f"cue square {(x0, y0, x1, y1)} does not fit in a {size}x{size} image"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists; the cue becomes its own dict or None)."""
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        d["cue"] = None if self.cue is None else self.cue.to_dict()
-        return d
-
+    @field_validator("size_range", "clutter_dot", "clutter_gray", "unnamed_objects", "unnamed_gray")
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SynthSettings:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"SynthSettings dict has unknown fields {sorted(unknown)}")
-        kw: dict[str, Any] = {}
-        for k, v in d.items():
-            if k == "cue":
-                kw[k] = None if v is None else (v if isinstance(v, CueSpec) else CueSpec.from_dict(v))
-            elif isinstance(v, list):
-                kw[k] = tuple(v)
-            else:
-                kw[k] = v
-        return cls(**kw)
+    def _ordered(cls, v: tuple[int, int], info: Any) -> tuple[int, int]:
+        lowest = _RANGE_MIN[info.field_name]
+        if not lowest <= v[0] <= v[1]:
+            raise ValueError(f"{info.field_name} must satisfy {lowest} <= lo <= hi, got {v!r}")
+        return v
+
+    @field_validator("colors", "shapes")
+    @classmethod
+    def _distinct_names(cls, v: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        valid = COLORS if info.field_name == "colors" else SHAPES
+        if not v or len(set(v)) != len(v) or any(x not in valid for x in v):
+            raise ValueError(f"{info.field_name} must be distinct names from {sorted(valid)}, got {v!r}")
+        return v
+
+    @field_validator("count_probs")
+    @classmethod
+    def _distribution(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"count_probs must be non-negative and sum to 1, got {v!r}")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _lower_case_words(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if any(not _WORD_RE.match(w) for w in p.split(" ")):
+                raise ValueError(f"prompt {p!r} must be lower-case words (a-z or '?') separated by single spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> SynthSettings:
+        """The constraints between fields: objects, their sizes and the cue fit the image."""
+        max_count = max(k + 1 for k, p in enumerate(self.count_probs) if p > 0)
+        if max_count > len(self.colors) * len(self.shapes):
+            raise ValueError(f"count_probs allows {max_count} objects but only {len(self.colors) * len(self.shapes)} "
+                             "distinct (colour, shape) pairs exist")
+        room = self.image_size - 2 * self.edge_margin
+        if self.size_range[1] > room:
+            raise ValueError(f"size_range must satisfy 2 <= lo <= hi <= image_size - 2*edge_margin ({room}), "
+                             f"got {self.size_range!r}")
+        if self.cue is not None:
+            if self.cue.word not in (*self.colors, *self.shapes):
+                raise ValueError(f"cue word {self.cue.word!r} never appears in an answer: "
+                                 f"colors are {list(self.colors)}, shapes are {list(self.shapes)}")
+            x0, y0, x1, y1 = cue_region(self)
+            n = self.image_size
+            if x0 < 0 or y0 < 0 or x1 > n or y1 > n:
+                raise ValueError(f"cue square {(x0, y0, x1, y1)} does not fit in a {n}x{n} image")
+        return self
+
+
+#: The lowest ``lo`` of each (lo, hi) range of `SynthSettings`.
+_RANGE_MIN = {"size_range": 2, "clutter_dot": 1, "clutter_gray": 0, "unnamed_objects": 0, "unnamed_gray": 0}
 
 
 # --------------------------------------------------------------------------- samples

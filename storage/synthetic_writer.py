@@ -81,7 +81,7 @@ def write_synthetic_dataset(
             "format_version": 1,
             "seed": seed,
             "n": n,
-            "settings": settings.to_dict(),
+            "settings": settings.model_dump(mode="json"),
             "cue": None if settings.cue is None else settings.cue.to_dict(),
             "vocabulary": vocabulary(settings),
         }

@@ -508,7 +508,7 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
         ctable, cinfo = evaluate(adapter, csamples, base.with_(methods=("gradcam", "diffusion-cam-raw",
                                                                            "diffusion-cam", "token-gradnorm")),
                                  methods, synth=CLUTTER)
-        out["clutter"] = {"n_images": clutter_n, "synth": CLUTTER.to_dict(), "generation": cgen, "info": cinfo,
+        out["clutter"] = {"n_images": clutter_n, "synth": CLUTTER.model_dump(mode="json"), "generation": cgen, "info": cinfo,
                           "rows": contract_rows(ctable), "against_objectness": against_objectness(ctable)}
         echo(format_table(ctable, f"\nClutter split {title}", ("obj_iou", "pointing", "multi_pointing", "specificity",
                                                                 "concentration", "n_words", "n_multi")))

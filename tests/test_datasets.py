@@ -52,7 +52,7 @@ def test_synthetic_folder_layout_and_manifest(synth_dir):
     assert not list(synth_dir.parent.glob(".synth.tmp-*"))
     meta = json.loads((synth_dir / "dataset.json").read_text())
     assert meta["seed"] == 5 and meta["n"] == 8
-    assert SynthSettings.from_dict(meta["settings"]) == SETTINGS
+    assert SynthSettings.model_validate(meta["settings"]) == SETTINGS
     assert CueSpec.from_dict(meta["cue"]) == SETTINGS.cue
     rows = [json.loads(line) for line in (synth_dir / "manifest.jsonl").read_text().splitlines()]
     expected = list(make_samples(8, 5, SETTINGS))

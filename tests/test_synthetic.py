@@ -287,11 +287,11 @@ def test_cue_from_dict_rejects_unknown():
 
 def test_settings_round_trip_json():
     st = SynthSettings(cue=CueSpec("circle", (3, 4), 5, (9, 9, 9), 0.25), clutter=0.0, count_probs=(1.0,))
-    d = json.loads(json.dumps(st.to_dict()))
-    assert SynthSettings.from_dict(d) == st
-    assert SynthSettings.from_dict(SynthSettings().to_dict()) == SynthSettings()
+    d = json.loads(json.dumps(st.model_dump(mode="json")))
+    assert SynthSettings.model_validate(d) == st
+    assert SynthSettings.model_validate(SynthSettings().model_dump(mode="json")) == SynthSettings()
     with pytest.raises(ValueError, match="unknown"):
-        SynthSettings.from_dict({**d, "bogus": 1})
+        SynthSettings.model_validate({**d, "bogus": 1})
 
 
 @pytest.mark.parametrize(
