@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from diffcam_core.bias_clusters import cluster_word_maps, suspect_regions
-from diffcam_core.bias_flags import format_region, make_flag, round6
+from diffcam_core.bias_flags import Flag, format_region, make_flag, round6
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import EPS, unit_mass
 from diffcam_core.metrics import upsample_bilinear
@@ -184,7 +184,7 @@ def _grid_list(a: np.ndarray | None) -> list[list[float]] | None:
 
 
 def dataset_flags(analysis: Mapping[str, Any], settings: BiasSettings = BiasSettings(),
-                  baseline: np.ndarray | None = None) -> list[dict[str, Any]]:
+                  baseline: np.ndarray | None = None) -> list[Flag]:
     """Dataset-level flags of one (word, method) from `analyse_word`'s result.
 
     ``baseline``: (m, h, w) mass distributions of the same method's maps of the *other*
@@ -207,7 +207,7 @@ def dataset_flags(analysis: Mapping[str, Any], settings: BiasSettings = BiasSett
       the word specificity above; ``confirmed`` stays None until the counterfactual runs.
     """
     word, method = analysis["word"], analysis["method"]
-    out: list[dict[str, Any]] = []
+    out: list[Flag] = []
     grid = analysis["grid"]
     base = {"word": word, "method": method, "grid": grid, "n_maps": analysis["n"], "n_zero_maps": analysis["n_zero"],
             "n_masked": analysis["n_masked"], "level": "dataset"}
@@ -253,7 +253,7 @@ def dataset_flags(analysis: Mapping[str, Any], settings: BiasSettings = BiasSett
     for reg in analysis["regions"]:
         if reg["suspect"]:
             by_box.setdefault(tuple(reg["box"]), []).append(reg)
-    centre_flag = next((f for f in out if f["kind"] == "centre_bias"), None)
+    centre_flag = next((f for f in out if f.kind == "centre_bias"), None)
     for box, regs in by_box.items():
         r, c, wh, ww = regs[0]["window"]
         if centre_flag is not None:
@@ -305,10 +305,10 @@ def dataset_flags(analysis: Mapping[str, Any], settings: BiasSettings = BiasSett
 
 
 def all_dataset_flags(analyses: Mapping[tuple[str, str], Mapping[str, Any]],
-                      settings: BiasSettings = BiasSettings()) -> list[dict[str, Any]]:
+                      settings: BiasSettings = BiasSettings()) -> list[Flag]:
     """`dataset_flags` for every (word, method) analysis of one run, each with the other
     words' maps of the same method (and grid) as its specificity baseline."""
-    out: list[dict[str, Any]] = []
+    out: list[Flag] = []
     for (word, method), a in sorted(analyses.items()):
         others = [o["ps"] for (w2, m2), o in analyses.items()
                   if m2 == method and w2 != word and len(o["ps"]) and tuple(o["grid"]) == tuple(a["grid"])]

@@ -1,11 +1,13 @@
-"""Flag values of the bias audit: the ``flags`` table's columns, built one way for every rule.
+"""Flag values of the bias audit: one typed `Flag` per finding, built one way for every rule.
 
-Every flag is a dict with the columns of the ``flags`` table except ``run_id`` (the task
-adds it): ``flag_id`` (deterministic, the recipe of `storage.schemas.make_flag_id`),
-``sample_id`` (None at dataset level), ``word_index``, ``word``, ``method``, ``kind``,
-``score``, ``threshold``, ``confirmed`` (None: no counterfactual run), ``region``
-(``"x0,y0,x1,y1"`` or None) and ``evidence_json`` (sorted-key JSON: the rule that fired,
-every number it used and the thresholds it compared them with, the sample ids).
+A `Flag` holds the ``flags`` table's columns except ``run_id`` as values: ``flag_id``
+(deterministic, the recipe of `storage.schemas.make_flag_id`), ``sample_id`` (None at
+dataset level), ``word_index``, ``word``, ``method``, ``kind``, ``score``, ``threshold``,
+``confirmed`` (None: no counterfactual run), ``region`` (a box ``(x0, y0, x1, y1)`` in
+normalised image coordinates at the column's 4 decimals, or None) and ``evidence`` (the
+rule that fired, every number it used and the thresholds it compared them with, the
+sample ids). They become the stored text (``"x0,y0,x1,y1"``, sorted-key JSON) in one
+place only, where the rows are written: `storage.schemas.flag_row`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SAMPLE_KINDS", "flag_id", "format_region", "make_flag", "round6"]
+__all__ = ["SAMPLE_KINDS", "Flag", "flag_id", "format_region", "make_flag", "region_box", "round6"]
 
 SAMPLE_KINDS = ("off_object", "border_hotspot", "zero_map", "flat_map", "suspect_region")
 
@@ -27,35 +30,49 @@ def flag_id(kind: str, sample_id: str | None = None, word_index: int | None = No
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-def format_region(box: Sequence[float]) -> str:
-    """``"x0,y0,x1,y1"`` with 4 decimals (the ``flags.region`` format)."""
+def _box(box: Sequence[float]) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(v) for v in box)
     if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or x0 > x1 or y0 > y1:
         raise ValueError(f"region {box} is not a box inside [0, 1]^2")
-    return ",".join(f"{v:.4f}" for v in (x0, y0, x1, y1))
+    return x0, y0, x1, y1
+
+
+def format_region(box: Sequence[float]) -> str:
+    """``"x0,y0,x1,y1"`` with 4 decimals: part of a `clever_hans` flag's id, as the
+    ``flags.region`` text (`storage.schemas.format_region`; a test checks they agree)."""
+    return ",".join(f"{v:.4f}" for v in _box(box))
+
+
+def region_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """The box as the ``flags.region`` column keeps it (each value at 4 decimals), so the
+    counterfactual erases and the report draws the same pixels before and after storage."""
+    return tuple(round(v, 4) for v in _box(box))  # type: ignore[return-value]
 
 
 def round6(v: float | None, nd: int = 6) -> float | None:
     return None if v is None else round(float(v), nd)
 
 
-def _json(d: Mapping[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True, ensure_ascii=False, allow_nan=False)
+@dataclass(frozen=True, eq=False)
+class Flag:
+    """One finding of the bias audit (see the module docstring for the fields)."""
+
+    flag_id: str
+    kind: str
+    score: float
+    threshold: float
+    evidence: Mapping[str, Any]
+    sample_id: str | None = None
+    word_index: int | None = None
+    word: str | None = None
+    method: str | None = None
+    region: tuple[float, float, float, float] | None = None
+    confirmed: bool | None = None
 
 
 def make_flag(kind: str, score: float, threshold: float, evidence: dict[str, Any], *, sample_id: str | None = None,
-          word_index: int | None = None, word: str | None = None, method: str | None = None,
-          region: Sequence[float] | None = None, extra: str | None = None) -> dict[str, Any]:
-    return {
-        "flag_id": flag_id(kind, sample_id, word_index, word, method, extra),
-        "sample_id": sample_id,
-        "word_index": word_index,
-        "word": word,
-        "method": method,
-        "kind": kind,
-        "score": float(score),
-        "threshold": float(threshold),
-        "confirmed": None,
-        "region": None if region is None else format_region(region),
-        "evidence_json": _json(evidence),
-    }
+              word_index: int | None = None, word: str | None = None, method: str | None = None,
+              region: Sequence[float] | None = None, extra: str | None = None) -> Flag:
+    return Flag(flag_id=flag_id(kind, sample_id, word_index, word, method, extra), kind=kind, score=float(score),
+                threshold=float(threshold), evidence=evidence, sample_id=sample_id, word_index=word_index,
+                word=word, method=method, region=None if region is None else region_box(region))

@@ -9,13 +9,13 @@ cell of it has more than ``object_overlap_max`` of its pixels inside the mask(s)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_flags import make_flag, round6
+from diffcam_core.bias_flags import Flag, make_flag, round6
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import (
     EPS, as_mask, cell_coverage, hotspot, window_box, window_cells, window_max, window_sums,
@@ -36,7 +36,7 @@ def sample_flags(
     word_index: int,
     word: str,
     all_masks: Sequence[np.ndarray] = (),
-) -> list[dict[str, Any]]:
+) -> list[Flag]:
     """Sample-level flags of one word: `off_object`, `border_hotspot`, `zero_map`, `flat_map`.
 
     ``word_maps``: method → (h, w) map (methods outside ``settings.sample_methods`` are
@@ -59,7 +59,7 @@ def sample_flags(
     A zero or flat map gets only its own flag.
     """
     ss = settings.stats_settings
-    out: list[dict[str, Any]] = []
+    out: list[Flag] = []
     masks = [as_mask(m) for m in all_masks] + ([as_mask(mask)] if mask is not None else [])
     cov_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
     for method in sorted(word_maps):
@@ -128,9 +128,9 @@ def sample_flags(
     return out
 
 
-def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
+def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
                         settings: BiasSettings = BiasSettings(),
-                        tests: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                        tests: Mapping[str, Mapping[str, Any]] | None = None) -> list[Flag]:
     """Sample-level `suspect_region` flags from one dataset-level `clever_hans` flag.
 
     An occurrence of the flag's word is flagged when either
@@ -149,8 +149,7 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
     ratio to it, both answers, the dataset flag's id and confirmation.
     ``analysis``: the word's `analyse_word` result for the flag's method.
     """
-    ev = json.loads(flag["evidence_json"])
-    r, c, wh, ww = ev["window"]
+    r, c, wh, ww = flag.evidence["window"]
     ps = np.asarray(analysis["ps"])
     if not len(ps):
         return []
@@ -170,7 +169,7 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
         off = np.ones_like(sums, dtype=bool) if cov is None else window_max(cov, win) <= settings.object_overlap_max
         bg = float(np.median(sums[off] if off.any() else sums))
         sid, wi = analysis["sample_ids"][i], analysis["word_indices"][i]
-        e = {"sample_id": sid, "word_index": int(wi), "word": flag["word"], "method": flag["method"],
+        e = {"sample_id": sid, "word_index": int(wi), "word": flag.word, "method": flag.method,
              "rule": "untested and score >= threshold (share of the map's mass in the dataset flag's region >= "
                      "member_enrichment_min x the region's area share), or the word vanishes when only the "
                      "region is erased and not when a control window is (confirmed)",
@@ -178,12 +177,11 @@ def region_sample_flags(flag: Mapping[str, Any], analysis: Mapping[str, Any],
              "counterfactual": None if test is None else dict(test),
              "region_share": share, "region_enrichment": share / area, "member_enrichment_min":
              settings.member_enrichment_min, "background_median_share": bg, "ratio_to_background": share / max(bg, EPS),
-             "dataset_flag_id": flag["flag_id"], "dataset_flag_confirmed": flag.get("confirmed"),
-             "dataset_flag_score": flag["score"], "grid": list(ps.shape[1:]), "window": [r, c, wh, ww],
+             "dataset_flag_id": flag.flag_id, "dataset_flag_confirmed": flag.confirmed,
+             "dataset_flag_score": flag.score, "grid": list(ps.shape[1:]), "window": [r, c, wh, ww],
              "meaning": "this occurrence of the word puts an outsized share of its map on, or (confirmed) "
                         "depends on, the region a dataset-level clever_hans flag found for the word"}
-        row = make_flag("suspect_region", share, need, e, sample_id=sid, word_index=int(wi), word=flag["word"],
-                    method=flag["method"], region=[float(v) for v in flag["region"].split(",")])
-        row["confirmed"] = vanished
-        out.append(row)
+        row = make_flag("suspect_region", share, need, e, sample_id=sid, word_index=int(wi), word=flag.word,
+                        method=flag.method, region=flag.region)
+        out.append(replace(row, confirmed=vanished))
     return out

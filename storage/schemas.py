@@ -30,7 +30,8 @@ __all__ = [
     "RUNS", "SAMPLES", "TOKEN_MAPS", "FLAGS", "FAILURES",
     "TABLES", "KEYS", "SHARDED_TABLES", "RUN_STATUSES", "TRIGGERS", "FAILURE_STAGES", "METHODS",
     "quantize_map", "dequantize_map", "empty_table", "table_from_rows", "conform_table",
-    "make_flag_id", "format_region", "parse_region", "field_range", "field_values", "SCHEMA_VERSION",
+    "make_flag_id", "format_region", "parse_region", "format_evidence", "parse_evidence", "flag_row",
+    "field_range", "field_values", "SCHEMA_VERSION",
 ]
 
 #: Bumped when a table gains or changes columns (2: token_maps' specificity and
@@ -313,6 +314,30 @@ def parse_region(region: str) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(p) for p in parts)
     format_region(x0, y0, x1, y1)  # validates
     return x0, y0, x1, y1
+
+
+def format_evidence(evidence: Mapping[str, Any], *, ascii_only: bool = False) -> str:
+    """The ``flags.evidence_json`` text: sorted keys, no NaN (``ascii_only``: non-ASCII escaped)."""
+    return json.dumps(evidence, sort_keys=True, ensure_ascii=ascii_only, allow_nan=False)
+
+
+def parse_evidence(text: str) -> dict[str, Any]:
+    """A ``flags.evidence_json`` text back as a dict (the one reader of the column)."""
+    return json.loads(text)
+
+
+def flag_row(run_id: str, flag: Any) -> dict[str, Any]:
+    """A ``flags`` row from a typed flag (`diffcam_core.bias_flags.Flag`): the one place a
+    flag's region and evidence become the stored text. Dataset-level evidence (no
+    ``sample_id``) has always been stored ASCII-escaped and sample-level evidence as UTF-8;
+    both are kept so the stored strings do not change."""
+    return {
+        "run_id": run_id, "flag_id": flag.flag_id, "sample_id": flag.sample_id, "word_index": flag.word_index,
+        "word": flag.word, "method": flag.method, "kind": flag.kind, "score": flag.score,
+        "threshold": flag.threshold, "confirmed": flag.confirmed,
+        "region": None if flag.region is None else format_region(*flag.region),
+        "evidence_json": format_evidence(flag.evidence, ascii_only=flag.sample_id is None),
+    }
 
 
 # ------------------------------------------------------------------------ tables

@@ -2,7 +2,6 @@
 
 Thin layer over the pure `diffcam_core.bias_*` modules: load → call → write.
 
-- `sample_flag_rows`: the per-sample flags of one audited sample, as ``flags`` rows.
 - `run_dataset_flags(store, run_id, model_dir, dataset_path, settings)`: after all shards.
   Reads the run back (`tasks.bias_read`: the ``token_maps`` maps dequantised, the
   ``samples``, the object masks re-read from the dataset manifest), runs
@@ -15,6 +14,10 @@ Thin layer over the pure `diffcam_core.bias_*` modules: load → call → write.
 - `write_dataset_flags(store, run_id, rows)`: commits the rows as shard ``"dataset"``
   (atomic; a second call for the same run is a no-op returning False).
 
+Flags travel as typed `diffcam_core.bias_flags.Flag` values; they become ``flags`` rows
+(region and evidence as stored text) once, at the end of `run_dataset_flags`, through
+`storage.schemas.flag_row`.
+
 The report section is `tasks.bias_report.BIAS_SECTION`; the audit without Ray/Prefect is
 `tasks.audit_in_process`.
 """
@@ -25,21 +28,23 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
+from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_sample import region_sample_flags, sample_flags
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage
 from diffcam_core.stats import map_stats
+from storage.schemas import flag_row
 from tasks.bias_counterfactual import counterfactual, region_counterfactuals
 from tasks.bias_read import load_run_maps, object_masks
 
 __all__ = [
-    "sample_flag_rows",
     "analyse_run",
     "run_dataset_flags",
     "write_dataset_flags",
@@ -52,52 +57,22 @@ def _quiet(msg: str) -> None:
     """The default log: says nothing."""
 
 
-# --------------------------------------------------------------------------- sample level
-
-
-def sample_flag_rows(
-    run_id: str,
-    sample_id: str,
-    words: Sequence[tuple[int, str, Mapping[str, np.ndarray]]],
-    word_masks: Sequence[np.ndarray | None],
-    all_masks: Sequence[np.ndarray] = (),
-    settings: BiasSettings = BiasSettings(),
-    *,
-    with_stats: bool = True,
-) -> list[dict[str, Any]]:
-    """``flags`` rows of one sample: `diffcam_core.bias_sample.sample_flags` for every word.
-
-    ``words``: (word_index, word text, {method: (h, w) map}) per answer word;
-    ``word_masks[i]``: the i-th word's object mask (None: no mask); ``all_masks``: every
-    distinct object mask of the image. ``with_stats``: put `map_stats` (inside_frac,
-    Obj-IoU) of masked words into the evidence.
-    """
-    if len(word_masks) != len(words):
-        raise ValueError(f"{len(word_masks)} word masks for {len(words)} words")
-    rows = []
-    for (idx, text, maps), mask in zip(words, word_masks):
-        used = {m: a for m, a in maps.items() if m in settings.sample_methods}
-        st = ({m: map_stats(a, mask, settings.stats_settings) for m, a in used.items()}
-              if with_stats and mask is not None else None)
-        for f in sample_flags(used, mask, st, settings, sample_id=sample_id, word_index=idx, word=text,
-                              all_masks=all_masks):
-            rows.append({"run_id": run_id, **f})
-    return rows
+# --------------------------------------------------------------------------- analysis
 
 
 def analyse_run(
     run: Mapping[str, Any],
     objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
     settings: BiasSettings,
-) -> tuple[list[dict[str, Any]], dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
-    """Pure part of the dataset step: sample-level flags, per-(word, method) analyses and
-    dataset-level flags (unconfirmed). Returns (sample_flags, grounding, analyses) where
-    grounding[sid] = {"word_masks": [...], "all": [...]}; flags lack ``run_id``."""
+) -> tuple[list[Flag], dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
+    """Pure part of the dataset step: sample-level flags and per-(word, method) analyses
+    (`all_dataset_flags` turns those into dataset-level flags). Returns (sample_flags,
+    grounding, analyses) where grounding[sid] = {"word_masks": [...], "all": [...]}."""
     from tasks.rows import ground_words, normalise_word
 
     grounding: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[WordSample]] = defaultdict(list)
-    sflags: list[dict[str, Any]] = []
+    sflags: list[Flag] = []
     cov_cache: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
 
     def cov(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -190,7 +165,8 @@ def run_dataset_flags(
         f"{len(sflags)} sample flags, {len(dflags)} dataset flags before confirmation")
 
     t2 = time.perf_counter()
-    suspects = [f for f in dflags if f["kind"] == "clever_hans"]
+    suspects = [f for f in dflags if f.kind == "clever_hans"]
+    checked: dict[int, Flag] = {}
     if suspects:
         if adapter is None and model_dir is not None:
             from diffcam_core.models.base import load_adapter
@@ -200,62 +176,55 @@ def run_dataset_flags(
         cam = CamSettings.from_run_config(config)
         by_id = {s.sample_id: s for s in ds.samples}
         images = {sid: by_id[sid].image_path for sid in run["words"]}
-        def rank(f: Mapping[str, Any]) -> float:
-            ev = json.loads(f["evidence_json"])
-            return -float(f["score"]) * float(ev.get("specificity") or 1.0) * float(ev.get("consistency") or 1.0)
+
+        def rank(f: Flag) -> float:
+            ev = f.evidence
+            return -float(f.score) * float(ev.get("specificity") or 1.0) * float(ev.get("consistency") or 1.0)
 
         tested = {id(f) for f in sorted(suspects, key=rank)[: settings.cf_max_candidates]}
         for f in suspects:
-            ev = json.loads(f["evidence_json"])
+            confirmed = f.confirmed
             if adapter is None:
-                ev["counterfactual"] = {"confirmed": None, "why": ["not run: no model given"]}
+                cf = {"confirmed": None, "why": ["not run: no model given"]}
             elif id(f) not in tested:
-                ev["counterfactual"] = {"confirmed": None, "why": [
+                cf = {"confirmed": None, "why": [
                     f"not run: more than cf_max_candidates={settings.cf_max_candidates} suspects; "
                     "this one ranked lower (score x specificity x consistency)"]}
             else:
                 cf = counterfactual(adapter, cam.generation, f, run["samples"], images, objects, settings)
-                ev["counterfactual"] = cf
-                f["confirmed"] = cf["confirmed"]
-                log(f"bias: clever_hans {f['word']}/{f['method']} region {f['region']}: "
+                confirmed = cf["confirmed"]
+                log(f"bias: clever_hans {f.word}/{f.method} region {f.region}: "
                     f"confirmed={cf['confirmed']} ({cf['n_tested']} samples, {cf['why']})")
-            f["evidence_json"] = json.dumps(ev, sort_keys=True, ensure_ascii=False, allow_nan=False)
+            checked[id(f)] = replace(f, evidence={**f.evidence, "counterfactual": cf}, confirmed=confirmed)
+    dflags = [checked.get(id(f), f) for f in dflags]
     tm["counterfactual_s"] = time.perf_counter() - t2
 
-    refuted = [f for f in dflags if f["kind"] == "clever_hans" and f["confirmed"] is False]
-    tm["refuted"] = [{k: f[k] for k in ("word", "method", "region", "score")} for f in refuted]
+    refuted = [f for f in dflags if f.kind == "clever_hans" and f.confirmed is False]
+    tm["refuted"] = [{"word": f.word, "method": f.method, "region": f.region, "score": f.score} for f in refuted]
     if refuted and not settings.keep_refuted:
         log(f"bias: {len(refuted)} clever_hans suspect(s) refuted by the counterfactual, not raised "
             "(BiasSettings.keep_refuted=True keeps them with confirmed=false)")
-        dflags = [f for f in dflags if not (f["kind"] == "clever_hans" and f["confirmed"] is False)]
+        dflags = [f for f in dflags if not (f.kind == "clever_hans" and f.confirmed is False)]
     t3 = time.perf_counter()
-    per_sample: dict[tuple[str, str], tuple[dict, dict]] = {}  # (word, region) -> tests: methods share them
-    for f in dflags:  # the samples each kept clever_hans flag reaches
-        if f["kind"] == "clever_hans" and f["confirmed"] is not False:
+    per_sample: dict[tuple[Any, ...], tuple[dict, dict]] = {}  # (word, region) -> tests: methods share them
+    for k, f in enumerate(dflags):  # the samples each kept clever_hans flag reaches
+        if f.kind == "clever_hans" and f.confirmed is not False:
             tests = None
             if adapter is not None and settings.region_cf_max_samples > 0:
-                key = (f["word"], f["region"])
+                key = (f.word, f.region)
                 if key not in per_sample:
                     per_sample[key] = region_counterfactuals(adapter, cam.generation, f, run["samples"], images,
                                                              objects, settings)
                 tests, summary = per_sample[key]
-                ev = json.loads(f["evidence_json"])
-                ev["sample_counterfactuals"] = summary
-                f["evidence_json"] = json.dumps(ev, sort_keys=True, ensure_ascii=False, allow_nan=False)
-                log(f"bias: clever_hans {f['word']}/{f['method']}: {summary['n_tested']} samples tested one by "
+                f = dflags[k] = replace(f, evidence={**f.evidence, "sample_counterfactuals": summary})
+                log(f"bias: clever_hans {f.word}/{f.method}: {summary['n_tested']} samples tested one by "
                     f"one, the word vanished in {summary['n_vanished']} without the region")
-            sflags.extend(region_sample_flags(f, analyses[(f["word"], f["method"])], settings, tests))
+            sflags.extend(region_sample_flags(f, analyses[(f.word, f.method)], settings, tests))
     tm["sample_counterfactual_s"] = time.perf_counter() - t3
 
     settings_json = settings.model_dump(mode="json")
-    rows = []
-    for f in dflags:
-        ev = json.loads(f["evidence_json"])
-        ev["settings"] = settings_json
-        rows.append({"run_id": run_id, **f, "evidence_json": json.dumps(ev, sort_keys=True, allow_nan=False)})
-    for f in sflags:
-        if f["kind"] == "suspect_region" or sample_level == "always":
-            rows.append({"run_id": run_id, **f})
+    rows = [flag_row(run_id, replace(f, evidence={**f.evidence, "settings": settings_json})) for f in dflags]
+    rows += [flag_row(run_id, f) for f in sflags if f.kind == "suspect_region" or sample_level == "always"]
     tm["n_dataset_flags"] = len(dflags)
     tm["n_sample_flags"] = len(rows) - len(dflags)
     return rows

@@ -16,7 +16,6 @@ generation settings (`adapter.prepare` + `adapter.generate`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage, window_cells, window_sums
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
@@ -58,7 +58,7 @@ def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float
 def counterfactual(
     adapter: Any,
     gen_settings: Any,
-    flag: Mapping[str, Any],
+    flag: Flag,
     samples: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, Path],
     objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
@@ -73,9 +73,9 @@ def counterfactual(
     from storage.images import load_image
     from tasks.rows import normalise_word
 
-    ev = json.loads(flag["evidence_json"])
-    word = normalise_word(flag["word"])
-    box = tuple(float(v) for v in flag["region"].split(","))
+    ev = flag.evidence
+    word = normalise_word(flag.word)
+    box = flag.region
     grid = tuple(ev["grid"])
     proto = np.asarray(ev["prototype"], dtype=np.float64)
     tested = []
@@ -153,7 +153,7 @@ def counterfactual(
 def region_counterfactuals(
     adapter: Any,
     gen_settings: Any,
-    flag: Mapping[str, Any],
+    flag: Flag,
     samples: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, Path],
     objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
@@ -178,9 +178,9 @@ def region_counterfactuals(
     from storage.images import load_image
     from tasks.rows import normalise_word
 
-    word = normalise_word(flag["word"])
-    box = tuple(float(v) for v in flag["region"].split(","))
-    ev = json.loads(flag["evidence_json"])
+    word = normalise_word(flag.word)
+    box = flag.region
+    ev = flag.evidence
     grid = tuple(ev["grid"]) if ev.get("grid") else None
     proto = np.asarray(ev["prototype"], dtype=np.float64) if ev.get("prototype") is not None else None
     candidates = sorted(sid for sid, s in samples.items() if word in words_of(s.get("answer") or ""))

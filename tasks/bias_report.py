@@ -8,7 +8,6 @@ use `storage.report`'s helpers, so this section looks like the others.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from diffcam_core.inpaint import box_mask, erase_mask, erase_region
 from storage.report import (
     ReportContext, Section, SectionContent, esc, heat_colors, html_table, img_tag, md_table, png_bytes,
 )
+from storage.schemas import parse_evidence, parse_region
 
 __all__ = ["bias_section", "BIAS_SECTION"]
 
@@ -114,7 +114,7 @@ def _word_mean_maps(ctx: ReportContext) -> str:
         m = dequantize_map(data, h, w, mx).astype(np.float64)
         if m.sum() > 0:
             acc[(normalise_word(word), method)].append(m / m.sum())
-    regions = dict(((w, m), [float(v) for v in r.split(",")]) for w, m, r in ctx.con.execute(
+    regions = dict(((w, m), parse_region(r)) for w, m, r in ctx.con.execute(
         "SELECT word, method, region FROM flags WHERE run_id = $run_id AND sample_id IS NULL AND region IS NOT NULL",
         {"run_id": ctx.run_id}).fetchall())
     methods = [m for m in _MEAN_MAP_METHODS if any(k[1] == m for k in acc)]
@@ -171,7 +171,9 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     ).fetchall()
     cols = ["flag_id", "kind", "sample_id", "word_index", "word", "method", "score", "threshold", "confirmed",
             "region", "evidence_json"]
-    flags = [dict(zip(cols, r)) for r in rows]
+    # read back once: the region text as stored (shown) and as a box (drawn), the evidence as a dict
+    flags = [{**f, "box": None if f["region"] is None else parse_region(f["region"]),
+              "evidence": parse_evidence(f["evidence_json"])} for f in (dict(zip(cols, r)) for r in rows)]
     dataset = [f for f in flags if f["sample_id"] is None]
     sample = [f for f in flags if f["sample_id"] is not None]
     parts: list[str] = []
@@ -201,7 +203,7 @@ def bias_section(ctx: ReportContext) -> SectionContent:
 
     # dataset-level flags
     for f in dataset:
-        ev = json.loads(f["evidence_json"])
+        ev = f["evidence"]
         head = (f"{f['kind']} · word “{f['word']}” · {f['method']} · score {f['score']:.4g} "
                 f"(threshold {f['threshold']:.4g}) · region {f['region'] or '–'} · confirmed {f['confirmed']}")
         parts.append(f'<div class="card"><h4>{esc(head)}</h4><p>{esc(ev.get("meaning", ""))}; '
@@ -215,7 +217,7 @@ def bias_section(ctx: ReportContext) -> SectionContent:
                 facts += [{"key": f"{sub}.{k}", "value": v} for k, v in ev[sub].items()]
         parts.append(html_table(facts, ["key", "value"]))
         figs = []
-        box = [float(v) for v in f["region"].split(",")] if f["region"] else None
+        box = f["box"]
         for name in ("prototype", "mean_map", "mean_mask_map"):
             if ev.get(name) is not None:
                 figs.append(f"<figure>{img_tag(_heat_png(ev[name], box if name != 'mean_mask_map' else None), name)}"
@@ -248,7 +250,7 @@ def bias_section(ctx: ReportContext) -> SectionContent:
                              f'</h4><div class="figs">{figs}</div></div>')
         parts.append("</div>")
     if dataset:
-        md.append(md_table([{**f, "n": json.loads(f["evidence_json"]).get("n_sample_ids")} for f in dataset],
+        md.append(md_table([{**f, "n": f["evidence"].get("n_sample_ids")} for f in dataset],
                       ["kind", "word", "method", "score", "threshold", "confirmed", "region", "n"]))
 
     # mean map per word and method (from token_maps; no masks needed)
@@ -260,7 +262,7 @@ def bias_section(ctx: ReportContext) -> SectionContent:
         for kind in SAMPLE_KINDS:
             ks = [f for f in sample if f["kind"] == kind][:_MAX_SAMPLE_FLAG_ROWS // len(SAMPLE_KINDS) + 1]
             for f in ks:
-                ev = json.loads(f["evidence_json"])
+                ev = f["evidence"]
                 top.append({**f, "inside_share": ev.get("inside_share"), "inside_frac": ev.get("inside_frac")})
         parts.append("<h3>Sample-level flags (highest scores per kind)</h3>" + html_table(
             top, ["kind", "sample_id", "word", "method", "score", "threshold", "region", "inside_share", "inside_frac"]))

@@ -17,6 +17,7 @@ import pytest
 
 from diffcam_core import bias_clusters, bias_dataset, bias_flags, bias_sample, bias_windows, inpaint
 from diffcam_core.bias_dataset import WordSample
+from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage
 from diffcam_core.synthetic import CUE_COLORS, CueSpec, SynthSettings, answer_groundings, cue_region, make_samples
@@ -122,13 +123,13 @@ def test_off_object_flags_find_the_cue_samples(word: str, pos: str, color: str) 
         if cue:
             truth.add(sid)
         for f in fl:
-            ev = json.loads(f["evidence_json"])
-            assert f["method"] == "token-gradnorm"  # the channel-pooled stand-in never looks at the cue
-            assert f["kind"] in ("off_object", "border_hotspot")
-            rx0, ry0, rx1, ry1 = (float(v) for v in f["region"].split(","))
+            ev = f.evidence
+            assert f.method == "token-gradnorm"  # the channel-pooled stand-in never looks at the cue
+            assert f.kind in ("off_object", "border_hotspot")
+            rx0, ry0, rx1, ry1 = f.region
             assert rx0 * 64 <= x0 and x1 <= rx1 * 64 and ry0 * 64 <= y0 and y1 <= ry1 * 64  # region holds the cue
-            assert f["score"] >= f["threshold"] and ev["sample_id"] == sid and ev["word"] == word
-            if f["kind"] == "off_object":
+            assert f.score >= f.threshold and ev["sample_id"] == sid and ev["word"] == word
+            if f.kind == "off_object":
                 flagged.add(sid)
                 assert ev["hotspot_share"] >= ev["inside_share"]
             else:
@@ -152,7 +153,7 @@ def test_hotspot_on_another_object_is_not_off_object() -> None:
     kw = dict(sample_id="s", word_index=0, word="w")
     assert bias_sample.sample_flags({"token-gradnorm": m}, own, None, all_masks=[own, other], **kw) == []
     only_own = bias_sample.sample_flags({"token-gradnorm": m}, own, None, **kw)  # without all_masks it is off-object
-    assert {f["kind"] for f in only_own} >= {"off_object"}
+    assert {f.kind for f in only_own} >= {"off_object"}
 
 
 def test_zero_and_flat_maps() -> None:
@@ -160,29 +161,40 @@ def test_zero_and_flat_maps() -> None:
     mask = np.zeros((64, 64), dtype=bool)
     mask[:16, :16] = True
     z = bias_sample.sample_flags({"diffusion-cam": np.zeros(GRID)}, mask, None, **kw)
-    assert [f["kind"] for f in z] == ["zero_map"] and z[0]["score"] == 0.0
+    assert [f.kind for f in z] == ["zero_map"] and z[0].score == 0.0
     f = bias_sample.sample_flags({"diffusion-cam": np.full(GRID, 0.7)}, mask, None, **kw)
-    assert [x["kind"] for x in f] == ["flat_map"] and f[0]["score"] == 0.0
+    assert [x.kind for x in f] == ["flat_map"] and f[0].score == 0.0
     assert bias_sample.sample_flags({"gradcam": np.zeros(GRID)}, mask, None, **kw) == []  # not an audited method
 
 
 def test_flag_rows_fit_the_flags_table_and_carry_evidence() -> None:
-    from storage.schemas import parse_region, table_from_rows
-    from tasks.bias import sample_flag_rows
+    """`storage.schemas.flag_row` turns typed flags into ``flags`` rows; reading them back
+    (`parse_region`, `parse_evidence`) gives the values again."""
+    from diffcam_core.stats import map_stats
+    from storage.schemas import flag_row, parse_evidence, parse_region, table_from_rows
 
     ss, samples = _samples("circle", "top-left", "magenta", n=30)
-    rows = []
+    flags = []
     for sid, wi, w, m, all_masks, maps, _ in _word_maps(samples, ss, planted=True):
-        rows += sample_flag_rows("run-x", sid, [(wi, w, maps)], [m], all_masks)
-    assert rows
+        st = {k: map_stats(a, m) for k, a in maps.items()}
+        flags += bias_sample.sample_flags(maps, m, st, sample_id=sid, word_index=wi, word=w, all_masks=all_masks)
+    assert flags
+    rows = [flag_row("run-x", f) for f in flags]
     t = table_from_rows("flags", rows)
     assert t.num_rows == len(rows) == len(set(t.column("flag_id").to_pylist()))
-    for r in rows:
-        ev = json.loads(r["evidence_json"])
-        parse_region(r["region"])
+    for f, r in zip(flags, rows):
+        ev = parse_evidence(r["evidence_json"])
+        assert parse_region(r["region"]) == f.region and r["region"] == bias_flags.format_region(f.region)
+        assert ev == f.evidence and r["evidence_json"] == json.dumps(f.evidence, sort_keys=True, ensure_ascii=False)
         for key in ("rule", "sample_id", "word", "method", "grid", "hotspot_share", "meaning", "inside_frac"):
             assert key in ev, key
         assert ev["inside_frac"] is not None  # map_stats copied in
+    # dataset-level evidence is stored ASCII-escaped, sample-level as UTF-8 (as it always was)
+    f = flags[0]
+    uni = Flag(f.flag_id, f.kind, f.score, f.threshold, {"word": "café"}, sample_id="s", region=f.region)
+    assert "café" in flag_row("r", uni)["evidence_json"]
+    dataset_level = Flag(f.flag_id, "centre_bias", f.score, f.threshold, {"word": "café"})
+    assert flag_row("r", dataset_level)["evidence_json"] == '{"word": "caf\\u00e9"}'
 
 
 # --------------------------------------------------------------------------- dataset level
@@ -206,11 +218,11 @@ def test_clever_hans_cluster_on_the_cue(word: str, pos: str, color: str, p: floa
     rows = _word_maps(samples, ss, planted=True)
     a = bias_dataset.analyse_word(word, "token-gradnorm", _group(rows, word, "token-gradnorm"))
     flags = bias_dataset.dataset_flags(a)
-    assert [f["kind"] for f in flags] == ["clever_hans"]
+    assert [f.kind for f in flags] == ["clever_hans"]
     f = flags[0]
-    rx0, ry0, rx1, ry1 = (float(v) for v in f["region"].split(","))
+    rx0, ry0, rx1, ry1 = f.region
     assert rx0 * 64 <= x0 and x1 <= rx1 * 64 and ry0 * 64 <= y0 and y1 <= ry1 * 64
-    ev = json.loads(f["evidence_json"])
+    ev = f.evidence
     cue_ids = {sid for sid, _, w, *_rest, cue in rows if w == word and cue}
     members = set(ev["sample_ids"])
     # the flagged cluster is (almost) exactly the cue-carrying samples
@@ -237,15 +249,15 @@ def test_hotspot_shared_by_every_word_is_not_a_cue() -> None:
                             it.objects_coverage) for it in items]
         analyses[(word, "token-gradnorm")] = bias_dataset.analyse_word(word, "token-gradnorm", items)
     alone = [f for a in analyses.values() for f in bias_dataset.dataset_flags(a)]
-    assert {f["kind"] for f in alone} == {"clever_hans"}  # without the baseline every word looks suspect
+    assert {f.kind for f in alone} == {"clever_hans"}  # without the baseline every word looks suspect
     assert bias_dataset.all_dataset_flags(analyses) == []
     # the planted cue is specific to its word: found with the same baseline machinery
     planted = _word_maps(samples, ss, planted=True)
     an = {(w, "token-gradnorm"): bias_dataset.analyse_word(w, "token-gradnorm", _group(planted, w, "token-gradnorm"))
           for w in {w for _, _, w, *_ in planted}}
     flags = bias_dataset.all_dataset_flags(an)
-    assert [(f["kind"], f["word"]) for f in flags] == [("clever_hans", "circle")]
-    ev = json.loads(flags[0]["evidence_json"])
+    assert [(f.kind, f.word) for f in flags] == [("clever_hans", "circle")]
+    ev = flags[0].evidence
     assert ev["specificity"] >= ev["specificity_min"] and ev["n_other_word_maps"] > 100
 
 
@@ -279,15 +291,15 @@ def test_centre_bias_flagged_for_centre_maps_on_off_centre_objects() -> None:
     centre = np.exp(-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 3.0)
     items = [WordSample(f"s{i}", 0, centre + 0.05 * rng.random(GRID), cell_coverage(m, GRID)) for i, m in enumerate(masks)]
     a = bias_dataset.analyse_word("dog", "diffusion-cam", items)
-    flags = {f["kind"]: f for f in bias_dataset.dataset_flags(a)}
+    flags = {f.kind: f for f in bias_dataset.dataset_flags(a)}
     assert "centre_bias" in flags and "clever_hans" not in flags
     cb = flags["centre_bias"]
-    ev = json.loads(cb["evidence_json"])
-    assert cb["score"] >= cb["threshold"] and ev["map_centre_frac"] > 0.6 and ev["mask_centre_frac"] < 0.05
+    ev = cb.evidence
+    assert cb.score >= cb.threshold and ev["map_centre_frac"] > 0.6 and ev["mask_centre_frac"] < 0.05
     assert ev["shuffle"]["gap"] < 0.02 and len(ev["sample_ids"]) == 40 and ev["mean_mask_map"] is not None
-    assert cb["region"] == "0.2500,0.2500,0.7500,0.7500"
+    assert cb.region == (0.25, 0.25, 0.75, 0.75)
     assert "ignores_object" not in flags  # opt-in (BiasSettings.flag_ignores_object)
-    opt = {f["kind"] for f in bias_dataset.dataset_flags(a, BiasSettings(flag_ignores_object=True))}
+    opt = {f.kind for f in bias_dataset.dataset_flags(a, BiasSettings(flag_ignores_object=True))}
     assert opt == {"centre_bias", "ignores_object"}  # the maps do not move with the objects
     # a model that follows the objects on the same dataset is not flagged
     clean = [WordSample(f"s{i}", 0, object_source(m, rng), cell_coverage(m, GRID)) for i, m in enumerate(masks)]
@@ -557,22 +569,23 @@ def test_region_sample_flags_joins_saliency_and_per_sample_counterfactual() -> N
     ps = np.stack([hot, uniform, hot, uniform, uniform])
     analysis = {"ps": ps, "objects_cov": [None] * 5, "sample_ids": [f"s{i}" for i in range(5)],
                 "word_indices": [2] * 5}
-    flag = {"flag_id": "dataset-flag", "word": "circle", "method": "token-gradnorm", "score": 0.1, "confirmed": True,
-            "region": "0.0000,0.0000,0.1250,0.1250", "evidence_json": json.dumps({"window": [0, 0, 1, 1]})}
+    flag = Flag("dataset-flag", "clever_hans", 0.1, 0.05, {"window": [0, 0, 1, 1]}, word="circle",
+                method="token-gradnorm", region=(0.0, 0.0, 0.125, 0.125), confirmed=True)
     tests = {"s0": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"},
              "s1": {"vanished": True, "answer": "a red circle", "answer_without_region": "a red square"},
              "s3": {"vanished": False, "answer": "a red circle", "answer_without_region": "a red circle"}}
-    rows = {r["sample_id"]: r for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings(), tests)}
+    rows = {r.sample_id: r for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings(), tests)}
     # s0: salient but its own counterfactual says the word stays -> not a dependence, not raised;
     # s3: low share and the word persisted; s4: low share, untested
     assert sorted(rows) == ["s1", "s2"]
-    ev = {k: json.loads(r["evidence_json"]) for k, r in rows.items()}
-    assert rows["s1"]["confirmed"] is True and ev["s1"]["reached_by"] == ["counterfactual"]
-    assert rows["s1"]["score"] < rows["s1"]["threshold"] and ev["s1"]["counterfactual"]["answer_without_region"] == "a red square"
-    assert rows["s2"]["confirmed"] is None and ev["s2"]["counterfactual"] is None
-    assert rows["s2"]["threshold"] == pytest.approx(1.5 / 64) and rows["s2"]["score"] >= rows["s2"]["threshold"]
+    ev = {k: r.evidence for k, r in rows.items()}
+    assert rows["s1"].confirmed is True and ev["s1"]["reached_by"] == ["counterfactual"]
+    assert rows["s1"].score < rows["s1"].threshold and ev["s1"]["counterfactual"]["answer_without_region"] == "a red square"
+    assert rows["s2"].confirmed is None and ev["s2"]["counterfactual"] is None
+    assert rows["s2"].threshold == pytest.approx(1.5 / 64) and rows["s2"].score >= rows["s2"].threshold
+    assert rows["s1"].region == flag.region and ev["s1"]["dataset_flag_id"] == "dataset-flag"
     # without tests it is the saliency rule alone
-    assert sorted(r["sample_id"] for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]
+    assert sorted(r.sample_id for r in bias_sample.region_sample_flags(flag, analysis, BiasSettings())) == ["s0", "s2"]
 
 
 class _FragileAdapter(_HansAdapter):
@@ -607,9 +620,8 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
     grid = (8, 8)
     proto = np.zeros(grid)
     proto[0, 0] = 1.0
-    flag = {"flag_id": "f", "word": "circle", "method": "token-gradnorm", "score": 0.5, "confirmed": True,
-            "region": "0.0000,0.0000,0.1250,0.1250",
-            "evidence_json": json.dumps({"window": [0, 0, 1, 1], "grid": list(grid), "prototype": proto.tolist()})}
+    flag = Flag("f", "clever_hans", 0.5, 0.05, {"window": [0, 0, 1, 1], "grid": list(grid), "prototype": proto.tolist()},
+                word="circle", method="token-gradnorm", region=(0.0, 0.0, 0.125, 0.125), confirmed=True)
     settings = BiasSettings()
     hans = _HansAdapter("circle", ss.cue.rgb)
     tests, summary = region_counterfactuals(hans, None, flag, run["samples"], images, objects, settings)
