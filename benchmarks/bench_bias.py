@@ -86,6 +86,7 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
              device: str, log) -> dict:
     from storage.datasets import load_dataset
     from tasks.bias import analyse_run, run_dataset_flags, write_dataset_flags
+    from storage.schemas import format_region
     from tasks.bias_read import load_run_maps, object_masks
 
     timings: dict = {}
@@ -177,10 +178,10 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
     _, _, loose_analyses = analyse_run(run, objects, loose.with_(sample_methods=()))
     cands = []
     for f in bias_dataset.all_dataset_flags(loose_analyses, loose):
-        if f["kind"] != "clever_hans":
+        if f.kind != "clever_hans":
             continue
-        ev = json.loads(f["evidence_json"])
-        cands.append({"word": f["word"], "method": f["method"], "region": f["region"], "share": round(f["score"], 4),
+        ev = f.evidence
+        cands.append({"word": f.word, "method": f.method, "region": format_region(*f.region), "share": round(f.score, 4),
                       "consistency": round(ev["consistency"], 3), "specificity": ev["specificity"],
                       "size": ev["cluster_size"], "k": ev["k"], "members_with_cue": len(set(ev["sample_ids"]) & cue_ids),
                       "enrichment": round(ev["cluster_enrichment"], 3),
@@ -195,11 +196,11 @@ def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, s
     sflags, _, _ = analyse_run(run, objects, loose.with_(dataset_methods=(), sample_methods=METHODS))
     scores = defaultdict(lambda: defaultdict(float))
     for f in sflags:
-        if f["kind"] != "off_object":
+        if f.kind != "off_object":
             continue
-        ev = json.loads(f["evidence_json"])
-        key = (f["sample_id"], f["method"])
-        margin = f["score"] if f["score"] >= ev["inside_share"] else -1.0  # fails the dominance gate
+        ev = f.evidence
+        key = (f.sample_id, f.method)
+        margin = f.score if f.score >= ev["inside_share"] else -1.0  # fails the dominance gate
         scores[key]["score"] = max(scores[key]["score"], margin)
     sweep = {}
     for method in METHODS:
