@@ -62,8 +62,10 @@ STAT_KEYS: tuple[StatKey, ...] = (
         "radius of gyration / that of a uniform map on the same grid: 0 = one cell, 1 = uniform,"
         " > 1 = mass pushed to the corners; 0 on a 1x1 grid." + _Z,
     ),
-    StatKey("peak_x", float, True, "x of the first (row-major) maximum's cell centre." + _Z),
-    StatKey("peak_y", float, True, "y of the first (row-major) maximum's cell centre." + _Z),
+    StatKey("peak_x_frac", float, True, "x of the first (row-major) maximum's cell centre, a fraction of the width "
+            "(token_maps.peak_x is the grid column)." + _Z),
+    StatKey("peak_y_frac", float, True, "y of the first (row-major) maximum's cell centre, a fraction of the height "
+            "(token_maps.peak_y is the grid row)." + _Z),
     StatKey("entropy", float, True, "Shannon entropy of the mass distribution / log(h·w), in [0, 1]." + _Z),
     StatKey("gini", float, True, "Gini coefficient of the cell values, in [0, 1 - 1/(h·w)]." + _Z),
     StatKey("border_frac", float, True, "share of mass in the outer band (see StatsSettings)." + _Z),
@@ -163,7 +165,8 @@ def map_stats(
         "centre_area_share": float(centre.mean()),
     }
     if zero:
-        out.update(dict.fromkeys(("com_x", "com_y", "com_dist", "spread", "peak_x", "peak_y", "entropy", "gini")))
+        out.update(dict.fromkeys(("com_x", "com_y", "com_dist", "spread", "peak_x_frac", "peak_y_frac", "entropy",
+                                  "gini")))
         out.update(dict.fromkeys(("border_frac", "border_enrichment", "centre_frac", "centre_enrichment")))
     else:
         p = a / total
@@ -184,8 +187,8 @@ def map_stats(
             com_y=cy,
             com_dist=math.hypot(cx - 0.5, cy - 0.5),
             spread=math.sqrt(max(var, 0.0)) / rg_uniform if rg_uniform > 0 else 0.0,
-            peak_x=(pc + 0.5) / w,
-            peak_y=(pr + 0.5) / h,
+            peak_x_frac=(pc + 0.5) / w,
+            peak_y_frac=(pr + 0.5) / h,
             entropy=min(max(entropy, 0.0), 1.0),
             gini=gini(a),
             border_frac=border_frac,

@@ -44,7 +44,7 @@ def test_single_cell_map() -> None:
     d = S.map_stats(frozen(a), None, S.StatsSettings())
     check_schema(d)
     assert d["com_x"] == 5.5 / 8 and d["com_y"] == 2.5 / 8
-    assert d["peak_x"] == 5.5 / 8 and d["peak_y"] == 2.5 / 8
+    assert d["peak_x_frac"] == 5.5 / 8 and d["peak_y_frac"] == 2.5 / 8
     assert d["com_dist"] == pytest.approx(math.hypot(5.5 / 8 - 0.5, 2.5 / 8 - 0.5), abs=1e-15)
     assert d["spread"] == 0.0 and d["entropy"] == 0.0
     assert d["gini"] == pytest.approx(1 - 1 / 64, abs=1e-12)
@@ -65,7 +65,7 @@ def test_uniform_map_is_the_reference_point() -> None:
     assert d["gini"] == pytest.approx(0.0, abs=1e-12)
     assert d["border_enrichment"] == pytest.approx(1.0, abs=1e-12)
     assert d["centre_enrichment"] == pytest.approx(1.0, abs=1e-12)
-    assert d["peak_x"] == 0.5 / 8 and d["peak_y"] == 0.5 / 8  # first maximum, row-major
+    assert d["peak_x_frac"] == 0.5 / 8 and d["peak_y_frac"] == 0.5 / 8  # first maximum, row-major
 
 
 def test_border_ring_and_corners() -> None:
@@ -105,7 +105,7 @@ def test_zero_map_values_are_documented_and_finite() -> None:
         d = S.map_stats(frozen(np.zeros((8, 8))), m)
         check_schema(d)
         assert d["zero_map"] is True and d["total_mass"] == 0.0 and d["peak_value"] == 0.0
-        for k in ("com_x", "com_y", "com_dist", "spread", "peak_x", "peak_y", "entropy", "gini"):
+        for k in ("com_x", "com_y", "com_dist", "spread", "peak_x_frac", "peak_y_frac", "entropy", "gini"):
             assert d[k] is None
         for k in ("border_frac", "border_enrichment", "centre_frac", "centre_enrichment", "inside_frac", "inside_enrichment"):
             assert d[k] is None
@@ -144,7 +144,8 @@ def test_random_maps_are_finite_and_in_range() -> None:
     for shape in ((1, 1), (3, 5), (8, 8), (24, 24)):
         d = S.map_stats(frozen(rng.random(shape)), mask)
         check_schema(d)
-        for k in ("com_x", "com_y", "peak_x", "peak_y", "entropy", "gini", "border_frac", "centre_frac", "inside_frac"):
+        for k in ("com_x", "com_y", "peak_x_frac", "peak_y_frac", "entropy", "gini", "border_frac", "centre_frac",
+                  "inside_frac"):
             assert 0.0 <= d[k] <= 1.0, k
 
 
