@@ -25,7 +25,7 @@ import numpy as np
 
 from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import cell_coverage, window_cells, window_sums
+from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
 
 __all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
@@ -52,7 +52,7 @@ def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float
         return None
     idx = int(np.argmin(np.where(ok, sums, np.inf)))
     r, c = divmod(idx, sums.shape[1])
-    return (c / w, r / h, (c + win[1]) / w, (r + win[0]) / h)
+    return window_box(r, c, win, grid)
 
 
 def counterfactual(
