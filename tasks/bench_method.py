@@ -40,7 +40,7 @@ from diffcam_core import evidence, metrics
 from diffcam_core.cam import attribute, attribution_canvas
 from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
 from diffcam_core.models.base import load_adapter
-from diffcam_core.refine import DEFAULT_SETTINGS, RefineSettings, refine, refine_stack
+from diffcam_core.refine import DEFAULT_SETTINGS, RefineSettings, akd_kernel_size, refine, refine_stack
 from diffcam_core.settings import CamSettings
 from diffcam_core.synthetic import SynthSettings, answer_groundings, make_samples, swap_objects
 
@@ -182,6 +182,9 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
     presets = tuple(m for m in methods if m in ABLATION)
     func_iou: list[float] = []
     t_att: list[float] = []
+    kernels: list[int] = []  # AKD kernel size each content word's raw map gets under the "full" preset
+    commit_steps: list[int] = []  # content words' commit steps
+    distinct_commits: list[bool] = []  # per answer with >= 2 content words: all committed at different steps
     faith_s = 0.0
     faith_images = faith_words = 0
     swap_info = {"pairs": 0, "invalid_layout": 0, "words": 0, "seconds": 0.0}
@@ -224,6 +227,14 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
                        synth=synth)
             swap_info["seconds"] += time.perf_counter() - t1
         words = result.words
+        for w in words:
+            if not w.word.is_function:
+                commit_steps.append(w.word.commit_step)
+                if "diffusion-cam-raw" in w.maps:
+                    kernels.append(akd_kernel_size(w.maps["diffusion-cam-raw"], gen.n_steps, refine_settings))
+        content = [w.word.commit_step for w in words if not w.word.is_function]
+        if len(content) >= 2:
+            distinct_commits.append(len(set(content)) == len(content))
         f_maps = [maps[w.word.index]["diffusion-cam"] for w in words if w.word.is_function and "diffusion-cam" in maps.get(w.word.index, {})]
         c_maps = [maps[w.word.index]["diffusion-cam"] for w in words if not w.word.is_function and "diffusion-cam" in maps.get(w.word.index, {})]
         if f_maps and c_maps:
@@ -240,8 +251,18 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
                          "forward_images": faith_images,
                          "s_per_word_method": faith_s / (faith_words * len(methods)) if faith_words else None},
         "swap": swap_info,
+        # Where the paper's adaptivity can act: AKD's kernel depends on the step count and the grid,
+        # and commit-step attribution differs from final-canvas attribution only if words commit apart.
+        "akd_kernel_size_counts": _counts(kernels),
+        "content_word_commit_step_counts": _counts(commit_steps),
+        "answers_with_all_content_words_committed_apart": (float(np.mean(distinct_commits)) if distinct_commits
+                                                            else None),
     }
     return table, info
+
+
+def _counts(values: list[int]) -> dict[str, int]:
+    return {str(k): values.count(k) for k in sorted(set(values))}
 
 
 def _swap_test(adapter, s, gen, maps, result, settings, methods, *, rows, grounded, info, objectness, rng,
@@ -298,7 +319,7 @@ def generate_all(adapter, n: int, settings: CamSettings, synth: SynthSettings = 
     steps = [g.n_steps for _, g, _ in out]
     return out, {"generate_s_median": median(t_gen) if t_gen else None, "exact_match": exact,
                  "n_steps_median": median(steps) if steps else None,
-                 "n_steps_counts": {str(k): steps.count(k) for k in sorted(set(steps))}}
+                 "n_steps_counts": _counts(steps)}
 
 
 def refine_timing(answers: list[tuple[list[np.ndarray], int]]) -> dict[str, float]:
@@ -502,6 +523,10 @@ def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, 
         echo(f"faithfulness: {fi['words']} words x {len(methods)} maps in {fi['seconds']:.1f} s "
              f"({fi['s_per_word_method'] * 1e3:.1f} ms per word and map, incl. one regeneration; "
              f"{fi['forward_images']} images scored in batches); swap test: {info['swap']}")
+    echo(f"denoising steps per answer {gen_info['n_steps_counts']}; content words' commit steps "
+         f"{info['content_word_commit_step_counts']}; answers whose content words all commit apart "
+         f"{info['answers_with_all_content_words_committed_apart']}; AKD kernel sizes (full preset) "
+         f"{info['akd_kernel_size_counts']}")
     if clutter_n:
         echo(f"\nclutter split: {clutter_n} images of seed {REPORT_SEED} with 1-2 unnamed grey shapes ...")
         csamples, cgen = generate_all(adapter, clutter_n, base, synth=CLUTTER)

@@ -34,3 +34,11 @@ def test_bench_method_json_contract(tmp_path):
     assert by["random"]["n_faithfulness"] == by["oracle"]["n_faithfulness"] > 0
     assert set(doc["tuning"]["chosen_on_tuning_seed"]) == {"layer", "distractor", "attribution_step", "dacg_sigma"}
     assert doc["clutter"]["n_images"] == 2
+    # the distributions that say whether AKD's adaptivity and commit-step attribution can act
+    info = doc["main_info"]
+    kernels = {int(k): v for k, v in info["akd_kernel_size_counts"].items()}
+    commits = {int(k): v for k, v in info["content_word_commit_step_counts"].items()}
+    assert sum(kernels.values()) == sum(commits.values()) > 0  # one kernel per content word's raw map
+    assert all(k % 2 == 1 and k >= 3 for k in kernels)  # the default model's 8x8 grid clamps AKD to 3x3
+    steps = {int(k) for k in doc["generation"]["n_steps_counts"]}
+    assert all(1 <= c <= max(steps) for c in commits)
