@@ -4,14 +4,16 @@ whose stage and reason token go to the ``failures`` table."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SampleError", "load_image", "load_mask"]
+__all__ = ["DEFAULT_MAX_PIXELS", "SampleError", "load_image", "load_image_sha256", "load_mask"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -118,12 +120,33 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     structure is intact decodes without error (with visible artefacts): no decoder can
     tell, so it is audited.
     """
+    path = _check_image_file(path)
+    return _decode_image(path, path, max_pixels)
+
+
+def load_image_sha256(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """`load_image` and the sha256 of the file's bytes, from one read of the file (the
+    worker records both). Same checks and reasons as `load_image`."""
+    from storage.store import file_sha256
+
+    path = _check_image_file(path)
+    with _decoding("load", "image", path):
+        data = path.read_bytes()
+    return _decode_image(path, io.BytesIO(data), max_pixels), file_sha256(io.BytesIO(data))
+
+
+def _check_image_file(path: str | Path) -> Path:
     path = Path(path)
     st = _check_regular_file("load", "image", path)
     if st.st_size == 0:
         raise SampleError("load", "empty", f"image {path} is a zero-byte file", path=path)
+    return path
+
+
+def _decode_image(path: Path, source: Path | BinaryIO, max_pixels: int) -> Image.Image:
+    """The RGB image in ``source`` (``path`` itself or its bytes), as `load_image` says."""
     with _decoding("load", "image", path):
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise SampleError(

@@ -58,10 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from diffcam_core.settings import CamSettings
-from storage.store import file_sha256
 from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
-__all__ = ["CamWorker", "CamPool", "PoolConfig", "file_sha256", "FAULTS_ENV", "parse_faults",
+__all__ = ["CamWorker", "CamPool", "PoolConfig", "FAULTS_ENV", "parse_faults",
            "WorkerCrash", "WorkerTimeout", "RayClusterError", "check_ray_cluster", "POOL_STATS"]
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ class CamWorker:
         from diffcam_core.cam import explain
         from diffcam_core.faithfulness import selected_for_faithfulness
         from diffcam_core.models.base import check_inputs
-        from storage.images import load_image
+        from storage.images import load_image_sha256
         from storage.schemas import table_from_rows
         from tasks.plan import item_sample
 
@@ -180,8 +179,7 @@ class CamWorker:
                 self._inject(s, sid)
 
         try:
-            image = load_image(item["image_path"])
-            sha = file_sha256(item["image_path"])
+            image, sha = load_image_sha256(item["image_path"])  # one read of the file
             masks = item_sample(item).object_masks(image.size)  # [(word, bool (H, W))], manifest order
             set_stage("generate")
             inputs = self.adapter.prepare(image, item["prompt"])

@@ -37,7 +37,7 @@ def test_worker_in_process(make_dataset):
     (root / "masks" / "synth-000002_0.png").write_bytes(b"not a png")
     ds = load_dataset(root)
     items = [{**it, "run_id": "r", "shard_id": 0} for it in plan_shards(ds.samples, root=ds.root)[0].items]
-    w = CamWorker(str(DEFAULT_MODEL), {"methods": ["diffusion-cam", "gradcam"]}, threads=1)
+    w = CamWorker(str(DEFAULT_MODEL), CamSettings(methods=("diffusion-cam", "gradcam")), threads=1)
     assert w.info()["device"] == "cpu"
     out = w.process(items)
     assert [r["sample_id"] for r in out] == ["synth-000000", "synth-000001", "synth-000002"]
@@ -53,7 +53,7 @@ def test_worker_rejects_unknown_layer():
     from tasks.worker import CamWorker
 
     with pytest.raises(ValueError, match="valid"):
-        CamWorker(str(DEFAULT_MODEL), {"layer": "encoder.99"})
+        CamWorker(str(DEFAULT_MODEL), CamSettings(layer="encoder.99"))
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
     root = make_dataset(n=8)  # enough work that the kill lands while the pool is still running
     ds = load_dataset(root)
     items = [{**it, "run_id": "r", "shard_id": 0} for it in plan_shards(ds.samples, root=ds.root)[0].items]
-    with CamPool(PoolConfig(model_dir=str(DEFAULT_MODEL), settings={"methods": ["gradcam"]}, workers=1,
+    with CamPool(PoolConfig(model_dir=str(DEFAULT_MODEL), settings=CamSettings(methods=("gradcam",)), workers=1,
                             cpus_per_worker=1, gpus_per_worker=0)) as pool:
         pid = pool.worker_info[0]["pid"]
         out: list = []
@@ -308,8 +308,8 @@ def test_worker_measures_evidence_columns(make_dataset):
     root = make_dataset(n=4)
     ds = load_dataset(root)
     items = [{**it, "run_id": "r", "shard_id": 0} for it in plan_shards(ds.samples, root=ds.root)[0].items]
-    w = CamWorker(str(DEFAULT_MODEL), {"methods": ["diffusion-cam-raw", "token-gradnorm", "random", "objectness"],
-                                       "faithfulness": 1.0}, threads=1)
+    w = CamWorker(str(DEFAULT_MODEL), CamSettings(methods=("diffusion-cam-raw", "token-gradnorm", "random", "objectness"),
+                                                  faithfulness=1.0), threads=1)
     out = w.process(items)
     assert all(r["failures"] is None for r in out)
     rows = [t for r in out for t in r["token_maps"]]

@@ -81,7 +81,7 @@ def test_same_inputs_same_bytes_across_workers_batches_and_shards(prefect_harnes
     assert config["generation"]["seed"] == 0 and config["audit"]["batch_size"] == 3
     assert config["audit"]["shard_size"] == 4 and "methods" in config
 
-    cam = {k: v for k, v in config.items() if k != "audit"}
+    cam = CamSettings.from_run_config(config)
     items = [{**it, "run_id": "x", "shard_id": 0} for it in plan_shards(ds.samples, shard_size=100, root=ds.root)[0].items]
     first = _rows_from_worker(CamWorker(str(DEFAULT_MODEL), cam, threads=1).process(items))
     second = _rows_from_worker(CamWorker(str(DEFAULT_MODEL), cam, threads=1).process(items[::-1]))

@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from diffcam_core.settings import CamSettings
 from flows.paths import DEFAULT_MODEL
 from storage import store as store_mod
 from storage.schemas import KEYS, METHODS, table_from_rows
@@ -235,7 +236,7 @@ def test_worker_faults_kill_poison_oom_hang(make_dataset, tmp_path):
     state.mkdir()
     faults = {"kill_once_on": [sid[1]], "state_dir": str(state), "kill_on": [sid[3]], "oom_on": [sid[4]],
               "memory_error_on": [sid[6]], "hang_on": [sid[7]], "hang_s": 3600}
-    cfg = PoolConfig(model_dir=str(DEFAULT_MODEL), settings={"methods": ["gradcam", "diffusion-cam"]}, workers=2,
+    cfg = PoolConfig(model_dir=str(DEFAULT_MODEL), settings=CamSettings(methods=("gradcam", "diffusion-cam")), workers=2,
                      cpus_per_worker=1, gpus_per_worker=0, batch_size=2, max_restarts=1, max_attempts=2,
                      call_timeout_s=6.0, faults=faults)
     t0 = time.monotonic()

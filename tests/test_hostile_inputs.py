@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffcam_core.settings import CamSettings
 from storage.datasets import load_dataset
 from storage.images import SampleError, load_image, load_mask
 from storage.manifest import MAX_PROMPT_CHARS
@@ -514,7 +515,7 @@ def test_whole_corpus_through_the_audit_flow(prefect_harness, corpus, tmp_path):
     ds = load_dataset(root)
     clean = [s for s in ds.samples if s.sample_id in ("synth-000000", "synth-000001")]
     items = [{**it, "run_id": "hostile", "shard_id": 0} for it in plan_shards(clean, root=ds.root)[0].items]
-    cam = {k: v for k, v in json.loads(st.read_run("hostile")["config_json"]).items() if k != "audit"}
+    cam = CamSettings.from_run_config(json.loads(st.read_run("hostile")["config_json"]))
     ref = CamWorker(str(DEFAULT_MODEL), cam, threads=1).process(items)
     volatile = VOLATILE["samples"]
     for r in ref:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from diffcam_core.settings import CamSettings
 from storage.store import Store
 from tests.test_deploy import _free_port
 
@@ -150,7 +151,7 @@ def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
 def test_pool_stats_line_names_every_counter() -> None:
     from tasks.worker import POOL_STATS, CamPool, PoolConfig
 
-    pool = CamPool(PoolConfig(model_dir="unused", settings={}))
+    pool = CamPool(PoolConfig(model_dir="unused", settings=CamSettings()))
     pool.n_workers = 2
     assert pool.stats_summary() == dict.fromkeys(POOL_STATS, 0)
     assert pool.stats_line() == "workers: 2, no worker deaths, restarts or retries"
