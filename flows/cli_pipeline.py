@@ -10,7 +10,6 @@ report say why); 2 bad input (message on stderr, nothing run).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from datetime import date, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ import typer
 from diffcam_core.settings import AttributionStep, Distractor
 from flows.cli_common import fail
 from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
+from storage.jsonable import jsonable
 
 __all__ = ["register", "format_table"]
 
@@ -195,20 +195,6 @@ def format_table(table: Any, max_rows: int | None = 100, max_width: int = 48) ->
     return "\n".join(lines)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (datetime, date)):
-        return v.isoformat()
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 def _hex_binary(table: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -219,7 +205,7 @@ def _hex_binary(table: Any) -> Any:
             table = table.set_column(i, f.name, col)
         elif pa.types.is_nested(f.type):
             table = table.set_column(i, f.name, pc.cast(
-                pa.array([None if x is None else json.dumps(_jsonable(x)) for x in table.column(i).to_pylist()]),
+                pa.array([None if x is None else json.dumps(jsonable(x)) for x in table.column(i).to_pylist()]),
                 pa.string()))
     return table
 
@@ -260,7 +246,7 @@ def sql_cmd(
     if fmt == "table":
         text = format_table(table, max_rows=max_rows) + "\n"
     elif fmt == "json":
-        text = json.dumps([_jsonable(r) for r in table.to_pylist()], indent=1) + "\n"
+        text = json.dumps([jsonable(r) for r in table.to_pylist()], indent=1) + "\n"
     else:
         import io
 

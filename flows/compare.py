@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from diffcam_core.settings import Settings
+from storage.jsonable import jsonable
 
 __all__ = [
     "CompareGates",
@@ -132,7 +133,7 @@ class Comparison:
         return all(g.passed for g in self.gate_results)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return jsonable({
             "verdict": "pass" if self.passed else "fail",
             "passed": self.passed,
             "run_a": self.run_a,
@@ -208,28 +209,10 @@ def _md_escape(s: str) -> str:
 
 
 def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    if not rows:
-        return "(none)"
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(_md_escape(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
+    """The report's markdown table with this report's cell format; "(none)" for no rows."""
+    from storage.report import md_table
 
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    return v
+    return md_table(rows, cols, fmt=_fmt) if rows else "(none)"
 
 
 def metric_row(a: np.ndarray, b: np.ndarray, *, min_n: int = 1) -> dict[str, Any]:

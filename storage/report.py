@@ -111,9 +111,11 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, cls: s
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+             fmt: Callable[[Any], str] = fmt_value) -> str:
+    """A markdown table of ``rows``; ``fmt`` renders a cell's value (escaped after)."""
     def cell(v: Any) -> str:
-        return fmt_value(v).replace("|", "\\|").replace("\n", " ")
+        return fmt(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
