@@ -161,7 +161,7 @@ class _BadLine:
         self.field = field
 
 
-def _read_jsonl(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     rows: list[tuple[int, Any]] = []
     text = _decode_text(path)
     for i, line in enumerate(text.split("\n"), start=1):
@@ -178,7 +178,7 @@ def _read_jsonl(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, 
     return rows
 
 
-def _read_csv(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, Any]]:
+def _read_csv(path: Path) -> list[tuple[int, Any]]:
     text = _decode_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[tuple[int, Any]] = []
@@ -202,7 +202,7 @@ def _read_csv(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, An
     return rows
 
 
-def _read_parquet(path: Path, problems: list[ManifestProblem]) -> list[tuple[int, Any]]:
+def _read_parquet(path: Path) -> list[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
@@ -388,11 +388,11 @@ def load_manifest(path: Path, fmt: str) -> Dataset:
     problems: list[ManifestProblem] = []
     try:
         if fmt == "jsonl":
-            rows, where = _read_jsonl(path, problems), "line"
+            rows, where = _read_jsonl(path), "line"
         elif fmt == "csv":
-            rows, where = _read_csv(path, problems), "line"
+            rows, where = _read_csv(path), "line"
         else:
-            rows, where = _read_parquet(path, problems), "row"
+            rows, where = _read_parquet(path), "row"
     except OSError as e:
         raise ManifestError(path, [ManifestProblem(None, "file", f"cannot read: {e}", "file")]) from e
     samples = _validate_rows(rows, root, where, problems)
