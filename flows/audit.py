@@ -174,7 +174,9 @@ def _check_resume(row: dict[str, Any], model_h: str, dataset_h: str, config: dic
         old = json.loads(row["config_json"])
     except (TypeError, json.JSONDecodeError):
         old = {}
-    differ = sorted(k for k in set(config) | set(old) if k != "audit" and old.get(k) != config.get(k))
+    # a row written before refine/stats/bias were recorded holds only the CamSettings fields
+    keys = (set(config) | set(old)) - {"audit"} - ({"refine", "stats", "bias"} - set(old))
+    differ = sorted(k for k in keys if old.get(k) != config.get(k))
     if differ:
         problems.append(f"settings differ ({', '.join(differ)})")
     for k in _PLAN_KEYS:
