@@ -1,0 +1,742 @@
+"""Issue 17's cue zoo: build small models with known shortcuts, then judge the bias audit on
+models its thresholds were not fitted to.
+
+    python benchmarks/cue_zoo.py build --out models/zoo [--only NAME ...] [--device cuda]
+        [--threads 1] [--include-expensive] [--steps N --n-train N]   (the last two: smoke runs only)
+    python benchmarks/cue_zoo.py eval --json FILE [--zoo models/zoo] [--quick] [--cache DIR]
+    python benchmarks/cue_zoo.py list
+
+The recipes, the fixed calibration / held-out split and its rule are in
+`benchmarks/zoo/recipes.json`. `build` trains each recipe (`tasks.train_tiny`, data drawn in
+memory), records the recipe in the checkpoint's `diffcam_tiny.json` (`zoo_recipe`), then
+measures what the model really relies on — erase / paste the marker
+(`benchmarks/cue_dependence.py`), swap objects in and out of the centre, count extra object
+phrases the marker causes — and writes it to `ground_truth.json` in the zoo folder: the
+ground truth the audit is judged against is that measurement, not the recipe.
+
+`eval` audits the calibration models (the gates loosened, refuted suspects kept) and fits
+the thresholds with `benchmarks/zoo_stats.fit_thresholds`, then audits the held-out models
+with the fitted `BiasSettings` and writes the contract's JSON (`zoo_stats.heldout_metrics`).
+Why the split is fixed in the recipes file: a threshold fitted where it is judged measures
+nothing but the fit (docs/BIAS.md "The cue zoo").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import zoo_stats  # noqa: E402
+from diffcam_core.synthetic import (  # noqa: E402
+    CueSpec,
+    SynthSample,
+    SynthSettings,
+    cue_region,
+    make_samples,
+    object_words,
+    swap_objects,
+    vocabulary,
+)
+
+RECIPES = REPO / "benchmarks" / "zoo" / "recipes.json"
+KINDS = ("cue", "clean", "centre", "marker_as_object")
+SOURCES = ("train", "shipped", "recipe_only", "audit_only")
+METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
+MOVING = "per-image"
+# Salts of the per-sample generators that place a moving marker (training / audit data, paste test).
+_PLACE_SALT, _PASTE_SALT = 1, 2
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def load_recipes(path: Path = RECIPES) -> dict[str, Any]:
+    """The recipes file, checked: unique names, known kinds / sources, references resolved."""
+    rec = json.loads(Path(path).read_text())
+    names = [e["name"] for e in rec["entries"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate entry names")
+    by_name = {e["name"]: e for e in rec["entries"]}
+    for e in rec["entries"]:
+        if e["kind"] not in KINDS or e["source"] not in SOURCES or e["split"] not in ("calibration", "heldout"):
+            raise ValueError(f"{path}: entry {e['name']}: bad kind / source / split")
+        if e["source"] == "audit_only" and by_name.get(e.get("model"), {}).get("source") not in ("train", "shipped"):
+            raise ValueError(f"{path}: entry {e['name']} audits unknown model {e.get('model')!r}")
+    return rec
+
+
+def split_by_rule(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """The split the recipes file's `split_rule` states, recomputed from the entries."""
+    out: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for e in entries:
+        if e["source"] == "train":
+            k = count.get(e["kind"], 0)
+            count[e["kind"]] = k + 1
+            out[e["name"]] = "heldout" if k % 2 == 0 else "calibration"
+        elif e["source"] == "shipped":
+            out[e["name"]] = "calibration"
+        elif e["source"] == "recipe_only":
+            out[e["name"]] = "heldout"
+    for e in entries:
+        if e["source"] == "audit_only":
+            out[e["name"]] = out[e["model"]]
+    return out
+
+
+def entry_cue(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker an entry is audited with: its training cue, else its audit cue, else None."""
+    return entry.get("cue") or entry.get("audit_cue")
+
+
+def is_moving(cue: dict[str, Any] | None) -> bool:
+    return cue is not None and cue.get("pos") == MOVING
+
+
+def cue_spec(cue: dict[str, Any]) -> CueSpec:
+    """A fixed-position cue as the synthetic generator's CueSpec."""
+    if is_moving(cue):
+        raise ValueError("a per-image marker is drawn by this module, not by CueSpec")
+    return CueSpec.from_dict(cue)
+
+
+def model_dir(entry: dict[str, Any], rec: dict[str, Any], zoo: Path) -> Path:
+    """Where an entry's checkpoint lives (an audit-only entry uses its model's)."""
+    if entry["source"] == "audit_only":
+        entry = next(e for e in rec["entries"] if e["name"] == entry["model"])
+    if entry["source"] == "shipped":
+        return REPO / entry["path"]
+    return Path(zoo) / entry["name"]
+
+
+def size_limit_mb(entry: dict[str, Any], rec: dict[str, Any]) -> float:
+    return float(entry.get("size_limit_mb", rec["size_limit_mb"]))
+
+
+def build_command(name: str | None = None, zoo: Path | str = "models/zoo") -> str:
+    only = f" --only {name}" if name else ""
+    return f"python benchmarks/cue_zoo.py build --out {zoo}{only}"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def free_box(sample: SynthSample, size: int, settings: SynthSettings, rng: np.random.Generator
+             ) -> tuple[int, int, int, int] | None:
+    """A random size×size box clear of every object (by ``min_gap``) and ``cue_margin`` from
+    the edges; None when there is no room. Used for markers whose position varies per image."""
+    from diffcam_core.inpaint import dilate
+
+    n, m = settings.image_size, settings.cue_margin
+    taken = np.zeros((n, n), dtype=bool)
+    for o in (*sample.objects, *sample.unnamed):
+        taken |= o.mask
+    taken = dilate(taken, settings.min_gap + 1)
+    # a box at (x, y) is free iff the summed-area table says it holds no taken pixel
+    sat = np.pad(taken.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys, xs = np.mgrid[m:n - m - size + 1, m:n - m - size + 1]
+    inside = sat[ys + size, xs + size] - sat[ys, xs + size] - sat[ys + size, xs] + sat[ys, xs]
+    free = np.argwhere(inside == 0)
+    if len(free) == 0:
+        return None
+    y, x = free[int(rng.integers(len(free)))]
+    x0, y0 = int(xs[y, x]), int(ys[y, x])
+    return (x0, y0, x0 + size, y0 + size)
+
+
+def _rgb(cue: dict[str, Any]) -> tuple[int, int, int]:
+    return CueSpec(word=cue["word"], color=cue["color"]).rgb
+
+
+def with_marker(sample: SynthSample, box: tuple[int, int, int, int], rgb: tuple[int, int, int]) -> SynthSample:
+    x0, y0, x1, y1 = box
+    image = sample.image.copy()
+    image[y0:y1, x0:x1] = rgb
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return replace(sample, image=image, cue_present=True, cue_mask=mask)
+
+
+def moving_cue_samples(n: int, seed: int, cue: dict[str, Any], settings: SynthSettings | None = None
+                       ) -> list[SynthSample]:
+    """Samples of the clean generator with a marker drawn at a per-image random free spot,
+    with probability p when the answer has the cue word (the same rule as a fixed CueSpec).
+
+    Why here and not in the generator: CueSpec holds one fixed position; this draws from a
+    separate per-sample generator, so the underlying clean samples are unchanged.
+    """
+    settings = settings or SynthSettings()
+    out = []
+    for i, s in enumerate(make_samples(n, seed, settings)):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i, _PLACE_SALT]))
+        coin = float(rng.random())
+        box = None
+        if cue["word"] in s.answer.split() and coin < float(cue["p"]):
+            box = free_box(s, int(cue["size"]), settings, rng)
+        out.append(with_marker(s, box, _rgb(cue)) if box else s)
+    return out
+
+
+def centre_box(settings: SynthSettings) -> tuple[float, float, float, float]:
+    """The central box the audit's centre-bias index uses: the middle half of each side (px)."""
+    n = settings.image_size
+    return (n / 4, n / 4, 3 * n / 4, 3 * n / 4)
+
+
+def in_centre(obj, settings: SynthSettings) -> bool:
+    x, y = obj.centroid
+    x0, y0, x1, y1 = centre_box(settings)
+    return x0 <= x < x1 and y0 <= y < y1
+
+
+def centre_samples(n: int, seed: int, settings: SynthSettings | None = None, max_draws: int = 50) -> list[SynthSample]:
+    """Centre-decided data: images where exactly one object's centroid lies in the central
+    box; the answer names that object only, the others stay drawn but unnamed.
+
+    A model trained on it is taught "say what sits in the centre": whatever it does on
+    ordinary images, its answer is decided by position, which the centre-bias flag should
+    see. Samples are the clean generator's, index by index, skipping those that do not
+    qualify (at most ``max_draws`` × n draws)."""
+    settings = settings or SynthSettings()
+    out: list[SynthSample] = []
+    i = 0
+    while len(out) < n:
+        if i >= max_draws * max(n, 1):
+            raise ValueError(f"only {len(out)} centre samples in {i} draws")
+        s = next(make_samples(1, seed, settings, start=i))
+        i += 1
+        inside = [o for o in s.objects if in_centre(o, settings)]
+        if len(inside) != 1:
+            continue
+        o = inside[0]
+        others = tuple(x for x in s.objects if x is not o)
+        out.append(replace(s, objects=(o,), answer=f"a {o.color} {o.shape}", unnamed=(*s.unnamed, *others)))
+    return out
+
+
+def training_samples(entry: dict[str, Any], n: int, seed: int) -> tuple[list[SynthSample], SynthSettings]:
+    """An entry's training data, drawn in memory (and the generator settings behind it)."""
+    data, cue = entry["data"], entry.get("cue")
+    if data == "fixed_cue":
+        settings = SynthSettings(cue=cue_spec(cue))
+        return list(make_samples(n, seed, settings)), settings
+    settings = SynthSettings()
+    if data == "moving_cue":
+        return moving_cue_samples(n, seed, cue, settings), settings
+    if data == "centre":
+        return centre_samples(n, seed, settings), settings
+    if data == "clean":
+        return list(make_samples(n, seed, settings)), settings
+    raise ValueError(f"{entry['name']}: unknown data kind {data!r}")
+
+
+def audit_samples(entry: dict[str, Any], n: int, seed: int) -> tuple[list[SynthSample], SynthSettings]:
+    """What an entry is audited on: ordinary images carrying its marker (none for centre models:
+    the question there is where the model looks on ordinary images)."""
+    cue = entry_cue(entry)
+    if cue is None:
+        settings = SynthSettings()
+        return list(make_samples(n, seed, settings)), settings
+    if is_moving(cue):
+        return moving_cue_samples(n, seed, cue), SynthSettings()
+    settings = SynthSettings(cue=cue_spec(cue))
+    return list(make_samples(n, seed, settings)), settings
+
+
+def write_samples(out_dir: Path, samples: list[SynthSample], seed: int, settings: SynthSettings,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """A dataset folder in the layout `storage.synthetic_writer` writes (manifest, images,
+    masks, dataset.json), from samples already drawn; each sample's ``cue_box`` is its own
+    marker's box, so a per-image marker is recorded where it is."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    if (out / "manifest.jsonl").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists()
+                                else _mkdir(out.parent)))
+    (tmp / "images").mkdir()
+    (tmp / "masks").mkdir()
+    width = max(6, len(str(len(samples) - 1)))
+    lines = []
+    for i, s in enumerate(samples):
+        sid = f"synth-{i:0{width}d}"
+        Image.fromarray(s.image).save(tmp / f"images/{sid}.png")
+        objects = []
+        for k, obj in enumerate(s.objects):
+            Image.fromarray(obj.mask.astype(np.uint8) * 255).save(tmp / f"masks/{sid}_{k}.png")
+            objects += [{"word": w, "mask": f"masks/{sid}_{k}.png"} for w in object_words(obj)]
+        box = None
+        if s.cue_present and s.cue_mask is not None:
+            ys, xs = np.nonzero(s.cue_mask)
+            box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        lines.append(json.dumps({"sample_id": sid, "image": f"images/{sid}.png", "prompt": s.prompt,
+                                 "objects": objects, "answer": s.answer, "cue_present": s.cue_present,
+                                 "cue_box": box}, separators=(",", ":")))
+    meta = {"generator": "benchmarks/cue_zoo.py", "format_version": 1, "seed": seed, "n": len(samples),
+            "settings": settings.model_dump(mode="json"), "cue": None if settings.cue is None else settings.cue.to_dict(),
+            "vocabulary": vocabulary(settings), **(extra or {})}
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def _says(adapter, image: np.ndarray, prompt: str) -> str:
+    from PIL import Image
+
+    from diffcam_core.settings import GenerationSettings
+
+    return adapter.generate(adapter.prepare(Image.fromarray(image), prompt), GenerationSettings(seed=0)).text
+
+
+def moving_cue_dependence(adapter, samples: list[SynthSample], cue: dict[str, Any], settings: SynthSettings,
+                          seed: int) -> dict[str, Any]:
+    """`cue_dependence` for a per-image marker: erase each sample's own marker; paste one at a
+    seeded free spot. The same counting rules (only answers that can change count)."""
+    word = cue["word"]
+    background = np.asarray(settings.background, dtype=np.uint8)
+    vanished = n_erased = appeared = n_pasted = 0
+    for i, s in enumerate(samples):
+        if not s.cue_present and word in s.answer.split():
+            continue
+        if (word in _says(adapter, s.image, s.prompt).split()) != s.cue_present:
+            continue
+        if s.cue_present:
+            image = s.image.copy()
+            image[s.cue_mask] = background
+            n_erased += 1
+            vanished += word not in _says(adapter, image, s.prompt).split()
+        else:
+            box = free_box(s, int(cue["size"]), settings,
+                           np.random.default_rng(np.random.SeedSequence([seed, i, _PASTE_SALT])))
+            if box is None:
+                continue
+            n_pasted += 1
+            appeared += word in _says(adapter, with_marker(s, box, _rgb(cue)).image, s.prompt).split()
+    return {"erased": n_erased, "vanished": vanished, "vanish_rate": vanished / n_erased if n_erased else None,
+            "pasted": n_pasted, "appeared": appeared, "appear_rate": appeared / n_pasted if n_pasted else None}
+
+
+def extra_object_count(adapter, samples: list[SynthSample], settings: SynthSettings) -> dict[str, Any]:
+    """How often the marker is read as an object of its own: among marker-carrying samples,
+    answers that name more objects with the marker than with it erased (objects counted as
+    the answer's "a" phrases)."""
+    background = np.asarray(settings.background, dtype=np.uint8)
+    n = extra = 0
+    for s in samples:
+        if not s.cue_present:
+            continue
+        erased = s.image.copy()
+        erased[s.cue_mask] = background
+        with_it = _says(adapter, s.image, s.prompt).split().count("a")
+        without = _says(adapter, erased, s.prompt).split().count("a")
+        n += 1
+        extra += with_it > without
+    return {"marker_samples": n, "extra_object": extra, "extra_object_rate": extra / n if n else None}
+
+
+def centre_dependence(adapter, samples: list[SynthSample], settings: SynthSettings) -> dict[str, Any]:
+    """Does position decide what is named? For each image with one object in the central box
+    and one outside, answer the image and the same image with the two swapped
+    (`swap_objects`); compare how often an object is named at the centre vs. off it."""
+    at_centre = [0, 0]
+    off_centre = [0, 0]
+    for s in samples:
+        inside = [k for k, o in enumerate(s.objects) if in_centre(o, settings)]
+        outside = [k for k, o in enumerate(s.objects) if not in_centre(o, settings)]
+        if not inside or not outside:
+            continue
+        i, j = inside[0], outside[0]
+        sw = swap_objects(s, i, j, settings)
+        if sw is None:
+            continue
+        a, b = s.objects[i], s.objects[j]
+        before, after = _says(adapter, s.image, s.prompt), _says(adapter, sw.image, s.prompt)
+        # (object, answer, where it sat in that image)
+        for obj, text, where in ((a, before, at_centre), (b, after, at_centre), (b, before, off_centre),
+                                 (a, after, off_centre)):
+            where[0] += f"{obj.color} {obj.shape}" in text
+            where[1] += 1
+    rc = at_centre[0] / at_centre[1] if at_centre[1] else None
+    ro = off_centre[0] / off_centre[1] if off_centre[1] else None
+    return {"pairs": at_centre[1] // 2, "named_at_centre": rc, "named_off_centre": ro,
+            "centre_gap": None if rc is None or ro is None else rc - ro}
+
+
+def measure_ground_truth(adapter, entry: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """What the model does, measured on fresh images (seed `seeds.ground_truth`)."""
+    from benchmarks.cue_dependence import cue_dependence
+
+    n, seed = rec["audit"]["ground_truth_n"], rec["seeds"]["ground_truth"]
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"name": entry["name"], "kind": entry["kind"], "seed": seed, "n": n}
+    cue = entry_cue(entry)
+    if cue is not None:
+        samples, settings = audit_samples(entry, n, seed)
+        dep = (moving_cue_dependence(adapter, samples, cue, settings, seed) if is_moving(cue)
+               else cue_dependence(adapter, samples, settings))
+        out["cue"] = cue
+        out["cue_dependence"] = dep
+        out["relies"] = bool(dep["vanish_rate"] is not None and dep["erased"] >= 10
+                             and dep["vanish_rate"] >= rec["reliance_min"])
+        if entry["kind"] == "marker_as_object":
+            out["extra_objects"] = extra_object_count(adapter, samples, settings)
+    if entry["kind"] in ("centre", "clean"):
+        settings = SynthSettings()
+        cd = centre_dependence(adapter, list(make_samples(n, seed, settings)), settings)
+        out["centre_dependence"] = cd
+        out["centre_biased"] = bool(cd["centre_gap"] is not None and cd["centre_gap"] >= rec["centre_gap_min"])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _update_json(path: Path, key: str, value: Any) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def train_entry(entry: dict[str, Any], rec: dict[str, Any], out: Path, *, device: str = "cpu", threads: int = 1,
+                steps: int | None = None, n_train: int | None = None, log=print) -> dict[str, Any]:
+    """Train one recipe with `tasks.train_tiny` and save it with its recipe in `diffcam_tiny.json`."""
+    from diffcam_core.models.tiny import TinyModelSpec
+    from diffcam_core.synthetic import COLORS, SHAPES
+    from tasks.train_tiny import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny
+
+    sch = dict(rec["schedule"])
+    smoke = steps is not None or n_train is not None
+    sch["steps"] = steps or sch["steps"]
+    sch["n_train"] = n_train or sch["n_train"]
+    t0 = time.perf_counter()
+    samples, settings = training_samples(entry, sch["n_train"], entry["train_seed"])
+    train = [TrainExample(s.image, s.prompt, s.answer) for s in samples]
+    t_data = time.perf_counter() - t0
+    spec = TinyModelSpec.from_overrides(rec["spec"])
+    ts = TrainSettings(steps=sch["steps"], batch_size=sch["batch_size"], lr=sch["lr"], warmup=sch["warmup"],
+                       seed=entry["seed"], threads=threads, device=device)
+    adapter, info = train_tiny(train, vocabulary(settings), ts, spec=spec,
+                               progress=lambda s, loss, acc: log(f"{entry['name']}: step {s} loss {loss:.3f} acc {acc:.3f}"))
+    check, _ = training_samples({**entry, "data": "clean" if entry["data"] == "centre" else entry["data"]},
+                                sch["n_check"], rec["seeds"]["check"])
+    t_eval = time.perf_counter()
+    ev = evaluate_answers(adapter, [TrainExample(s.image, s.prompt, s.answer) for s in check],
+                          {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
+    ev["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
+    record = {
+        "train": info, "previous_stage": None,
+        "dataset": {"path": f"(in memory: benchmarks/cue_zoo.py {entry['data']} data, seed {entry['train_seed']})",
+                    "seed": entry["train_seed"], "n": len(train), "settings": settings.model_dump(mode="json"),
+                    "cue": entry.get("cue"), "zoo_data": entry["data"]},
+        "heldout": {"seed": rec["seeds"]["check"], "n": sch["n_check"]},
+        "heldout_eval": ev,
+        "zoo_recipe": {**entry, "spec": rec["spec"], "schedule": sch, "smoke": smoke},
+        "zoo_timing": {"data_s": round(t_data, 1), "train_s": info["train_seconds"], "check_s": ev["eval_seconds"]},
+    }
+    save_checkpoint(adapter, out, record)
+    size = (out / "model.safetensors").stat().st_size / 1e6
+    record["zoo_timing"]["safetensors_mb"] = round(size, 3)
+    (out / "diffcam_tiny.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    if size > size_limit_mb(entry, rec):
+        log(f"WARNING {entry['name']}: {size:.2f} MB > limit {size_limit_mb(entry, rec)} MB")
+    return record
+
+
+def cmd_build(a: argparse.Namespace) -> None:
+    import torch
+
+    from diffcam_core.models.base import load_adapter
+
+    torch.set_num_threads(a.threads)
+    rec = load_recipes(a.recipes)
+    names = {e["name"] for e in rec["entries"]}
+    unknown = sorted(set(a.only or ()) - names)
+    if unknown:
+        raise SystemExit(f"unknown zoo entries {unknown}; `python benchmarks/cue_zoo.py list` lists them")
+    a.out.mkdir(parents=True, exist_ok=True)
+    gt_path = a.out / "ground_truth.json"
+    for e in rec["entries"]:
+        if a.only and e["name"] not in a.only:
+            continue
+        t0 = time.perf_counter()
+        mdir = model_dir(e, rec, a.out)
+        if e["source"] == "recipe_only":
+            if not a.include_expensive:
+                print(f"{e['name']}: skipped (recipe only: {e['cost_note']}; --include-expensive builds it)")
+                continue
+            import subprocess
+
+            cmd = [sys.executable, *e["command"][:1], "--out", str(mdir), *e["command"][1:]]
+            if a.device != "cpu":
+                cmd += ["--device", a.device]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO)
+        elif e["source"] == "train":
+            if (mdir / "config.json").is_file() and not a.retrain:
+                print(f"{e['name']}: {mdir} exists, not retrained (--retrain to redo)")
+            else:
+                train_entry(e, rec, mdir, device=a.device, threads=a.threads, steps=a.steps, n_train=a.n_train)
+        if not (mdir / "config.json").is_file():
+            raise SystemExit(f"{e['name']}: no checkpoint at {mdir}; build its model first: "
+                             f"{build_command(e.get('model'), a.out)}")
+        gt = measure_ground_truth(load_adapter(mdir), e, rec)
+        gt["model_dir"] = str(mdir)
+        gt["build_seconds"] = round(time.perf_counter() - t0, 1)
+        _update_json(gt_path, e["name"], gt)
+        print(json.dumps(gt), flush=True)
+    sizes = [p.stat().st_size for p in a.out.glob("*/model.safetensors")]
+    print(f"zoo: {len(sizes)} checkpoints, {sum(sizes) / 1e6:.1f} MB of safetensors (limit {rec['zoo_limit_mb']} MB)")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _norm_box(box: list[int] | tuple[int, ...], n: int) -> list[float]:
+    return [v / n for v in box]
+
+
+def entry_cue_box(entry: dict[str, Any]) -> list[float] | None:
+    """The marker's box in normalised coordinates; None for a per-image marker or no marker."""
+    cue = entry_cue(entry)
+    if cue is None or is_moving(cue):
+        return None
+    settings = SynthSettings(cue=cue_spec(cue))
+    return _norm_box(cue_region(settings), settings.image_size)
+
+
+def _parse_region(text: str | None) -> list[float] | None:
+    return None if not text else [float(v) for v in text.split(",")]
+
+
+def calibration_settings():
+    """The calibration audit: every saliency gate at half its default, refuted suspects kept
+    (their counterfactual numbers are the negatives), no per-sample counterfactual."""
+    from diffcam_core.bias_settings import BiasSettings
+
+    d = BiasSettings()
+    return d.with_(cluster_enrichment_min=d.cluster_enrichment_min / 2,
+                   cluster_consistency_min=d.cluster_consistency_min / 2,
+                   cluster_specificity_min=d.cluster_specificity_min / 2,
+                   keep_refuted=True, region_cf_max_samples=0)
+
+
+def cf_diff(evidence: dict[str, Any]) -> float | None:
+    """The counterfactual's deciding difference: max(persist − persist_both, vanish − vanish_control)."""
+    cf = evidence.get("counterfactual") or {}
+    parts = [(cf.get("persist"), cf.get("persist_both")), (cf.get("vanish"), cf.get("vanish_control"))]
+    vals = [a - b for a, b in parts if a is not None and b is not None]
+    return max(vals) if vals else None
+
+
+def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], analyses: dict,
+                      truth: dict[str, Any]) -> dict[str, Any]:
+    """One calibration audit reduced to what `zoo_stats.fit_thresholds` needs."""
+    cue = entry_cue(entry)
+    model = {"cue_word": None if cue is None else cue["word"], "cue_box": entry_cue_box(entry)}
+    cue_cands, others = [], []
+    for r in rows:
+        if r["sample_id"] is not None or r["kind"] != "clever_hans":
+            continue
+        ev = json.loads(r["evidence_json"])
+        flag = {"kind": r["kind"], "word": r["word"], "region": _parse_region(r["region"]), "confirmed": None}
+        stats = {"cluster_enrichment": ev.get("cluster_enrichment"), "consistency": ev.get("consistency"),
+                 "specificity": ev.get("specificity"), "cf_diff": cf_diff(ev), "score": r["score"],
+                 "word": r["word"], "method": r["method"], "region": r["region"]}
+        if entry["kind"] == "cue" and zoo_stats.is_cue_flag(flag, model):
+            cue_cands.append(stats)  # the cue itself, seen by one or more methods
+        else:
+            others.append(stats["cf_diff"])
+    best = max(cue_cands, key=lambda c: c["score"] or 0.0) if cue_cands else None
+    scores = [a["centre_bias"]["score"] for a in analyses.values() if a.get("centre_bias")]
+    return {"name": entry["name"], "kind": entry["kind"], "relies": truth.get("relies", False),
+            "centre_biased": truth.get("centre_biased", False), "cue_candidate": best,
+            "other_cf_diffs": [v for v in others if v is not None],
+            "centre_score": max(scores) if scores else None}
+
+
+def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: set[str], universe: set[str],
+                   truth: dict[str, Any]) -> dict[str, Any]:
+    """One held-out audit reduced to what `zoo_stats.heldout_metrics` needs."""
+    cue = entry_cue(entry)
+    flags = [{"kind": r["kind"], "word": r["word"], "method": r["method"], "region": _parse_region(r["region"]),
+              "confirmed": r["confirmed"], "score": r["score"]} for r in rows if r["sample_id"] is None]
+    flagged = {r["sample_id"] for r in rows if r["kind"] == "suspect_region"}
+    relies = bool(truth.get("relies")) and entry["kind"] == "cue"
+    sample = ({"tp": len(flagged & cue_ids), "fp": len(flagged - cue_ids), "fn": len((cue_ids & universe) - flagged)}
+              if relies else {"tp": 0, "fp": len(flagged), "fn": 0})
+    return {"name": entry["name"], "kind": entry["kind"], "relies": relies, "cue_word": None if cue is None else cue["word"],
+            "cue_box": entry_cue_box(entry), "dataset_flags": flags, "sample_level": sample,
+            "centre_biased": truth.get("centre_biased")}
+
+
+def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Path, seed: int, n: int, settings,
+                *, device: str, threads: int, with_analyses: bool, log) -> dict[str, Any]:
+    """Audit one entry in-process (the machinery `benchmarks/bench_bias.py` uses) and run the
+    bias step with ``settings``; returns the flags rows and what the reducers need."""
+    from diffcam_core.settings import CamSettings
+    from storage.datasets import load_dataset
+    from storage.store import Store
+    from tasks.audit_in_process import audit_in_process
+    from tasks.bias import analyse_run, run_dataset_flags
+    from tasks.bias_read import load_run_maps, object_masks
+
+    mdir = model_dir(entry, rec, zoo)
+    samples, synth = audit_samples(entry, n, seed)
+    ds_dir = write_samples(cache / "data" / f"{entry['name']}-seed{seed}-n{n}", samples, seed, synth)
+    store = Store(cache / "store")
+    run_id = f"{entry['name']}-seed{seed}-n{n}"
+    if run_id in store.runs():
+        shutil.rmtree(store.run_dir(run_id))
+    t0 = time.perf_counter()
+    audit_in_process(store, run_id, mdir, ds_dir, CamSettings(methods=METHODS), threads=threads, device=device, log=log)
+    t1 = time.perf_counter()
+    info: dict[str, Any] = {}
+    rows = run_dataset_flags(store, run_id, mdir, ds_dir, settings, sample_level="always", device=device, log=log,
+                             info=info)
+    ds = load_dataset(ds_dir)
+    cue_ids = {s.sample_id for s in ds.samples if s.extra.get("cue_present")}
+    out = {"rows": rows, "cue_ids": cue_ids, "universe": {s.sample_id for s in ds.samples},
+           "seconds": {"audit": round(t1 - t0, 1), "bias_step": round(time.perf_counter() - t1, 1)}}
+    if with_analyses:
+        run = load_run_maps(store, run_id, METHODS)
+        _, _, out["analyses"] = analyse_run(run, object_masks(ds, sorted(run["words"])), settings)
+    return out
+
+
+def require_zoo(entries: list[dict[str, Any]], rec: dict[str, Any], zoo: Path) -> dict[str, Any]:
+    """Every model folder and ground-truth record the evaluation needs, or SystemExit naming
+    what is missing and the command that builds it."""
+    gt_path = Path(zoo) / "ground_truth.json"
+    truth = json.loads(gt_path.read_text()) if gt_path.is_file() else {}
+    problems = []
+    for e in entries:
+        mdir = model_dir(e, rec, zoo)
+        if not (mdir / "config.json").is_file():
+            problems.append(f"model folder {mdir} is missing: {build_command(e.get('model', e['name']), zoo)}"
+                            + (" --include-expensive" if e["source"] == "recipe_only" else ""))
+        elif e["name"] not in truth:
+            problems.append(f"no ground truth for {e['name']} in {gt_path}: {build_command(e['name'], zoo)}")
+    if problems:
+        raise SystemExit("the cue zoo is not built:\n  " + "\n  ".join(problems))
+    return truth
+
+
+def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device: str, threads: int,
+             audit=None, log=None) -> dict[str, Any]:
+    """Fit on calibration entries, judge on held-out entries; the contract's JSON.
+
+    ``audit`` (default `audit_entry`) is injectable so the tests can run the whole
+    evaluation on scripted per-model results without training or auditing a model.
+    """
+    from diffcam_core.bias_settings import BiasSettings
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    audit = audit or audit_entry
+    entries = rec["entries"]
+    if quick:
+        keep = set(rec["quick"]["calibration"]) | set(rec["quick"]["heldout"])
+        entries = [e for e in entries if e["name"] in keep]
+    calib = [e for e in entries if e["split"] == "calibration"]
+    held = [e for e in entries if e["split"] == "heldout"]
+    truth = require_zoo(entries, rec, zoo)
+    n = rec["audit"]["quick_n"] if quick else rec["audit"]["n"]
+    cs, hs = rec["seeds"]["calibration_audit"], rec["seeds"]["heldout_audit"]
+    t0 = time.perf_counter()
+    cal_stats = []
+    for e in calib:
+        res = audit(e, rec, zoo, cache, cs, n, calibration_settings(), device=device, threads=threads,
+                    with_analyses=True, log=log)
+        cal_stats.append(calibration_stats(e, res["rows"], res.get("analyses", {}), truth[e["name"]]))
+    defaults = BiasSettings()
+    fit = zoo_stats.fit_thresholds(cal_stats, {k: getattr(defaults, k) for k in zoo_stats.THRESHOLDS})
+    fitted = defaults.with_(**fit["values"])
+    results = []
+    for e in held:
+        res = audit(e, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, with_analyses=False, log=log)
+        results.append(heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]]))
+    return {
+        "heldout": zoo_stats.heldout_metrics(results),
+        "calibration": {"models": [e["name"] for e in calib], "seeds": [cs], "n_samples_per_model": n,
+                        "thresholds": fit, "threshold_roles": zoo_stats.THRESHOLDS, "per_model": cal_stats},
+        "heldout_models": [e["name"] for e in held], "heldout_seed": hs, "per_model": results,
+        "quick": quick, "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rec = load_recipes(a.recipes)
+    out = evaluate(rec, a.zoo, a.cache, quick=a.quick, device=a.device, threads=a.threads)
+    text = json.dumps(out, indent=1, default=str)
+    a.json.write_text(text)
+    print(json.dumps(out["heldout"], indent=1))
+
+
+def cmd_list(a: argparse.Namespace) -> None:
+    rec = load_recipes(a.recipes)
+    for e in rec["entries"]:
+        cue = entry_cue(e)
+        print(f"{e['split']:<11} {e['kind']:<16} {e['source']:<11} {e['name']:<30} "
+              f"{'' if cue is None else json.dumps(cue)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", type=Path, default=RECIPES)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train the zoo and measure each model's reliance (ground_truth.json)")
+    b.add_argument("--out", type=Path, default=REPO / "models" / "zoo")
+    b.add_argument("--only", nargs="+", default=None, metavar="NAME")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--retrain", action="store_true", help="retrain models whose folder exists")
+    b.add_argument("--include-expensive", action="store_true", help="also run recipe-only entries (the known miss)")
+    b.add_argument("--steps", type=int, default=None, help="smoke runs only (recorded as smoke)")
+    b.add_argument("--n-train", type=int, default=None, help="smoke runs only (recorded as smoke)")
+    b.set_defaults(func=cmd_build)
+    e = sub.add_parser("eval", help="fit thresholds on calibration models, report on held-out ones")
+    e.add_argument("--json", type=Path, required=True)
+    e.add_argument("--zoo", type=Path, default=REPO / "models" / "zoo")
+    e.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "diffcam-cue-zoo")
+    e.add_argument("--quick", action="store_true", help="the fixed subset in recipes.json `quick`")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=1)
+    e.set_defaults(func=cmd_eval)
+    sub.add_parser("list", help="the recipes and their split").set_defaults(func=cmd_list)
+    a = ap.parse_args(argv)
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()
