@@ -24,8 +24,18 @@ FUNCTION_WORDS = frozenset(
 _WORD_START = ("▁", "Ġ", " ")
 
 
+#: Punctuation that clings to a word in a decoded answer and is not part of it.
+_STRIP = ".,;:!?\"'()[]{}"
+
+
+def normalise_word(word: str) -> str:
+    """Lower-case, surrounding whitespace and punctuation removed: the one form in which
+    answer words are compared (grounding to objects, grouping by word, function words)."""
+    return word.strip().lower().strip(_STRIP)
+
+
 def is_function_word(word: str) -> bool:
-    return word.strip().lower().strip(".,;:!?\"'") in FUNCTION_WORDS
+    return normalise_word(word) in FUNCTION_WORDS
 
 
 def segment_words(tokenizer, pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

@@ -36,6 +36,7 @@ import numpy as np
 
 from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
 from diffcam_core.bias_flags import Flag
+from diffcam_core.words import normalise_word
 from diffcam_core.bias_sample import region_sample_flags, sample_flags
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage
@@ -68,7 +69,7 @@ def analyse_run(
     """Pure part of the dataset step: sample-level flags and per-(word, method) analyses
     (`all_dataset_flags` turns those into dataset-level flags). Returns (sample_flags,
     grounding, analyses) where grounding[sid] = {"word_masks": [...], "all": [...]}."""
-    from tasks.rows import ground_words, normalise_word
+    from tasks.rows import ground_words
 
     grounding: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[WordSample]] = defaultdict(list)

@@ -27,12 +27,12 @@ from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
+from diffcam_core.words import normalise_word
 
 __all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
 
 
 def words_of(text: str) -> set[str]:
-    from tasks.rows import normalise_word
 
     return {normalise_word(w) for w in text.split()}
 
@@ -71,7 +71,6 @@ def counterfactual(
     from PIL import Image
 
     from storage.images import load_image
-    from tasks.rows import normalise_word
 
     ev = flag.evidence
     word = normalise_word(flag.word)
@@ -176,7 +175,6 @@ def region_counterfactuals(
     from PIL import Image
 
     from storage.images import load_image
-    from tasks.rows import normalise_word
 
     word = normalise_word(flag.word)
     box = flag.region

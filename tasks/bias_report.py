@@ -16,6 +16,7 @@ import numpy as np
 
 from diffcam_core.bias_flags import SAMPLE_KINDS
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
+from diffcam_core.words import normalise_word
 from storage.report import (
     ReportContext, Section, SectionContent, esc, heat_colors, html_table, img_tag, md_table, png_bytes,
 )
@@ -100,7 +101,6 @@ def _word_mean_maps(ctx: ReportContext) -> str:
     """A table of mean maps (mass distributions averaged over the run), one row per content
     word, one column per audited map method; dataset-level flag regions are outlined."""
     from storage.schemas import dequantize_map
-    from tasks.rows import normalise_word
 
     rows = ctx.con.execute(
         "SELECT word, method, grid_h, grid_w, map, map_max FROM token_maps "

@@ -54,12 +54,12 @@ import numpy as np
 from diffcam_core import evidence, metrics
 from diffcam_core.stats import map_stats
 from diffcam_core.types import SampleExplanation
+from diffcam_core.words import normalise_word
 from storage.images import SampleError
 from storage.schemas import FAILURE_STAGES, quantize_map
 
 __all__ = [
     "SUMMARY_METHOD",
-    "normalise_word",
     "ground_words",
     "map_columns",
     "token_map_rows",
@@ -70,15 +70,9 @@ __all__ = [
 
 #: The method whose maps the samples-row summaries describe.
 SUMMARY_METHOD = "diffusion-cam"
-_STRIP = ".,;:!?\"'()[]{}"
 #: Cap on the stored traceback (characters, the tail is kept: that is where the error is).
 MAX_TRACEBACK_CHARS = 8000
 MAX_MESSAGE_CHARS = 2000
-
-
-def normalise_word(word: str) -> str:
-    """Lower-case, surrounding whitespace and punctuation removed."""
-    return word.strip().lower().strip(_STRIP)
 
 
 def ground_words(answer_words: Sequence[str], object_words: Sequence[str]) -> list[int | None]:
