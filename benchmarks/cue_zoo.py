@@ -24,6 +24,7 @@ nothing but the fit (docs/BIAS.md "The cue zoo").
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -416,11 +417,17 @@ def measure_ground_truth(adapter, entry: dict[str, Any], rec: dict[str, Any]) ->
 
 
 def _update_json(path: Path, key: str, value: Any) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Set one key of a JSON file atomically, under a lock: two builds with disjoint --only
+    lists (one per core or GPU) can share the zoo's ground_truth.json."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = value
+        tmp = path.with_suffix(f".json.part{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- build
@@ -508,7 +515,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         if not (mdir / "config.json").is_file():
             raise SystemExit(f"{e['name']}: no checkpoint at {mdir}; build its model first: "
                              f"{build_command(e.get('model'), a.out)}")
-        gt = measure_ground_truth(load_adapter(mdir), e, rec)
+        gt = measure_ground_truth(load_adapter(mdir, device=a.device), e, rec)
         gt["model_dir"] = str(mdir)
         gt["build_seconds"] = round(time.perf_counter() - t0, 1)
         _update_json(gt_path, e["name"], gt)
@@ -611,7 +618,8 @@ def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Pa
 
     mdir = model_dir(entry, rec, zoo)
     samples, synth = audit_samples(entry, n, seed)
-    ds_dir = write_samples(cache / "data" / f"{entry['name']}-seed{seed}-n{n}", samples, seed, synth)
+    key = hashlib.sha256(json.dumps([entry.get("data"), entry_cue(entry)], sort_keys=True).encode()).hexdigest()[:8]
+    ds_dir = write_samples(cache / "data" / f"{entry['name']}-seed{seed}-n{n}-{key}", samples, seed, synth)
     store = Store(cache / "store")
     run_id = f"{entry['name']}-seed{seed}-n{n}"
     if run_id in store.runs():
