@@ -163,7 +163,8 @@ def is_cue_flag(flag: Mapping[str, Any], model: Mapping[str, Any]) -> bool:
 def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The contract's "heldout" block from per-model held-out audit results.
 
-    Each result: ``name``, ``kind`` (cue / clean / centre / marker_as_object), ``relies``
+    One result per audit (``n_models`` counts audits: a marker-as-object audit reuses a clean
+    model). Each result: ``name``, ``kind`` (cue / clean / centre / marker_as_object), ``relies``
     (ground truth), ``cue_word``, ``cue_box`` (normalised; None when the marker moves), and
     ``dataset_flags`` (kind, word, method, region as a box, confirmed). Optional
     ``sample_level`` {tp, fp, fn} of `suspect_region` against the cue-carrying samples.

@@ -286,3 +286,17 @@ def test_missing_zoo_names_the_folder_and_the_build_command(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "nozoo" / "cue-circle-tl") in msg
     assert "python benchmarks/cue_zoo.py build --out" in msg and "--only cue-circle-tl" in msg
+
+
+def test_every_trained_recipe_draws_its_data_and_the_cue_shows_only_with_its_word():
+    for e in ENTRIES:
+        if e["source"] != "train":
+            continue
+        samples, settings = cue_zoo.training_samples(e, 12, e["train_seed"])
+        assert len(samples) == 12, e["name"]
+        cue = e.get("cue")
+        if cue is not None:
+            assert cue["word"] in (*settings.colors, *settings.shapes)
+            assert all(cue["word"] in s.answer.split() for s in samples if s.cue_present), e["name"]
+        else:
+            assert not any(s.cue_present for s in samples)
