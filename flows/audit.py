@@ -12,8 +12,13 @@
 4. for every shard not yet committed, the `tasks.shard.run_shard` task (Prefect retries)
    maps its samples over the Ray worker pool (`tasks.worker.CamPool`) and commits the shard
    atomically; progress (shards done/total, samples/s, ETA) goes to ``get_run_logger()``;
-5. validate (`storage.validation`), 6. report (`storage.report`),
-7. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason;
+5. the bias step (`tasks.finalize.dataset_flags_task`): its counterfactual regenerations run
+   on the same workers (`tasks.answers.pool_answerer`), which are closed after it (also when
+   anything before fails). On a resumed run with every shard committed, the workers start
+   only if a counterfactual needs them (the driver never loads the model itself: on a GPU
+   cluster the regenerations run on the GPUs);
+6. validate (`storage.validation`), 7. report (`storage.report`),
+8. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason;
    what happened to the Ray workers (deaths, replacements, retries) is logged and kept in the
    row's ``config_json`` under ``audit.pool``.
 
@@ -36,6 +41,7 @@ import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +316,7 @@ def audit(
     from storage.store import Store
     from tasks.finalize import dataset_flags_task, report_task, validate_run_task
     from tasks.plan import DEFAULT_SHARD_SIZE, plan_shards
+    from tasks.answers import pool_answerer
     from tasks.shard import run_shard
     from tasks.worker import CamPool, PoolConfig
 
@@ -371,44 +378,46 @@ def audit(
         committed_before = {k for k in st.committed_shards(run_id) if isinstance(k, int)}
         pending = [s for s in shards if s.shard_id not in committed_before]
         logger.info("%d/%d shards already committed; %d to run", len(shards) - len(pending), len(shards), len(pending))
-        pool = None
-        if any(s.items for s in pending):
-            pool = CamPool(
-                PoolConfig(model_dir=str(model_dir), settings=settings, workers=workers,
-                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                           ray_address=ray_address, batch_size=batch_size),
-                log=logger.info,
-            )
+        # the workers serve the shards and then the bias step's counterfactuals; started here
+        # only when a shard has samples, else on the bias step's first regeneration
+        pool = CamPool(
+            PoolConfig(model_dir=str(model_dir), settings=settings, workers=workers,
+                       gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                       ray_address=ray_address, batch_size=batch_size),
+            log=logger.info,
+        )
         task = run_shard.with_options(retries=shard_retries, retry_delay_seconds=shard_retry_delay_s)
         t_shards = time.perf_counter()
         try:
-            if pool is not None:
-                pool.__enter__()
+            if any(s.items for s in pending):
+                pool.start()
                 timings.update(pool.timings)
             t_shards = time.perf_counter()
-            results, failed, computed = _run_shards(task, pending, pool, st, run_id, n_samples, logger)
-        finally:
-            if pool is not None:
-                pool.close()
-                _record_pool(st, run_id, config, pool, logger)
-        timings["shards_s"] = time.perf_counter() - t_shards
-        if failed:
-            reason = "; ".join(f"shard {sid}: {type(e).__name__}: {e}" for sid, e in failed)[:4000]
-            raise RuntimeError(f"{len(failed)} of {len(shards)} shard(s) failed ({reason}); "
-                               f"re-run with --run-id {run_id} to resume")
+            results, failed, computed = _run_shards(task, pending, pool if pool.actors else None, st, run_id,
+                                                    n_samples, logger)
+            timings["shards_s"] = time.perf_counter() - t_shards
+            if failed:
+                reason = "; ".join(f"shard {sid}: {type(e).__name__}: {e}" for sid, e in failed)[:4000]
+                raise RuntimeError(f"{len(failed)} of {len(shards)} shard(s) failed ({reason}); "
+                                   f"re-run with --run-id {run_id} to resume")
 
-        counts = {
-            "n_results": st.read_table("samples", run_id).num_rows,
-            "n_failures": st.read_table("failures", run_id).num_rows,
-        }
-        st.update_run(run_id, **counts)
-        write_catalog_file(st)  # every shard is in
-        if counts["n_results"] == 0:
-            raise RuntimeError(f"no sample could be audited ({counts['n_failures']} failures): see the failures table")
-        t0 = time.perf_counter()
-        n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), ds, bias_settings)
-        timings["dataset_flags_s"] = time.perf_counter() - t0
-        logger.info("dataset-level bias analysis: %d flag rows", n_flags)
+            counts = {
+                "n_results": st.read_table("samples", run_id).num_rows,
+                "n_failures": st.read_table("failures", run_id).num_rows,
+            }
+            st.update_run(run_id, **counts)
+            write_catalog_file(st)  # every shard is in
+            if counts["n_results"] == 0:
+                raise RuntimeError(f"no sample could be audited ({counts['n_failures']} failures): "
+                                   "see the failures table")
+            t0 = time.perf_counter()
+            n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), ds, bias_settings,
+                                         answerer=partial(pool_answerer, pool, log=logger.info))
+            timings["dataset_flags_s"] = time.perf_counter() - t0
+            logger.info("dataset-level bias analysis: %d flag rows", n_flags)
+        finally:
+            pool.close()
+            _record_pool(st, run_id, config, pool, logger)
         t0 = time.perf_counter()
         verdict = validate_or_integrity_failure(st, run_id, validate_run_task)
         timings["validate_s"] = time.perf_counter() - t0
@@ -449,9 +458,9 @@ def audit(
         "shards_committed": sorted(r.shard_id for r in results if r.status == "committed"),
         "shards_skipped": sorted(committed_before | {r.shard_id for r in results if r.status == "skipped"}),
         "samples_computed": computed,
-        "workers": pool.n_workers if pool is not None else 0,
-        "cpus_per_worker": pool.cpus_per_worker if pool is not None else 0,
-        "gpus_per_worker": pool.gpus_per_actor if pool is not None else 0.0,
+        "workers": pool.n_workers,
+        "cpus_per_worker": pool.cpus_per_worker,
+        "gpus_per_worker": pool.gpus_per_actor,
         "pool": config["audit"].get("pool", {}),
         "validation_failed": [f"{e['table']}: {e['expectation']}" for e in verdict.failed],
         "timings": timings,

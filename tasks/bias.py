@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage
 from diffcam_core.stats import map_stats
 from storage.schemas import flag_row
+from tasks.answers import Answerer, local_answerer
 from tasks.bias_counterfactual import counterfactual, region_counterfactuals
 from tasks.bias_read import load_run_maps, object_masks
 
@@ -123,6 +125,7 @@ def run_dataset_flags(
     sample_level: str = "always",
     device: str = "cpu",
     adapter: Any = None,
+    answerer: Callable[[Any], Answerer] | None = None,
     log: Callable[[str], None] | None = None,
     info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -130,8 +133,11 @@ def run_dataset_flags(
 
     ``dataset_path``: the dataset folder or manifest, or the `storage.samples.Dataset` the
     flow already loaded (not read again); None: the run's ``dataset_uri``.
-    ``model_dir`` (or a loaded ``adapter``): for the counterfactuals; None and no adapter:
-    ``clever_hans`` flags keep ``confirmed`` None and their evidence says why.
+    The counterfactuals regenerate answers through ``answerer(generation settings)``
+    (`tasks.answers`: the flow passes its Ray workers' `pool_answerer`), else through a
+    loaded ``adapter``, else through the model in ``model_dir`` loaded here on ``device``
+    (`local_answerer`); none of them: ``clever_hans`` flags keep ``confirmed`` None and
+    their evidence says why. Nothing is loaded or started unless a suspect needs it.
     ``sample_level``: "always" (compute sample flags from the stored maps) or "never"; `suspect_region` sample flags
     (the samples a kept `clever_hans` flag reaches) are always added. A `clever_hans`
     suspect that the counterfactual refutes is dropped unless ``settings.keep_refuted``
@@ -168,13 +174,18 @@ def run_dataset_flags(
     t2 = time.perf_counter()
     suspects = [f for f in dflags if f.kind == "clever_hans"]
     checked: dict[int, Flag] = {}
+    answer: Answerer | None = None
     if suspects:
-        if adapter is None and model_dir is not None:
+        config = json.loads(run_row["config_json"] or "{}")
+        cam = CamSettings.from_run_config(config)
+        if answerer is None and adapter is None and model_dir is not None:
             from diffcam_core.models.base import load_adapter
 
             adapter = load_adapter(model_dir, device=device)
-        config = json.loads(run_row["config_json"] or "{}")
-        cam = CamSettings.from_run_config(config)
+        if answerer is None and adapter is not None:
+            answerer = partial(local_answerer, adapter)
+        if answerer is not None:
+            answer = answerer(cam.generation)  # the run's own generation settings
         by_id = {s.sample_id: s for s in ds.samples}
         images = {sid: by_id[sid].image_path for sid in run["words"]}
 
@@ -185,14 +196,14 @@ def run_dataset_flags(
         tested = {id(f) for f in sorted(suspects, key=rank)[: settings.cf_max_candidates]}
         for f in suspects:
             confirmed = f.confirmed
-            if adapter is None:
+            if answer is None:
                 cf = {"confirmed": None, "why": ["not run: no model given"]}
             elif id(f) not in tested:
                 cf = {"confirmed": None, "why": [
                     f"not run: more than cf_max_candidates={settings.cf_max_candidates} suspects; "
                     "this one ranked lower (score x specificity x consistency)"]}
             else:
-                cf = counterfactual(adapter, cam.generation, f, run["samples"], images, objects, settings)
+                cf = counterfactual(answer, f, run["samples"], images, objects, settings)
                 confirmed = cf["confirmed"]
                 log(f"bias: clever_hans {f.word}/{f.method} region {f.region}: "
                     f"confirmed={cf['confirmed']} ({cf['n_tested']} samples, {cf['why']})")
@@ -211,11 +222,11 @@ def run_dataset_flags(
     for k, f in enumerate(dflags):  # the samples each kept clever_hans flag reaches
         if f.kind == "clever_hans" and f.confirmed is not False:
             tests = None
-            if adapter is not None and settings.region_cf_max_samples > 0:
+            if answer is not None and settings.region_cf_max_samples > 0:
                 key = (f.word, f.region)
                 if key not in per_sample:
-                    per_sample[key] = region_counterfactuals(adapter, cam.generation, f, run["samples"], images,
-                                                             objects, settings)
+                    per_sample[key] = region_counterfactuals(answer, f, run["samples"], images, objects,
+                                                             settings)
                 tests, summary = per_sample[key]
                 f = dflags[k] = replace(f, evidence={**f.evidence, "sample_counterfactuals": summary})
                 log(f"bias: clever_hans {f.word}/{f.method}: {summary['n_tested']} samples tested one by "

@@ -11,7 +11,11 @@ the largest share of their map in the region, whose original answer contains the
 vanishes when only the region is erased (and not when any other patch is)". Both
 differences are controls: a model that says the word whatever you erase confirms nothing.
 Images are erased with `diffcam_core.inpaint` and the model re-generates with the run's own
-generation settings (`adapter.prepare` + `adapter.generate`).
+generation settings, through an answerer (`tasks.answers`: a model in this process or the
+audit's Ray workers). The edited images of several samples go to it together, so a pool
+spreads them over its workers; which regenerations run is decided exactly as one sample at
+a time would: the other variants of a sample only when its original answer has the word,
+and the dataset-level test stops at ``cf_max_samples`` tested samples.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
 from diffcam_core.words import normalise_word
+from tasks.answers import Answerer
 
 __all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
+
+#: Samples whose edited images are held and sent at once by `region_counterfactuals`
+#: (bounds the memory of a large dataset; enough to keep a pool's workers busy).
+REGION_WAVE = 64
 
 
 def words_of(text: str) -> set[str]:
@@ -55,9 +64,29 @@ def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float
     return window_box(r, c, win, grid)
 
 
+def _ask(answer: Answerer, word: str,
+         jobs: Sequence[tuple[str, str, Mapping[str, np.ndarray]]]) -> tuple[list[dict[str, str]], int]:
+    """Answers for ``jobs`` = [(sample_id, prompt, {variant: image})], "original" first.
+
+    All originals go to ``answer`` in one call; then, in a second call, the other variants
+    of the samples whose original answer has ``word`` (without it there is nothing to ask
+    whether it persists or vanishes). Returns ([{variant: answer}] in job order, with the
+    variants in their given order; the number of generations)."""
+    if not jobs:
+        return [], 0
+    originals = answer([v["original"] for _, _, v in jobs], [p for _, p, _ in jobs], [sid for sid, _, _ in jobs])
+    out = [{"original": a} for a in originals]
+    rest = [(k, name, arr) for k, (_, _, v) in enumerate(jobs) if word in words_of(originals[k])
+            for name, arr in v.items() if name != "original"]
+    if rest:
+        texts = answer([arr for _, _, arr in rest], [jobs[k][1] for k, _, _ in rest], [jobs[k][0] for k, _, _ in rest])
+        for (k, name, _), text in zip(rest, texts):
+            out[k][name] = text
+    return out, len(jobs) + len(rest)
+
+
 def counterfactual(
-    adapter: Any,
-    gen_settings: Any,
+    answer: Answerer,
     flag: Flag,
     samples: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, Path],
@@ -66,10 +95,10 @@ def counterfactual(
 ) -> dict[str, Any]:
     """Run the counterfactual of one ``clever_hans`` flag (see the module docstring).
 
+    Members are taken in evidence order, in waves of as many as still need testing, so the
+    regenerations are exactly those of testing them one by one up to ``cf_max_samples``.
     Returns the evidence dict: rule, rates, confirmed, and per tested sample its answers
     under every condition, image path, mask paths and boxes (enough to redraw them)."""
-    from PIL import Image
-
     from storage.images import load_image
 
     ev = flag.evidence
@@ -80,49 +109,51 @@ def counterfactual(
     tested = []
     t0 = time.perf_counter()
     n_gen = 0
-    for sid in ev["sample_ids"]:
-        if len(tested) >= settings.cf_max_samples:
+    members = iter(ev["sample_ids"])
+    while len(tested) < settings.cf_max_samples:
+        wave = []  # (sid, variants, control box, word objects, objects)
+        for sid in members:
+            objs = objects.get(sid, [])
+            word_objs = [(m, p) for w, m, p in objs if normalise_word(w) == word]
+            if not word_objs:
+                continue
+            img = np.asarray(load_image(images[sid]))
+            H, W = img.shape[:2]
+            region = box_mask((H, W), box)
+            wmask = np.logical_or.reduce([m for m, _ in word_objs])
+            others = np.zeros((H, W), dtype=bool)
+            for w_, m, _ in objs:
+                if normalise_word(w_) != word:
+                    others |= m
+            all_obj = wmask | others
+            ring = {"ring_fraction": settings.cf_ring_fraction}
+            ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+            variants = {
+                "original": img,
+                "no_object": erase_mask(img, wmask, exclude=others | region, **ring),
+                "no_region": erase_region(img, box, exclude=all_obj, **ring),
+            }
+            variants["no_both"] = erase_region(variants["no_object"], box, exclude=all_obj, **ring)
+            if ctrl is not None:
+                variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, **ring)
+            wave.append((sid, variants, ctrl, word_objs, objs))
+            if len(wave) >= settings.cf_max_samples - len(tested):
+                break
+        if not wave:
             break
-        objs = objects.get(sid, [])
-        word_objs = [(m, p) for w, m, p in objs if normalise_word(w) == word]
-        if not word_objs:
-            continue
-        img = np.asarray(load_image(images[sid]))
-        H, W = img.shape[:2]
-        region = box_mask((H, W), box)
-        wmask = np.logical_or.reduce([m for m, _ in word_objs])
-        others = np.zeros((H, W), dtype=bool)
-        for w_, m, _ in objs:
-            if normalise_word(w_) != word:
-                others |= m
-        all_obj = wmask | others
-        ring = {"ring_fraction": settings.cf_ring_fraction}
-        ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
-        variants = {
-            "original": img,
-            "no_object": erase_mask(img, wmask, exclude=others | region, **ring),
-            "no_region": erase_region(img, box, exclude=all_obj, **ring),
-        }
-        variants["no_both"] = erase_region(variants["no_object"], box, exclude=all_obj, **ring)
-        if ctrl is not None:
-            variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, **ring)
-        answers = {}
-        for name, arr in variants.items():
-            inputs = adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"])
-            answers[name] = adapter.generate(inputs, gen_settings).text
-            n_gen += 1
-            if name == "original" and word not in words_of(answers[name]):
-                break  # the word must be in the answer to ask whether it persists or vanishes
-        if word not in words_of(answers["original"]):
-            continue
-        tested.append({
-            "sample_id": sid, "image_path": str(images[sid]), "prompt": samples[sid]["prompt"],
-            "mask_paths": sorted({p for _, p in word_objs if p is not None}),
-            "other_mask_paths": sorted({p for w_, _, p in objs if normalise_word(w_) != word and p is not None}),
-            "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
-            "answers": answers,
-            "word_present": {k: word in words_of(v) for k, v in answers.items()},
-        })
+        results, n = _ask(answer, word, [(sid, samples[sid]["prompt"], v) for sid, v, _, _, _ in wave])
+        n_gen += n
+        for (sid, _, ctrl, word_objs, objs), answers in zip(wave, results):
+            if word not in words_of(answers["original"]):
+                continue
+            tested.append({
+                "sample_id": sid, "image_path": str(images[sid]), "prompt": samples[sid]["prompt"],
+                "mask_paths": sorted({p for _, p in word_objs if p is not None}),
+                "other_mask_paths": sorted({p for w_, _, p in objs if normalise_word(w_) != word and p is not None}),
+                "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+                "answers": answers,
+                "word_present": {k: word in words_of(v) for k, v in answers.items()},
+            })
 
     def rate(cond: str, present: bool) -> float | None:
         vals = [t["word_present"][cond] == present for t in tested if cond in t["word_present"]]
@@ -150,8 +181,7 @@ def counterfactual(
 
 
 def region_counterfactuals(
-    adapter: Any,
-    gen_settings: Any,
+    answer: Answerer,
     flag: Flag,
     samples: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, Path],
@@ -169,11 +199,10 @@ def region_counterfactuals(
     *vanished* (the sample depends on the region) when it is in the first answer, not in
     the second, and still in the control's: a model that drops the word whatever patch is
     erased shows no dependence on this region. Samples whose answer lacks the word are not
-    tested (nothing can vanish). Returns ({sample_id: test}, summary);
+    tested (nothing can vanish). The samples go to ``answer`` ``REGION_WAVE`` at a time.
+    Returns ({sample_id: test}, summary);
     `diffcam_core.bias_sample.region_sample_flags` turns the tests into flags.
     """
-    from PIL import Image
-
     from storage.images import load_image
 
     word = normalise_word(flag.word)
@@ -187,34 +216,33 @@ def region_counterfactuals(
     t0 = time.perf_counter()
     n_gen = 0
     ring = settings.cf_ring_fraction
-    for sid in todo:
-        img = np.asarray(load_image(images[sid]))
-        all_obj = np.zeros(img.shape[:2], dtype=bool)
-        for _, m, _ in objects.get(sid, []):
-            all_obj |= m
-        ctrl = None
-        if grid is not None and proto is not None:
-            ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
-        variants = [("original", img), ("no_region", erase_region(img, box, exclude=all_obj, ring_fraction=ring))]
-        if ctrl is not None:
-            region = box_mask(img.shape[:2], box)
-            variants.append(("control", erase_region(img, ctrl, exclude=all_obj | region, ring_fraction=ring)))
-        answers = {}
-        for name, arr in variants:
-            answers[name] = adapter.generate(adapter.prepare(Image.fromarray(arr), samples[sid]["prompt"]),
-                                             gen_settings).text
-            n_gen += 1
-            if name == "original" and word not in words_of(answers[name]):
-                break
-        present = {k: word in words_of(v) for k, v in answers.items()}
-        if not present["original"]:
-            continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
-        vanished_control = None if "control" not in present else not present["control"]
-        tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
-                      "answer_without_control": answers.get("control"),
-                      "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
-                      "vanished_region": not present["no_region"], "vanished_control": vanished_control,
-                      "vanished": (not present["no_region"]) and not vanished_control}
+    for w0 in range(0, len(todo), REGION_WAVE):
+        wave = []  # (sid, variants, control box)
+        for sid in todo[w0:w0 + REGION_WAVE]:
+            img = np.asarray(load_image(images[sid]))
+            all_obj = np.zeros(img.shape[:2], dtype=bool)
+            for _, m, _ in objects.get(sid, []):
+                all_obj |= m
+            ctrl = None
+            if grid is not None and proto is not None:
+                ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+            variants = {"original": img, "no_region": erase_region(img, box, exclude=all_obj, ring_fraction=ring)}
+            if ctrl is not None:
+                region = box_mask(img.shape[:2], box)
+                variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, ring_fraction=ring)
+            wave.append((sid, variants, ctrl))
+        results, n = _ask(answer, word, [(sid, samples[sid]["prompt"], v) for sid, v, _ in wave])
+        n_gen += n
+        for (sid, _, ctrl), answers in zip(wave, results):
+            present = {k: word in words_of(v) for k, v in answers.items()}
+            if not present["original"]:
+                continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
+            vanished_control = None if "control" not in present else not present["control"]
+            tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
+                          "answer_without_control": answers.get("control"),
+                          "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+                          "vanished_region": not present["no_region"], "vanished_control": vanished_control,
+                          "vanished": (not present["no_region"]) and not vanished_control}
     summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
                "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
                "n_vanished": sum(t["vanished"] for t in tests.values()),

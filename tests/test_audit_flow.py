@@ -98,6 +98,70 @@ def test_audit_flow_end_to_end(prefect_harness, make_dataset, tmp_path):
     assert "Bias" in open(summary["report_html"]).read()
 
 
+def _without_seconds(evidence_json):
+    """A flag's evidence minus the wall-clock fields (the only values two runs may differ in)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "seconds"}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return strip(json.loads(evidence_json))
+
+
+@pytest.mark.slow
+def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, tmp_path, monkeypatch):
+    """The bias step's regenerations go to the audit's Ray workers: the driver never loads
+    the model (``load_adapter`` raises there), and the committed flags equal, value for value,
+    those of the same step on a model loaded in this process."""
+    import numpy as np
+
+    import diffcam_core.models.base
+    import tasks.bias
+    from diffcam_core.bias_flags import Flag
+    from diffcam_core.bias_settings import BiasSettings
+    from flows.audit import audit
+    from storage.schemas import table_from_rows
+
+    real_flags, real_load, real_cf = tasks.bias.all_dataset_flags, diffcam_core.models.base.load_adapter, \
+        tasks.bias.counterfactual
+    tested: list[dict] = []
+
+    def with_suspect(analyses, settings):
+        """The real flags plus a `clever_hans` suspect on the word with the most maps (the
+        tiny model on six samples raises none by itself), so the counterfactuals run."""
+        (word, method), a = max(analyses.items(), key=lambda kv: (len(kv[1]["sample_ids"]), kv[0]))
+        grid = tuple(a["grid"])
+        ev = {"grid": list(grid), "prototype": np.full(grid, 1.0 / (grid[0] * grid[1])).tolist(),
+              "window": [0, 0, 1, 1], "sample_ids": list(a["sample_ids"])}
+        return [*real_flags(analyses, settings), Flag("suspect", "clever_hans", 1.0, 0.0, ev, word=word, method=method,
+                                                      region=(0.0, 0.0, 1 / grid[1], 1 / grid[0]))]
+
+    def spy(*args, **kw):
+        tested.append(real_cf(*args, **kw))
+        return tested[-1]
+
+    def no_driver_model(*args, **kw):
+        raise AssertionError("the bias step loaded the model in the driver")
+
+    monkeypatch.setattr(tasks.bias, "all_dataset_flags", with_suspect)
+    monkeypatch.setattr(tasks.bias, "counterfactual", spy)
+    monkeypatch.setattr(diffcam_core.models.base, "load_adapter", no_driver_model)
+    root = make_dataset(n=6)
+    summary = audit(model=str(DEFAULT_MODEL), dataset=str(root), store=str(tmp_path / "store"), run_id="cf",
+                    workers=2, shard_size=3, cpus_per_worker=1)
+    assert summary["status"] == "succeeded", summary["validation_failed"]
+    assert len(tested) == 1 and tested[0]["n_generations"] > 0, tested
+
+    monkeypatch.setattr(diffcam_core.models.base, "load_adapter", real_load)
+    st = Store(tmp_path / "store")
+    local = tasks.bias.run_dataset_flags(st, "cf", None, root, BiasSettings(), adapter=real_load(DEFAULT_MODEL))
+    assert tested[1]["examples"] == tested[0]["examples"]  # the same regenerated answers
+    stored = st.read_table("flags", "cf").to_pylist()
+    expected = table_from_rows("flags", local).to_pylist()
+    assert [{**r, "evidence_json": _without_seconds(r["evidence_json"])} for r in stored] == \
+        [{**r, "evidence_json": _without_seconds(r["evidence_json"])} for r in expected]
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_duplicates_or_recompute(prefect_harness, make_dataset, tmp_path, monkeypatch):
     """Shard 1 fails hard in the first run (every retry); shard 0 fails once and is retried.

@@ -609,6 +609,7 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
     Fragile model: the word vanishes whatever is erased → no dependence, no suspect_region raised."""
     from storage.datasets import load_dataset
     from storage.images import load_image
+    from tasks.answers import local_answerer
     from tasks.bias_counterfactual import region_counterfactuals
     from tasks.bias_read import load_run_maps, object_masks
 
@@ -624,7 +625,7 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
                 word="circle", method="token-gradnorm", region=(0.0, 0.0, 0.125, 0.125), confirmed=True)
     settings = BiasSettings()
     hans = _HansAdapter("circle", ss.cue.rgb)
-    tests, summary = region_counterfactuals(hans, None, flag, run["samples"], images, objects, settings)
+    tests, summary = region_counterfactuals(local_answerer(hans, None), flag, run["samples"], images, objects, settings)
     cue_ids = {f"synth-{i:06d}" for i, s in enumerate(samples) if s.cue_present}
     assert {sid for sid, t in tests.items() if t["vanished"]} == cue_ids
     assert all(t["control_region"] is not None and t["vanished_control"] is False for t in tests.values())
@@ -632,7 +633,7 @@ def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None
 
     originals = [np.asarray(load_image(p)) for p in images.values()]
     fragile = _FragileAdapter("circle", ss.cue.rgb, originals)
-    tests, summary = region_counterfactuals(fragile, None, flag, run["samples"], images, objects, settings)
+    tests, summary = region_counterfactuals(local_answerer(fragile, None), flag, run["samples"], images, objects, settings)
     assert tests and all(t["vanished_region"] and t["vanished_control"] for t in tests.values())
     assert summary["n_vanished"] == 0 and summary["n_vanished_region"] == len(tests)
     analysis = {"ps": np.stack([proto / proto.sum()] * len(tests)), "objects_cov": [None] * len(tests),
