@@ -10,7 +10,7 @@
    resume it;
 3. plan shards (`tasks.plan.plan_shards`: stable ids);
 4. for every shard not yet committed, the `tasks.shard.run_shard` task (Prefect retries)
-   maps its samples over the Ray worker pool (`tasks.worker.CamPool`) and commits the shard
+   maps its samples over the Ray worker pool (`tasks.pool.CamPool`) and commits the shard
    atomically; progress (shards done/total, samples/s, ETA) goes to ``get_run_logger()``;
 5. the bias step (`tasks.finalize.dataset_flags_task`): its counterfactual regenerations run
    on the same workers (`tasks.answers.pool_answerer`), which are closed after it (also when
@@ -318,7 +318,7 @@ def audit(
     from tasks.plan import DEFAULT_SHARD_SIZE, plan_shards
     from tasks.answers import pool_answerer
     from tasks.shard import run_shard
-    from tasks.worker import CamPool, PoolConfig
+    from tasks.pool import CamPool, PoolConfig
 
     logger = get_run_logger()
     t_start = time.perf_counter()

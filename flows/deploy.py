@@ -253,7 +253,7 @@ def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: st
                stale_after_s: float) -> dict[str, Any]:
     """Claim → audit (subflow) → compare with the previous audit of the line. Inside a flow."""
     from flows.audit import audit
-    from flows.registry import AuditLedger, AuditRecord, new_audit_run_id, settings_key
+    from flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
     from storage.catalog import write_catalog_file
     from storage.store import Store
 

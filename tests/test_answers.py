@@ -39,7 +39,7 @@ def _edited_images(root, n: int = 4) -> tuple[list[np.ndarray], list[str], list[
 def test_pool_answers_equal_local_answers_and_failures_name_the_sample(make_dataset) -> None:
     from diffcam_core.models.base import load_adapter
     from tasks.answers import local_answerer, pool_answerer
-    from tasks.worker import CamPool, PoolConfig, WorkerCrash
+    from tasks.pool import CamPool, PoolConfig, WorkerCrash
 
     images, prompts, ids = _edited_images(make_dataset(n=4))
     # the run's generation settings are sent with each call: a non-default seed must reach the workers

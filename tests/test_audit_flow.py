@@ -239,7 +239,7 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
 
     from storage.datasets import load_dataset
     from tasks.plan import plan_shards
-    from tasks.worker import CamPool, PoolConfig
+    from tasks.pool import CamPool, PoolConfig
 
     root = make_dataset(n=8)  # enough work that the kill lands while the pool is still running
     ds = load_dataset(root)

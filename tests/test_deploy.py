@@ -39,8 +39,8 @@ from flows.deploy import (
     build_deployments,
     describe_deployments,
 )
+from flows.ledger import AuditLedger
 from flows.paths import DEFAULT_MODEL
-from flows.registry import AuditLedger
 from storage.store import Store
 from tests.test_compare import fabricate
 from tests.test_registry import make_ckpt

@@ -226,7 +226,7 @@ def test_worker_faults_kill_poison_oom_hang(make_dataset, tmp_path):
     """
     from storage.datasets import load_dataset
     from tasks.plan import plan_shards
-    from tasks.worker import CamPool, PoolConfig
+    from tasks.pool import CamPool, PoolConfig
 
     root = make_dataset(n=8)
     ds = load_dataset(root)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.ledger import AuditLedger
 from flows.paths import DEFAULT_MODEL
-from flows.registry import AuditLedger, FolderRegistry
+from flows.registry import FolderRegistry
 from storage.store import Store
 from tests.mlflow_venv import MLFLOW_VERSION, mlflow_python
 from tests.test_deploy import _free_port, _wait_http, ops_loop, stop_process_group

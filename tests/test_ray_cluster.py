@@ -133,7 +133,7 @@ def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_
 
 
 def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
-    from tasks.worker import RayClusterError, check_ray_cluster
+    from tasks.ray_cluster import RayClusterError, check_ray_cluster
 
     port = _free_port()  # nobody listens there
     t0 = time.time()
@@ -149,7 +149,7 @@ def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
 
 
 def test_pool_stats_line_names_every_counter() -> None:
-    from tasks.worker import POOL_STATS, CamPool, PoolConfig
+    from tasks.pool import POOL_STATS, CamPool, PoolConfig
 
     pool = CamPool(PoolConfig(model_dir="unused", settings=CamSettings()))
     pool.n_workers = 2
@@ -169,7 +169,8 @@ def test_ray_init_failures_on_unchecked_addresses_say_what_to_set(monkeypatch, r
     """``auto`` / ``ray://`` addresses go straight to ray.init: its failure is reworded."""
     import ray
 
-    from tasks.worker import CamPool, PoolConfig, RayClusterError
+    from tasks.pool import CamPool, PoolConfig
+    from tasks.ray_cluster import RayClusterError
 
     if isinstance(raised, RuntimeError):  # what Ray raises for a refused token
         raised = ray.exceptions.AuthenticationError(str(raised))

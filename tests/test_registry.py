@@ -10,17 +10,8 @@ from pathlib import Path
 import pytest
 
 from flows.audit import model_hash
-from flows.registry import (
-    AuditLedger,
-    AuditRecord,
-    FolderRegistry,
-    HashCache,
-    PathNotAllowed,
-    contained_path,
-    new_audit_run_id,
-    open_source,
-    settings_key,
-)
+from flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
+from flows.registry import FolderRegistry, HashCache, PathNotAllowed, contained_path, open_source
 from storage.store import RUN_ID_RE, Store
 
 
