@@ -76,7 +76,10 @@ RUNS = pa.schema([
     _f("model_hash", S, doc="content hash of the model folder (the checkpoint identity)"),
     _f("dataset_uri", S),
     _f("dataset_hash", S, doc="content hash of the validated manifest"),
-    _f("config_json", S, doc="the run's typed settings as JSON (CamSettings.to_dict() and run options)"),
+    _f("config_json", S, doc="every setting that shaped the run's numbers, as JSON (diffcam_core.settings."
+                             "run_settings: the CamSettings fields at the top level, the refine, stats and bias "
+                             "settings under those keys) and the run options under audit (audit.pool: what "
+                             "happened to the Ray workers)"),
     _f("code_version", S, doc="package version + git commit of the code that ran"),
     _f("started_at", TS),
     _f("finished_at", TS, True),
