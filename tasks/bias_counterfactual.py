@@ -36,6 +36,10 @@ from tasks.answers import Answerer
 
 __all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
 
+#: The run's samples rows by id (`tasks.bias_read.load_run_maps`: prompt, answer, ...).
+Samples = Mapping[str, Mapping[str, Any]]
+#: Each sample's objects: [(word, boolean mask, mask path)] (`tasks.bias_read.object_masks`).
+Objects = Mapping[str, list[tuple[str, np.ndarray, str | None]]]
 #: Samples whose edited images are held and sent at once by `region_counterfactuals`
 #: (bounds the memory of a large dataset; enough to keep a pool's workers busy).
 REGION_WAVE = 64
@@ -85,14 +89,8 @@ def _ask(answer: Answerer, word: str,
     return out, len(jobs) + len(rest)
 
 
-def counterfactual(
-    answer: Answerer,
-    flag: Flag,
-    samples: Mapping[str, Mapping[str, Any]],
-    images: Mapping[str, Path],
-    objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
-    settings: BiasSettings,
-) -> dict[str, Any]:
+def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mapping[str, Path], objects: Objects,
+                   settings: BiasSettings) -> dict[str, Any]:
     """Run the counterfactual of one ``clever_hans`` flag (see the module docstring).
 
     Members are taken in evidence order, in waves of as many as still need testing, so the
@@ -180,14 +178,8 @@ def counterfactual(
     }
 
 
-def region_counterfactuals(
-    answer: Answerer,
-    flag: Flag,
-    samples: Mapping[str, Mapping[str, Any]],
-    images: Mapping[str, Path],
-    objects: Mapping[str, list[tuple[str, np.ndarray, str | None]]],
-    settings: BiasSettings,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, images: Mapping[str, Path],
+                           objects: Objects, settings: BiasSettings) -> tuple[dict[str, dict], dict[str, Any]]:
     """Test one kept ``clever_hans`` flag on every sample whose answer has its word.
 
     The dataset-level `counterfactual` tests a few cluster members to decide the flag;
