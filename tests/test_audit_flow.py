@@ -111,9 +111,11 @@ def _without_seconds(evidence_json):
 @pytest.mark.slow
 def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, tmp_path, monkeypatch):
     """The bias step's regenerations go to the audit's Ray workers: the driver never loads
-    the model (``load_adapter`` raises there), and the committed flags equal, value for value,
-    those of the same step on a model loaded in this process."""
+    the model (``load_adapter`` raises there). A bias step that fails still closes the pool;
+    its resumed run (every shard committed) starts the workers for the bias step alone. The
+    committed flags equal, value for value, those of the same step on a model loaded here."""
     import numpy as np
+    import ray
 
     import diffcam_core.models.base
     import tasks.bias
@@ -138,6 +140,8 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
 
     def spy(*args, **kw):
         tested.append(real_cf(*args, **kw))
+        if len(tested) == 1:
+            raise RuntimeError("injected failure after the first counterfactual")
         return tested[-1]
 
     def no_driver_model(*args, **kw):
@@ -147,15 +151,22 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
     monkeypatch.setattr(tasks.bias, "counterfactual", spy)
     monkeypatch.setattr(diffcam_core.models.base, "load_adapter", no_driver_model)
     root = make_dataset(n=6)
-    summary = audit(model=str(DEFAULT_MODEL), dataset=str(root), store=str(tmp_path / "store"), run_id="cf",
-                    workers=2, shard_size=3, cpus_per_worker=1)
-    assert summary["status"] == "succeeded", summary["validation_failed"]
+    kw = dict(model=str(DEFAULT_MODEL), dataset=str(root), store=str(tmp_path / "store"), run_id="cf",
+              workers=2, shard_size=3, cpus_per_worker=1)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        audit(**kw)
     assert len(tested) == 1 and tested[0]["n_generations"] > 0, tested
+    assert not ray.is_initialized()  # the pool was closed (and the Ray it started shut down)
+    summary = audit(**kw)
+    assert summary["status"] == "succeeded", summary["validation_failed"]
+    assert summary["shards_committed"] == [] and summary["shards_skipped"] == [0, 1]
+    assert summary["workers"] == 2 and len(tested) == 2  # started for the bias step alone
+    assert tested[1]["examples"] == tested[0]["examples"]
 
     monkeypatch.setattr(diffcam_core.models.base, "load_adapter", real_load)
     st = Store(tmp_path / "store")
     local = tasks.bias.run_dataset_flags(st, "cf", None, root, BiasSettings(), adapter=real_load(DEFAULT_MODEL))
-    assert tested[1]["examples"] == tested[0]["examples"]  # the same regenerated answers
+    assert tested[2]["examples"] == tested[1]["examples"]  # the same regenerated answers
     stored = st.read_table("flags", "cf").to_pylist()
     expected = table_from_rows("flags", local).to_pylist()
     assert [{**r, "evidence_json": _without_seconds(r["evidence_json"])} for r in stored] == \
