@@ -411,11 +411,14 @@ class CamPool:
         if n == 0:
             return []
         ids = list(sample_ids) if sample_ids is not None else [f"#{k}" for k in range(n)]
-        k = min(len(self.actors), n)
+        # actors that passed their last readiness probe; if none did, all (Ray queues the calls
+        # of an actor that is restarting)
+        slots = [i for i, ok in enumerate(self._ready) if ok] or list(range(len(self.actors)))
+        k = min(len(slots), n)
         bounds = [round(i * n / k) for i in range(k + 1)]
         calls = {}
-        for slot in range(k):
-            lo, hi = bounds[slot], bounds[slot + 1]
+        for j, slot in enumerate(slots[:k]):
+            lo, hi = bounds[j], bounds[j + 1]
             ref = self.actors[slot].answer.remote(list(images[lo:hi]), list(prompts[lo:hi]), generation, ids[lo:hi])
             calls[ref] = (slot, lo, hi)
         timeout = None
