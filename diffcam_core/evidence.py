@@ -125,7 +125,9 @@ def objectness_map(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     cs = np.zeros((dist.shape[0] + 1, dist.shape[1] + 1))
     cs[1:, 1:] = dist.cumsum(0).cumsum(1)
     tot = cs[rows[1:]][:, cols[1:]] - cs[rows[:-1]][:, cols[1:]] - cs[rows[1:]][:, cols[:-1]] + cs[rows[:-1]][:, cols[:-1]]
-    return tot / (np.diff(rows)[:, None] * np.diff(cols)[None, :])
+    # Box sums from a float integral image cancel large partial sums: a cell of background
+    # pixels (true sum 0) can come out at -1e-12, which map validation rightly refuses.
+    return np.maximum(tot, 0.0) / (np.diff(rows)[:, None] * np.diff(cols)[None, :])
 
 
 def all_objects_map(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarray:

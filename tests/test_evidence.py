@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffcam_core import evidence as ev
+from diffcam_core.metrics import validate_map
 
 
 def _box(shape, r0, r1, c0, c1):
@@ -101,3 +102,18 @@ def test_tiny_images_still_get_chance_maps():
     wide = np.zeros((2, 20, 3), dtype=np.uint8)
     assert ev.cover_grid(wide, (8, 8)).shape == (8, 20, 3)
     assert ev.cover_grid(np.zeros((64, 64, 3)), (8, 8)).shape == (64, 64, 3)  # big enough: unchanged
+
+
+def test_objectness_is_never_negative_on_flat_background_cells():
+    # bright blocks make the integral image's partial sums large; background cells' box sums
+    # then cancel to about -1e-12 unless clamped, and every map consumer refuses negatives
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        img = np.full((64, 64, 3), 30, np.uint8)
+        for _ in range(3):
+            y, x = rng.integers(0, 50, 2)
+            s = rng.integers(5, 14)
+            img[y:y + s, x:x + s] = rng.integers(0, 256, 3)
+        m = ev.objectness_map(img, (16, 16))
+        assert m.min() >= 0.0
+        validate_map(m)
