@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flows.paths import DEFAULT_MODEL
 from tasks.bench_method import main
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=None)

@@ -480,12 +480,12 @@ def tune(adapter, samples, base: CamSettings, echo=print) -> dict[str, Any]:
     return out
 
 
-def main(n: int = 200, model: Path | None = None, json_out: Path | None = None, sweep: bool = True,
+def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = True,
          sweep_n: int | None = None, faith_n: int | None = None, clutter_n: int | None = None,
          echo=print) -> dict:
-    from flows.paths import DEFAULT_MODEL
-
-    model = Path(model or DEFAULT_MODEL)
+    """The whole benchmark on `model` (the caller names it: tasks do not know where flows keep
+    the shipped models)."""
+    model = Path(model)
     adapter = load_adapter(model)
     base = CamSettings()
     faith_n = min(n, 100) if faith_n is None else faith_n
