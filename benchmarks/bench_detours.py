@@ -1,7 +1,7 @@
 """The same audit with the code of a base revision and with this checkout, in one run.
 
     .venv/bin/python benchmarks/bench_detours.py [--base 7f9e410] [--n 200] [--workers 2]
-                                                 [--rounds 1] [--json FILE] [--keep DIR]
+                                                 [--cpus-per-worker 1] [--rounds 1] [--json FILE] [--keep DIR]
 
 Why: a refactor that removes detours (loading the dataset once, preparing each sample once,
 typed settings instead of JSON round trips) must cost less and change no number. This
@@ -55,9 +55,9 @@ def extract(rev: str, dest: Path) -> Path:
     return dest
 
 
-def run_audit(tree: Path, store: Path, n: int, workers: int, model: Path) -> dict:
+def run_audit(tree: Path, store: Path, n: int, workers: int, cpus: int, model: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", LAUNCH, "audit", "--limit", str(n), "--workers", str(workers),
+    cmd = [sys.executable, "-c", LAUNCH, "audit", "--limit", str(n), "--workers", str(workers), "--cpus-per-worker", str(cpus),
            "--model", str(model), "--store", str(store), "--run-id", "bench"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base", default="7f9e410", help="git revision to compare with (default: 7f9e410)")
     ap.add_argument("--n", type=int, default=200, help="samples audited (default 200)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cpus-per-worker", type=int, default=1,
+                    help="torch threads per worker (default 1: two workers' OpenMP threads must not fight on 2 cores)")
     ap.add_argument("--rounds", type=int, default=1, help="before/after pairs, alternated")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-shapes")
     ap.add_argument("--json", type=Path, default=None)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {"before": [], "after": []}
     for r in range(a.rounds):
         for side, tree in (("before", base), ("after", ROOT)) if r % 2 == 0 else (("after", ROOT), ("before", base)):
-            res = run_audit(tree, work / f"{side}-{r}", a.n, a.workers, a.model.resolve())
+            res = run_audit(tree, work / f"{side}-{r}", a.n, a.workers, a.cpus_per_worker, a.model.resolve())
             runs[side].append(res)
             print(f"round {r} {side}: wall {res['wall_s']:.1f} s, samples' t_total_s {res['samples_t_total_s']:.1f} s "
                   f"({res['n_samples']} samples)", flush=True)
