@@ -417,7 +417,8 @@ def against_objectness(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 def contract_rows(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One object per method with the fields scripts read (see the README's contract)."""
+    """One object per method with the fields scripts read: the `rows` of the `--json` output
+    (tests/test_bench_method.py checks them)."""
     keep = ("obj_iou", "obj_iou_any", "pointing", "multi_pointing", "specificity", "swap_follow", "deletion_auc",
             "insertion_auc", "vanish_rate", "contrast", "contrast_median", "contrast_minmax", "concentration",
             "concentration_minmax", "dataset_f3", "f3", "n_words", "n_multi", "n_faithfulness", "n_vanish",
@@ -426,7 +427,8 @@ def contract_rows(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_rows(rows: list[dict[str, Any]]) -> str:
-    """The README's table: one line per method, fractions x100, Contrast as a ratio."""
+    """The results table of docs/EVALUATION.md §5 and the README: one line per method,
+    fractions x100, Contrast as a ratio."""
     cols = [("obj_iou", "Obj-IoU"), ("pointing", "pointing"), ("multi_pointing", "multi-pointing"),
             ("specificity", "specificity"), ("swap_follow", "swap follows"), ("deletion_auc", "deletion AUC ↓"),
             ("insertion_auc", "insertion AUC"), ("vanish_rate", "vanish rate"), ("contrast", "Contrast mean"),
@@ -551,7 +553,7 @@ def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = 
              f"refine {rt['vectorised_ms']:.3f} ms ({rt['speedup']:.1f}x); refine_stack per answer "
              f"{rt['stack_ms_per_map']:.3f} ms ({rt['speedup_stack']:.1f}x), all maps {rt['stack_ms_per_map_overall']:.3f} ms "
              f"(total literal / total stack time {rt['speedup_stack_overall']:.1f}x); whole answer {rt['stack_ms_per_answer']:.3f} ms = {share:.3f}% of the attribution pass")
-    echo("\nMarkdown (README):\n" + markdown_rows(out["rows"]))
+    echo("\nMarkdown (docs/EVALUATION.md, README):\n" + markdown_rows(out["rows"]))
     if json_out:
         Path(json_out).write_text(json.dumps(out, indent=2, default=_json_default))
         echo(f"wrote {json_out}")

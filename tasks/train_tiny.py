@@ -48,7 +48,7 @@ class TrainSettings:
     device: str = "cpu"  # noise and batches are drawn on the CPU either way, so only float rounding differs
     # torch.compile the step's forward passes (encoder, self-conditioning, decoder, loss).
     # Same objective, same batches and noise; fused kernels round differently, so a compiled
-    # run reproduces a compiled run (same threads), not an eager one. README: "The shipped tiny models".
+    # run reproduces a compiled run (same threads), not an eager one (docs/TRAINING.md §2).
     compile: bool = False
 
 
@@ -406,7 +406,7 @@ class Stage:
     """One stage of a multi-stage recipe: fresh synthetic data and its own schedule.
 
     Why stages: on this task a model that has seen a 12,000-image set many times gains most
-    from a new set at a lower peak rate (README, "The shipped tiny models").
+    from a new set at a lower peak rate (docs/TRAINING.md §2).
     """
 
     steps: int
