@@ -24,6 +24,7 @@ script shows both in one run:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -50,7 +52,7 @@ def extract(rev: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], check=True,
                              capture_output=True).stdout
     dest.mkdir(parents=True)
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     return dest
 
@@ -76,7 +78,7 @@ def read_table(store: Path, table: str):
     files = sorted((store / "runs").glob(f"run_id=*/{table}/*.parquet"))
     if not files:
         return None
-    return __import__("pyarrow").concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
 
 
 def _rows(table) -> list[tuple]:
