@@ -60,6 +60,9 @@ METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
 MOVING = "per-image"
 # Salts of the per-sample generators that place a moving marker (training / audit data, paste test).
 _PLACE_SALT, _PASTE_SALT = 1, 2
+#: A marker-as-object audit whose model adds an object phrase with the marker in at least
+#: this share of marker-carrying answers (ground truth) should get a hallucinated_object flag.
+NAMES_MARKER_MIN = 0.2
 
 
 # --------------------------------------------------------------------------- recipes
@@ -564,7 +567,7 @@ def cf_diff(evidence: dict[str, Any]) -> float | None:
     return max(vals) if vals else None
 
 
-def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], analyses: dict,
+def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], centre: dict | None,
                       truth: dict[str, Any]) -> dict[str, Any]:
     """One calibration audit reduced to what `zoo_stats.fit_thresholds` needs."""
     cue = entry_cue(entry)
@@ -575,6 +578,12 @@ def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], analyse
             continue
         ev = json.loads(r["evidence_json"])
         flag = {"kind": r["kind"], "word": r["word"], "region": _parse_region(r["region"]), "confirmed": None}
+        if ev.get("found_by") == "scan":
+            # a scan suspect has no saliency statistics (its score is a hit rate) for the saliency
+            # gates; off the cue, its counterfactual difference is one more negative
+            if not (entry["kind"] == "cue" and zoo_stats.is_cue_flag(flag, model)):
+                others.append(cf_diff(ev))
+            continue
         stats = {"cluster_enrichment": ev.get("cluster_enrichment"), "consistency": ev.get("consistency"),
                  "specificity": ev.get("specificity"), "cf_diff": cf_diff(ev), "score": r["score"],
                  "word": r["word"], "method": r["method"], "region": r["region"]}
@@ -583,7 +592,7 @@ def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], analyse
         else:
             others.append(stats["cf_diff"])
     best = max(cue_cands, key=lambda c: c["score"] or 0.0) if cue_cands else None
-    scores = [a["centre_bias"]["score"] for a in analyses.values() if a.get("centre_bias")]
+    scores = [st["score"] for st in (centre or {}).values() if st]
     return {"name": entry["name"], "kind": entry["kind"], "relies": truth.get("relies", False),
             "centre_biased": truth.get("centre_biased", False), "cue_candidate": best,
             "other_cf_diffs": [v for v in others if v is not None],
@@ -596,25 +605,27 @@ def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: s
     cue = entry_cue(entry)
     flags = [{"kind": r["kind"], "word": r["word"], "method": r["method"], "region": _parse_region(r["region"]),
               "confirmed": r["confirmed"], "score": r["score"]} for r in rows if r["sample_id"] is None]
-    flagged = {r["sample_id"] for r in rows if r["kind"] == "suspect_region"}
+    # a sample whose own counterfactual says it names the marker as an object is not a shortcut finding
+    flagged = {r["sample_id"] for r in rows if r["kind"] == "suspect_region"
+               and json.loads(r["evidence_json"]).get("verdict") != "named_as_object"}
     relies = bool(truth.get("relies")) and entry["kind"] == "cue"
     sample = ({"tp": len(flagged & cue_ids), "fp": len(flagged - cue_ids), "fn": len((cue_ids & universe) - flagged)}
               if relies else {"tp": 0, "fp": len(flagged), "fn": 0})
     return {"name": entry["name"], "kind": entry["kind"], "relies": relies, "cue_word": None if cue is None else cue["word"],
             "cue_box": entry_cue_box(entry), "dataset_flags": flags, "sample_level": sample,
-            "centre_biased": truth.get("centre_biased")}
+            "centre_biased": truth.get("centre_biased"),
+            "names_marker": ((truth.get("extra_objects") or {}).get("extra_object_rate") or 0.0) >= NAMES_MARKER_MIN}
 
 
 def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Path, seed: int, n: int, settings,
-                *, device: str, threads: int, with_analyses: bool, log) -> dict[str, Any]:
+                *, device: str, threads: int, log) -> dict[str, Any]:
     """Audit one entry in-process (the machinery `benchmarks/bench_bias.py` uses) and run the
     bias step with ``settings``; returns the flags rows and what the reducers need."""
     from diffcam_core.settings import CamSettings
     from storage.datasets import load_dataset
     from storage.store import Store
     from tasks.audit_in_process import audit_in_process
-    from tasks.bias import analyse_run, run_dataset_flags
-    from tasks.bias_read import load_run_maps, object_masks
+    from tasks.bias import run_dataset_flags
 
     mdir = model_dir(entry, rec, zoo)
     samples, synth = audit_samples(entry, n, seed)
@@ -632,11 +643,8 @@ def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Pa
                              info=info)
     ds = load_dataset(ds_dir)
     cue_ids = {s.sample_id for s in ds.samples if s.extra.get("cue_present")}
-    out = {"rows": rows, "cue_ids": cue_ids, "universe": {s.sample_id for s in ds.samples},
+    out = {"rows": rows, "cue_ids": cue_ids, "universe": {s.sample_id for s in ds.samples}, "centre": info.get("centre"),
            "seconds": {"audit": round(t1 - t0, 1), "bias_step": round(time.perf_counter() - t1, 1)}}
-    if with_analyses:
-        run = load_run_maps(store, run_id, METHODS)
-        _, _, out["analyses"] = analyse_run(run, object_masks(ds, sorted(run["words"])), settings)
     return out
 
 
@@ -682,14 +690,14 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
     cal_stats = []
     for e in calib:
         res = audit(e, rec, zoo, cache, cs, n, calibration_settings(), device=device, threads=threads,
-                    with_analyses=True, log=log)
-        cal_stats.append(calibration_stats(e, res["rows"], res.get("analyses", {}), truth[e["name"]]))
+                    log=log)
+        cal_stats.append(calibration_stats(e, res["rows"], res.get("centre"), truth[e["name"]]))
     defaults = BiasSettings()
     fit = zoo_stats.fit_thresholds(cal_stats, {k: getattr(defaults, k) for k in zoo_stats.THRESHOLDS})
     fitted = defaults.with_(**fit["values"])
     results = []
     for e in held:
-        res = audit(e, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, with_analyses=False, log=log)
+        res = audit(e, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, log=log)
         results.append(heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]]))
     return {
         "heldout": zoo_stats.heldout_metrics(results),

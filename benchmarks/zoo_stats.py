@@ -21,7 +21,10 @@ THRESHOLDS: dict[str, str] = {
     "cluster_consistency_min": "fitted (saliency gate of clever_hans: keep every relying calibration cue)",
     "cluster_specificity_min": "fitted (saliency gate of clever_hans: keep every relying calibration cue)",
     "cf_confirm_min": "fitted (decision: best split of relying vs. other calibration candidates)",
-    "centre_bias_threshold": "fitted (decision: best split of centre-biased vs. other calibration models)",
+    "centre_prior_threshold": "fitted (decision: best split of centre-biased vs. other calibration models' run-level "
+                              "centre score against the object prior)",
+    "centre_bias_threshold": "default (word-level centre index; the run-level score above decides the zoo's centre "
+                             "models)",
     "member_enrichment_min": "default (a per-member gate inside consistency; fitting it needs per-map shares)",
     "min_cluster_size": "default (a count, not a score)",
     "min_cluster_frac": "default (a count share, not a score)",
@@ -95,13 +98,14 @@ def fit_thresholds(calibration: Sequence[Mapping[str, Any]], defaults: Mapping[s
       ``cluster_enrichment``, ``consistency``, ``specificity``, ``cf_diff`` (the counterfactual's
       max(persist − persist_both, vanish − vanish_control), None if untested);
     - ``other_cf_diffs``: cf_diff of every other tested candidate of that audit;
-    - ``centre_score``: the largest centre-bias score over its words and methods.
+    - ``centre_score``: the largest run-level centre score against the object prior over
+      its map methods (`diffcam_core.bias_centre`).
 
     Rules: a saliency gate = (1 − margin) × the smallest value among relying calibration
     models' cue candidates (so every one of them passes, with room); relying models whose
     cue saliency never proposed are listed as unreachable by the gates. ``cf_confirm_min`` =
     `best_split` of the relying models' cue cf_diff against every other tested candidate's
-    (non-relying models' cue candidates and all off-cue candidates). ``centre_bias_threshold`` =
+    (non-relying models' cue candidates and all off-cue candidates). ``centre_prior_threshold`` =
     `best_split` of the centre-biased models' centre score against the others'. A
     threshold without positives keeps its default. Returns the values and their provenance.
     """
@@ -126,7 +130,7 @@ def fit_thresholds(calibration: Sequence[Mapping[str, Any]], defaults: Mapping[s
     cpos = [float(c["centre_score"]) for c in calibration if c.get("centre_biased") and c.get("centre_score") is not None]
     cneg = [float(c["centre_score"]) for c in calibration
             if not c.get("centre_biased") and c.get("centre_score") is not None]
-    _fit_split(out, "centre_bias_threshold", cpos, cneg, defaults)
+    _fit_split(out, "centre_prior_threshold", cpos, cneg, defaults)
     out["unreachable_by_gates"] = sorted(c.get("name", "?") for c in relying if not c.get("cue_candidate"))
     return out
 
@@ -171,7 +175,11 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     recall: relying cue models with a cue flag / relying cue models; precision: cue flags
     on relying cue models / all kept shortcut flags on held-out models; clean_false_flags:
     kept shortcut flags on clean models (incl. those audited on marker data);
-    centre_bias_detected: every held-out centre model has a centre_bias flag.
+    centre_bias_detected: every held-out centre model has a centre_bias flag (word- or run-level);
+    centre_false_flags: centre_bias flags on models whose ground truth is not centre-biased;
+    hallucinated_object: among marker-as-object audits whose model names the marker as an extra
+    object (ground truth ``names_marker``), how many got a `hallucinated_object` flag on the
+    marker's word and region.
     """
     results = list(results)
     relying = [r for r in results if r["kind"] == "cue" and r.get("relies")]
@@ -182,6 +190,14 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     clean_false = sum(1 for r, f in shortcut if r["kind"] in CLEAN_KINDS)
     centre = [r for r in results if r["kind"] == "centre"]
     centre_hit = [r for r in centre if any(f["kind"] == "centre_bias" for f in r["dataset_flags"])]
+    centre_false = sum(1 for r in results if r["kind"] != "centre" and not r.get("centre_biased")
+                       for f in r["dataset_flags"] if f["kind"] == "centre_bias")
+    # a marker read as an object of its own (ground truth: the model names extra objects with it)
+    # is a correct finding of its own kind
+    naming = [r for r in results if r["kind"] == "marker_as_object" and r.get("names_marker")]
+    named_found = [r for r in naming if any(f["kind"] == "hallucinated_object" and str(f.get("word", "")).lower()
+                                            == r.get("cue_word") and boxes_overlap(f.get("region"), r.get("cue_box"))
+                                            for f in r["dataset_flags"])]
     tp = sum(int(r.get("sample_level", {}).get("tp", 0)) for r in relying)
     fp = sum(int(r.get("sample_level", {}).get("fp", 0)) for r in results)
     fn = sum(int(r.get("sample_level", {}).get("fn", 0)) for r in relying)
@@ -197,6 +213,9 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "n_clean_audits": sum(1 for r in results if r["kind"] in CLEAN_KINDS),
         "centre_bias_detected": (len(centre_hit) == len(centre)) if centre else None,
         "n_centre_models": len(centre),
+        "centre_false_flags": centre_false,
+        "hallucinated_object": {"n_audits_naming_marker": len(naming), "found": len(named_found),
+                                "found_names": sorted(r["name"] for r in named_found)},
         "detected": sorted(r["name"] for r in detected),
         "missed": sorted(r["name"] for r in relying if r not in detected),
         "sample_level": {"tp": tp, "fp": fp, "fn": fn,

@@ -18,9 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SAMPLE_KINDS", "Flag", "flag_id", "format_region", "make_flag", "region_box", "round6"]
+__all__ = ["SAMPLE_KINDS", "REGION_KINDS", "Flag", "as_hallucinated_object", "flag_id", "format_region", "make_flag",
+           "region_box", "round6"]
 
 SAMPLE_KINDS = ("off_object", "border_hotspot", "zero_map", "flat_map", "suspect_region")
+#: Dataset-level kinds that name a region of the image a word depends on: a shortcut
+#: (`clever_hans`) or a region the model names as an object of its own (`hallucinated_object`).
+REGION_KINDS = ("clever_hans", "hallucinated_object")
 
 
 def flag_id(kind: str, sample_id: str | None = None, word_index: int | None = None, word: str | None = None,
@@ -76,3 +80,17 @@ def make_flag(kind: str, score: float, threshold: float, evidence: dict[str, Any
     return Flag(flag_id=flag_id(kind, sample_id, word_index, word, method, extra), kind=kind, score=float(score),
                 threshold=float(threshold), evidence=evidence, sample_id=sample_id, word_index=word_index,
                 word=word, method=method, region=None if region is None else region_box(region))
+
+
+def as_hallucinated_object(flag: Flag) -> Flag:
+    """A `clever_hans` suspect whose counterfactual found the region *named as an object of
+    its own* (`diffcam_core.bias_verdict`), re-kinded: its own id, its own meaning, confirmed."""
+    from dataclasses import replace
+
+    extra = None if flag.region is None else format_region(flag.region)
+    ev = {**flag.evidence, "found_as": "clever_hans suspect",
+          "meaning": "the model reads this region as an object of its own: erasing it drops a phrase about no "
+                     "real object while the real objects' words stay (a hallucinated object, not a shortcut "
+                     "about a real object)"}
+    return replace(flag, kind="hallucinated_object", confirmed=True, evidence=ev,
+                   flag_id=flag_id("hallucinated_object", flag.sample_id, flag.word_index, flag.word, flag.method, extra))

@@ -128,6 +128,15 @@ def sample_flags(
     return out
 
 
+def _test_verdict(test: Mapping[str, Any]) -> str:
+    """A tested sample's verdict ("shortcut", "named_as_object" or "none"); a test written
+    before verdicts existed has only ``vanished``: the word went without the region and not
+    without the control, which is a shortcut."""
+    if "verdict" in test:
+        return str(test["verdict"])
+    return "shortcut" if test["vanished"] else "none"
+
+
 def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
                         settings: BiasSettings = BiasSettings(),
                         tests: Mapping[str, Mapping[str, Any]] | None = None) -> list[Flag]:
@@ -139,9 +148,12 @@ def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
       cluster member "consistent" — and the sample was not tested; or
     - counterfactual: ``tests[sample_id]`` (the sample regenerated with only the region
       erased, and with a control window erased instead, `tasks.bias_counterfactual.region_counterfactuals`)
-      shows the word vanish without the region and not without the control.
-    A tested sample whose word did not vanish is never flagged, however salient the region:
-    its own counterfactual says the answer does not depend on it.
+      shows a dependence its control erasure does not: the word vanishes as a real
+      object's word changes (verdict "shortcut"), or a phrase about no real object goes
+      (verdict "named_as_object", `diffcam_core.bias_verdict`).
+    A tested sample whose own counterfactual shows neither is never flagged, however
+    salient the region: the answer does not depend on it. Evidence ``verdict``: one of
+    those two, or "saliency_only" (not tested).
     Score = the share, threshold = that minimum (so a row reached only by the
     counterfactual has score < threshold); ``confirmed`` = whether the word vanished
     (None: the sample was not tested). Evidence: the share, its enrichment over a uniform
@@ -162,7 +174,8 @@ def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
         sums = window_sums(p, win)
         share = float(sums[r, c])
         test = tests.get(analysis["sample_ids"][i])
-        vanished = None if test is None else bool(test["vanished"])
+        verdict = "saliency_only" if test is None else _test_verdict(test)
+        vanished = None if test is None else verdict != "none"
         if vanished is False or (share < need and not vanished):
             continue
         cov = analysis["objects_cov"][i]
@@ -174,6 +187,7 @@ def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
                      "member_enrichment_min x the region's area share), or the word vanishes when only the "
                      "region is erased and not when a control window is (confirmed)",
              "reached_by": [k for k, hit in (("saliency", share >= need), ("counterfactual", bool(vanished))) if hit],
+             "verdict": verdict,
              "counterfactual": None if test is None else dict(test),
              "region_share": share, "region_enrichment": share / area, "member_enrichment_min":
              settings.member_enrichment_min, "background_median_share": bg, "ratio_to_background": share / max(bg, EPS),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -45,6 +45,8 @@ class BiasSettings(Settings):
     # centre bias
     centre_bias_threshold: float = 0.25
     centre_enrichment_min: NonNegative = 1.5
+    # run-level centre bias against the images' object prior (diffcam_core.bias_centre)
+    centre_prior_threshold: float = 0.15
     # mask-shuffle gap (ignores_object)
     shuffle_seed: int = 0
     ignores_object_gap_max: float = 0.02
@@ -68,10 +70,22 @@ class BiasSettings(Settings):
     # per-sample counterfactual of a kept clever_hans flag: every sample whose answer has
     # the flag's word (up to this many; 0 = off) gets the region erased and is regenerated
     region_cf_max_samples: int = Field(2000, ge=0)
+    # a suspect left untested by the dataset-level counterfactual (over cf_max_candidates)
+    # is refuted when at least this many per-sample tests show no dependence at all
+    region_cf_refute_min: Count = 10
     keep_refuted: bool = False
     cf_ring_fraction: float = Field(0.05, gt=0.0)
     cf_confirm_min: Unit = 0.5
     max_evidence_ids: Count = 200
+    # discovery scan (saliency-free; tasks/bias_scan.py)
+    # per content word, up to scan_max_samples images whose answer has it (0 = off) get every
+    # hotspot_size window erased in turn; a window off the word's objects whose erasure lowers
+    # the word's log-probability by more than scan_min_drop nats in at least scan_min_hit_rate
+    # of them becomes a clever_hans suspect, confirmed or refuted by the counterfactual
+    scan_max_samples: int = Field(12, ge=0)
+    scan_min_drop: NonNegative = 1.0
+    scan_min_hit_rate: Unit = 0.5
+    scan_words: Literal["all", "unsuspected"] = "all"
 
     @property
     def stats_settings(self) -> StatsSettings:

@@ -12,10 +12,11 @@
 4. for every shard not yet committed, the `tasks.shard.run_shard` task (Prefect retries)
    maps its samples over the Ray worker pool (`tasks.pool.CamPool`) and commits the shard
    atomically; progress (shards done/total, samples/s, ETA) goes to ``get_run_logger()``;
-5. the bias step (`tasks.finalize.dataset_flags_task`): its counterfactual regenerations run
-   on the same workers (`tasks.answers.pool_answerer`), which are closed after it (also when
-   anything before fails). On a resumed run with every shard committed, the workers start
-   only if a counterfactual needs them (the driver never loads the model itself: on a GPU
+5. the bias step (`tasks.finalize.dataset_flags_task`): its discovery scan and counterfactual
+   regenerations run on the same workers (`tasks.scan.pool_scanner`,
+   `tasks.answers.pool_answerer`), which are closed after it (also when anything before
+   fails). On a resumed run with every shard committed, the workers start only if the scan
+   or a counterfactual needs them (the driver never loads the model itself: on a GPU
    cluster the regenerations run on the GPUs);
 6. validate (`storage.validation`), 7. report (`storage.report`),
 8. update the run row: ``succeeded`` / ``validation_failed`` / ``failed`` with the reason;
@@ -317,6 +318,7 @@ def audit(
     from tasks.finalize import dataset_flags_task, report_task, validate_run_task
     from tasks.plan import DEFAULT_SHARD_SIZE, plan_shards
     from tasks.answers import pool_answerer
+    from tasks.scan import pool_scanner
     from tasks.shard import run_shard
     from tasks.pool import CamPool, PoolConfig
 
@@ -412,7 +414,8 @@ def audit(
                                    "see the failures table")
             t0 = time.perf_counter()
             n_flags = dataset_flags_task(str(st.root), run_id, str(model_dir), ds, bias_settings,
-                                         answerer=partial(pool_answerer, pool, log=logger.info))
+                                         answerer=partial(pool_answerer, pool, log=logger.info),
+                                         scanner=partial(pool_scanner, pool, log=logger.info))
             timings["dataset_flags_s"] = time.perf_counter() - t0
             logger.info("dataset-level bias analysis: %d flag rows", n_flags)
         finally:

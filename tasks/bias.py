@@ -6,6 +6,7 @@ Thin layer over the pure `diffcam_core.bias_*` modules: load → call → write.
   Reads the run back (`tasks.bias_read`: the ``token_maps`` maps dequantised, the
   ``samples``, the object masks re-read from the dataset manifest), runs
   `diffcam_core.bias_dataset.analyse_word` / `dataset_flags` per (content word, method),
+  adds the saliency-free discovery scan's suspects (`tasks.bias_scan`),
   and confirms or refutes every ``clever_hans`` flag by a counterfactual
   (`tasks.bias_counterfactual`). A refuted suspect is not raised (``keep_refuted``); every
   kept one adds `suspect_region` sample flags (the occurrences of the word its region
@@ -35,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from diffcam_core.bias_centre import CentreSample, run_centre_bias, run_centre_flags
 from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
-from diffcam_core.bias_flags import Flag
+from diffcam_core.bias_flags import REGION_KINDS, Flag, as_hallucinated_object
 from diffcam_core.words import normalise_word
 from diffcam_core.bias_sample import region_sample_flags, sample_flags
 from diffcam_core.bias_settings import BiasSettings
@@ -46,6 +48,8 @@ from storage.schemas import flag_row
 from tasks.answers import Answerer, local_answerer
 from tasks.bias_counterfactual import counterfactual, region_counterfactuals
 from tasks.bias_read import load_run_maps, object_masks
+from tasks.bias_scan import flag_analysis, scan_suspects
+from tasks.scan import Scanner, local_scanner
 
 __all__ = [
     "analyse_run",
@@ -112,6 +116,48 @@ def analyse_run(
     return sflags, grounding, analyses
 
 
+def late_refutations(dflags: Sequence[Flag], settings: BiasSettings) -> dict[str, Flag]:
+    """Suspects the dataset-level counterfactual did not test (over ``cf_max_candidates``:
+    ``confirmed`` None) whose per-sample counterfactuals tested at least
+    ``region_cf_refute_min`` samples and found no dependence in any: refuted after all
+    (``confirmed`` false), by flag id. An untested suspect is otherwise raised as a suspect;
+    one that every sample's own erase test contradicts is not."""
+    out = {}
+    for f in dflags:
+        s = f.evidence.get("sample_counterfactuals")
+        if (f.kind in REGION_KINDS and f.confirmed is None and s and s["n_tested"] >= settings.region_cf_refute_min
+                and s.get("n_shortcut", 0) + s.get("n_named_as_object", 0) == 0):
+            out[f.flag_id] = replace(f, confirmed=False, evidence={
+                **f.evidence, "refuted_by": f"per-sample counterfactuals: {s['n_tested']} samples tested, none "
+                                            "depends on the region (no shortcut, no region named as an object)"})
+    return out
+
+
+def centre_samples(run: Mapping[str, Any], grounding: Mapping[str, Mapping[str, Any]],
+                   settings: BiasSettings) -> list[CentreSample]:
+    """The inputs of `diffcam_core.bias_centre.run_centre_bias`: per sample, the content
+    words' maps of the dataset methods, each object's coverage and whether it is named."""
+    out = []
+    for sid in sorted(run["words"]):
+        g = grounding.get(sid, {"word_masks": [], "all": []})
+        maps: dict[str, list[np.ndarray]] = defaultdict(list)
+        grid = None
+        for (wi, _text, is_function) in run["words"][sid]:
+            if is_function:
+                continue
+            for method in settings.dataset_methods:
+                a = run["maps"].get((sid, wi, method))
+                if a is not None:
+                    maps[method].append(a)
+                    grid = grid or tuple(a.shape)
+        if grid is None:
+            continue
+        named_ids = {id(m) for m in g["word_masks"] if m is not None}
+        out.append(CentreSample(sid, dict(maps), [cell_coverage(m, grid) for m in g["all"]],
+                                [id(m) in named_ids for m in g["all"]]))
+    return out
+
+
 # --------------------------------------------------------------------------- the dataset step
 
 
@@ -126,6 +172,7 @@ def run_dataset_flags(
     device: str = "cpu",
     adapter: Any = None,
     answerer: Callable[[Any], Answerer] | None = None,
+    scanner: Callable[[Any, str, float], Scanner] | None = None,
     log: Callable[[str], None] | None = None,
     info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -137,12 +184,20 @@ def run_dataset_flags(
     (`tasks.answers`: the flow passes its Ray workers' `pool_answerer`), else through a
     loaded ``adapter``, else through the model in ``model_dir`` loaded here on ``device``
     (`local_answerer`); none of them: ``clever_hans`` flags keep ``confirmed`` None and
-    their evidence says why. Nothing is loaded or started unless a suspect needs it.
+    their evidence says why. The discovery scan (`tasks.bias_scan`, on when
+    ``settings.scan_max_samples`` > 0 and a word has ``min_word_samples`` occurrences) adds
+    its `clever_hans` suspects (``evidence["found_by"] == "scan"``, method None) before the
+    counterfactuals, through ``scanner(generation settings, attribution step, window size)``
+    (`tasks.scan`: the flow passes `pool_scanner`), else the same ``adapter`` / model; with
+    no model, or a given ``adapter`` that can answer but not score (no ``canvas_log_probs``:
+    the tests' scripted stand-ins), it is not run and ``info["scan"]`` and the log say so.
+    Nothing is loaded or started unless a suspect or the scan needs it.
     ``sample_level``: "always" (compute sample flags from the stored maps) or "never"; `suspect_region` sample flags
     (the samples a kept `clever_hans` flag reaches) are always added. A `clever_hans`
     suspect that the counterfactual refutes is dropped unless ``settings.keep_refuted``
     (then it stays with ``confirmed`` false). ``info`` (optional dict) gets ``read_s``,
-    ``analyse_s``, ``counterfactual_s``, ``n_samples``, ``n_dataset_flags``,
+    ``analyse_s``, ``scan_s``, ``n_scanned_images``, ``n_scan_suspects``, ``scan`` (per word:
+    what the scan did), ``counterfactual_s``, ``n_samples``, ``n_dataset_flags``,
     ``n_sample_flags`` and ``refuted`` (word, method, region, score of each refuted suspect).
     """
     from diffcam_core.settings import CamSettings
@@ -167,27 +222,51 @@ def run_dataset_flags(
     t1 = time.perf_counter()
     sflags, grounding, analyses = analyse_run(run, objects, settings)
     dflags = all_dataset_flags(analyses, settings)
+    centre = run_centre_bias(centre_samples(run, grounding, settings), settings)
+    dflags += run_centre_flags(centre, settings)
+    tm["centre"] = {m: None if st is None else {k: v for k, v in st.items() if k not in ("mean_map", "prior")}
+                    for m, st in centre.items()}
     tm["analyse_s"] = time.perf_counter() - t1
     log(f"bias: {len(run['words'])} samples, {len(analyses)} (word, method) groups, "
         f"{len(sflags)} sample flags, {len(dflags)} dataset flags before confirmation")
 
-    t2 = time.perf_counter()
-    suspects = [f for f in dflags if f.kind == "clever_hans"]
-    checked: dict[int, Flag] = {}
+    by_id = {s.sample_id: s for s in ds.samples}
+    images = {sid: by_id[sid].image_path for sid in run["words"]}
+    cam = CamSettings.from_run_config(json.loads(run_row["config_json"] or "{}"))
+    scanning = settings.scan_max_samples > 0 and any(a["n"] >= settings.min_word_samples for a in analyses.values())
     answer: Answerer | None = None
-    if suspects:
-        config = json.loads(run_row["config_json"] or "{}")
-        cam = CamSettings.from_run_config(config)
-        if answerer is None and adapter is None and model_dir is not None:
+    scan: Scanner | None = None
+    if scanning or any(f.kind == "clever_hans" for f in dflags):  # a model is needed: get it once
+        if adapter is None and model_dir is not None and (answerer is None or (scanning and scanner is None)):
             from diffcam_core.models.base import load_adapter
 
             adapter = load_adapter(model_dir, device=device)
         if answerer is None and adapter is not None:
             answerer = partial(local_answerer, adapter)
+        if scanner is None and adapter is not None and hasattr(adapter, "canvas_log_probs"):
+            scanner = partial(local_scanner, adapter)  # (an answer-only stand-in cannot score: no scan)
         if answerer is not None:
             answer = answerer(cam.generation)  # the run's own generation settings
-        by_id = {s.sample_id: s for s in ds.samples}
-        images = {sid: by_id[sid].image_path for sid in run["words"]}
+        if scanning and scanner is not None:
+            scan = scanner(cam.generation, cam.attribution_step, settings.hotspot_size)
+
+    t_scan = time.perf_counter()  # the discovery scan's suspects join the saliency ones (tasks.bias_scan)
+    tm.update(n_scanned_images=0, n_scan_suspects=0, scan=None)
+    if scan is not None:
+        found, scan_info = scan_suspects(scan, analyses, run["samples"], images, objects, dflags, settings, log=log)
+        dflags = dflags + found
+        tm.update(n_scanned_images=scan_info["n_scanned_images"], n_scan_suspects=len(found), scan=scan_info["words"])
+    elif scanning:
+        tm["scan"] = ("not run: no model given" if adapter is None else
+                      f"not run: the given adapter ({type(adapter).__name__}) answers but cannot score images "
+                      "(no canvas_log_probs)")
+        log(f"bias: discovery scan {tm['scan']}")
+    tm["scan_s"] = time.perf_counter() - t_scan
+
+    t2 = time.perf_counter()
+    suspects = [f for f in dflags if f.kind == "clever_hans"]
+    checked: dict[int, Flag] = {}
+    if suspects:
 
         def rank(f: Flag) -> float:
             ev = f.evidence
@@ -206,8 +285,10 @@ def run_dataset_flags(
                 cf = counterfactual(answer, f, run["samples"], images, objects, settings)
                 confirmed = cf["confirmed"]
                 log(f"bias: clever_hans {f.word}/{f.method} region {f.region}: "
-                    f"confirmed={cf['confirmed']} ({cf['n_tested']} samples, {cf['why']})")
+                    f"confirmed={cf['confirmed']} finding={cf['finding']} ({cf['n_tested']} samples, {cf['why']})")
             checked[id(f)] = replace(f, evidence={**f.evidence, "counterfactual": cf}, confirmed=confirmed)
+            if cf.get("finding") == "hallucinated_object":
+                checked[id(f)] = as_hallucinated_object(checked[id(f)])
     dflags = [checked.get(id(f), f) for f in dflags]
     tm["counterfactual_s"] = time.perf_counter() - t2
 
@@ -220,7 +301,7 @@ def run_dataset_flags(
     t3 = time.perf_counter()
     per_sample: dict[tuple[Any, ...], tuple[dict, dict]] = {}  # (word, region) -> tests: methods share them
     for k, f in enumerate(dflags):  # the samples each kept clever_hans flag reaches
-        if f.kind == "clever_hans" and f.confirmed is not False:
+        if f.kind in REGION_KINDS and f.confirmed is not False:
             tests = None
             if answer is not None and settings.region_cf_max_samples > 0:
                 key = (f.word, f.region)
@@ -231,7 +312,17 @@ def run_dataset_flags(
                 f = dflags[k] = replace(f, evidence={**f.evidence, "sample_counterfactuals": summary})
                 log(f"bias: clever_hans {f.word}/{f.method}: {summary['n_tested']} samples tested one by "
                     f"one, the word vanished in {summary['n_vanished']} without the region")
-            sflags.extend(region_sample_flags(f, analyses[(f.word, f.method)], settings, tests))
+            sflags.extend(region_sample_flags(f, flag_analysis(f, analyses, run["words"]), settings, tests))
+    late = late_refutations(dflags, settings)
+    if late:
+        log(f"bias: {len(late)} untested suspect(s) refuted by their per-sample counterfactuals (no tested sample "
+            "depends on the region)")
+        dflags = [late.get(f.flag_id, f) for f in dflags]
+        sflags = [x for x in sflags if not (x.kind == "suspect_region" and x.evidence.get("dataset_flag_id") in late)]
+        tm["refuted"] = tm.get("refuted", []) + [{"word": f.word, "method": f.method, "region": f.region,
+                                                   "score": f.score} for f in late.values()]
+        if not settings.keep_refuted:
+            dflags = [f for f in dflags if f.flag_id not in late]
     tm["sample_counterfactual_s"] = time.perf_counter() - t3
 
     settings_json = settings.model_dump(mode="json")

@@ -29,12 +29,13 @@ import numpy as np
 
 from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
+from diffcam_core.bias_verdict import NAMED_AS_OBJECT, WORD_CHANGED, answer_change, dependence_verdict
 from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
 from diffcam_core.inpaint import box_mask, erase_mask, erase_region
 from diffcam_core.words import normalise_word
 from tasks.answers import Answerer
 
-__all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box"]
+__all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box", "sample_verdict"]
 
 #: The run's samples rows by id (`tasks.bias_read.load_run_maps`: prompt, answer, ...).
 Samples = Mapping[str, Mapping[str, Any]]
@@ -66,6 +67,19 @@ def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float
     idx = int(np.argmin(np.where(ok, sums, np.inf)))
     r, c = divmod(idx, sums.shape[1])
     return window_box(r, c, win, grid)
+
+
+def sample_verdict(vanished_region: bool, vanished_control: bool | None, change: str,
+                   change_control: str | None) -> str:
+    """One tested sample's own verdict on a region (`diffcam_core.bias_verdict`):
+    "shortcut" (the word went, a real object's word changed, and not under the control
+    erasure), "named_as_object" (a phrase about no real object went, and not under the
+    control), else "none": the sample's own counterfactual shows no dependence."""
+    if vanished_region and not vanished_control and change == WORD_CHANGED:
+        return "shortcut"
+    if change == NAMED_AS_OBJECT and change_control != NAMED_AS_OBJECT:
+        return "named_as_object"
+    return "none"
 
 
 def _ask(answer: Answerer, word: str,
@@ -149,6 +163,7 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
                 "mask_paths": sorted({p for _, p in word_objs if p is not None}),
                 "other_mask_paths": sorted({p for w_, _, p in objs if normalise_word(w_) != word and p is not None}),
                 "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
+                "object_words": sorted({normalise_word(w_) for w_, _, _ in objs}),
                 "answers": answers,
                 "word_present": {k: word in words_of(v) for k, v in answers.items()},
             })
@@ -168,8 +183,19 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
         why.append("persists without its object, only while the region is there")
     if d_vanish is not None and d_vanish >= t:
         why.append("vanishes when only the region is erased")
+    verdict = dependence_verdict(tested, word, t)
+    finding = "clever_hans"
+    named, short = verdict["named_score"] or 0.0, verdict["shortcut_score"] or 0.0
+    if verdict["kind"] == "named_as_object" or (confirmed and named > max(short, 0.0)):
+        finding = "hallucinated_object"
+        confirmed = True
+        why.append("erasing the region drops words about no real object while the real objects' words stay: "
+                   "the model names the region as an object of its own")
     return {
-        "rule": "confirmed iff persist - persist_both >= cf_confirm_min or vanish - vanish_control >= cf_confirm_min",
+        "rule": "confirmed iff persist - persist_both >= cf_confirm_min or vanish - vanish_control >= cf_confirm_min "
+                "or the verdict is named_as_object; finding hallucinated_object when the verdict says so or when "
+                "confirmed and its named score is above its shortcut score (diffcam_core.bias_verdict)",
+        "finding": finding, "verdict": {k: v for k, v in verdict.items() if k != "per_sample"},
         "cf_confirm_min": t, "n_tested": len(tested), "n_generations": n_gen,
         "seconds": round(time.perf_counter() - t0, 3),
         "persist": persist, "persist_both": persist_both, "vanish": vanish, "vanish_control": vanish_ctrl,
@@ -230,14 +256,21 @@ def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, image
             if not present["original"]:
                 continue  # the regenerated answer lost the word: nothing to ask (recorded in the summary)
             vanished_control = None if "control" not in present else not present["control"]
+            real = sorted({normalise_word(w) for w, _, _ in objects.get(sid, [])})
+            change = answer_change(answers["original"], answers["no_region"], real)
+            change_ctrl = None if "control" not in answers else answer_change(answers["original"], answers["control"], real)
             tests[sid] = {"answer": answers["original"], "answer_without_region": answers["no_region"],
                           "answer_without_control": answers.get("control"),
                           "control_region": None if ctrl is None else [round(v, 6) for v in ctrl],
                           "vanished_region": not present["no_region"], "vanished_control": vanished_control,
-                          "vanished": (not present["no_region"]) and not vanished_control}
+                          "vanished": (not present["no_region"]) and not vanished_control,
+                          "object_words": real, "change": change, "change_control": change_ctrl,
+                          "verdict": sample_verdict(not present["no_region"], vanished_control, change, change_ctrl)}
     summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
                "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
                "n_vanished": sum(t["vanished"] for t in tests.values()),
+               "n_shortcut": sum(t["verdict"] == "shortcut" for t in tests.values()),
+               "n_named_as_object": sum(t["verdict"] == "named_as_object" for t in tests.values()),
                "n_vanished_region": sum(t["vanished_region"] for t in tests.values()),
                "n_vanished_control": sum(bool(t["vanished_control"]) for t in tests.values()),
                "n_generations": n_gen, "seconds": round(time.perf_counter() - t0, 3)}

@@ -204,13 +204,16 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     # dataset-level flags
     for f in dataset:
         ev = f["evidence"]
-        head = (f"{f['kind']} · word “{f['word']}” · {f['method']} · score {f['score']:.4g} "
+        who = f"word “{f['word']}”" if f["word"] is not None else "all words of the run"
+        head = (f"{f['kind']} · {who} · {f['method']} · score {f['score']:.4g} "
                 f"(threshold {f['threshold']:.4g}) · region {f['region'] or '–'} · confirmed {f['confirmed']}")
         parts.append(f'<div class="card"><h4>{esc(head)}</h4><p>{esc(ev.get("meaning", ""))}; '
                      f'rule: <code>{esc(ev.get("rule", ""))}</code></p>')
         keys = ["n_maps", "n_masked", "cluster_size", "k", "region_share", "consistency", "rest_share",
                 "other_words_share", "specificity", "object_overlap", "map_centre_frac", "mask_centre_frac",
-                "map_centre_enrichment"]
+                "map_centre_enrichment", "prior_centre_frac", "naming_gap", "central_named_share",
+                "off_centre_named_share", "found_by", "n_images", "n_not_reproduced", "mean_drop", "hit_rate",
+                "scan_min_drop", "scan_s"]
         facts = [{"key": k, "value": ev[k]} for k in keys if k in ev]
         for sub in ("shuffle", "content_independence"):
             if isinstance(ev.get(sub), dict):
@@ -218,9 +221,10 @@ def bias_section(ctx: ReportContext) -> SectionContent:
         parts.append(html_table(facts, ["key", "value"]))
         figs = []
         box = f["box"]
-        for name in ("prototype", "mean_map", "mean_mask_map"):
+        for name in ("prototype", "mean_map", "mean_mask_map", "prior"):
             if ev.get(name) is not None:
-                figs.append(f"<figure>{img_tag(_heat_png(ev[name], box if name != 'mean_mask_map' else None), name)}"
+                outline = box if name in ("prototype", "mean_map") else None
+                figs.append(f"<figure>{img_tag(_heat_png(ev[name], outline), name)}"
                             f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>")
         if figs:
             parts.append(f'<div class="figs">{"".join(figs)}</div>')
@@ -231,7 +235,9 @@ def bias_section(ctx: ReportContext) -> SectionContent:
         if cf:
             ctab = [{"quantity": k, "value": cf.get(k)} for k in
                     ("n_tested", "persist", "persist_both", "persist_minus_both", "vanish", "vanish_control",
-                     "vanish_minus_control", "cf_confirm_min", "confirmed")]
+                     "vanish_minus_control", "cf_confirm_min", "confirmed", "finding")]
+            ctab += [{"quantity": f"verdict.{k}", "value": v} for k, v in (cf.get("verdict") or {}).items()
+                     if k not in ("rule", "confirm_min")]
             parts.append("<h4>Counterfactual</h4>" + html_table(ctab, ["quantity", "value"])
                          + f"<p>{esc('; '.join(cf.get('why', [])) or 'not confirmed')}</p>")
             ring = ev.get("settings", {}).get("cf_ring_fraction", 0.05)
@@ -263,9 +269,11 @@ def bias_section(ctx: ReportContext) -> SectionContent:
             ks = [f for f in sample if f["kind"] == kind][:_MAX_SAMPLE_FLAG_ROWS // len(SAMPLE_KINDS) + 1]
             for f in ks:
                 ev = f["evidence"]
-                top.append({**f, "inside_share": ev.get("inside_share"), "inside_frac": ev.get("inside_frac")})
+                top.append({**f, "inside_share": ev.get("inside_share"), "inside_frac": ev.get("inside_frac"),
+                            "verdict": ev.get("verdict")})
         parts.append("<h3>Sample-level flags (highest scores per kind)</h3>" + html_table(
-            top, ["kind", "sample_id", "word", "method", "score", "threshold", "region", "inside_share", "inside_frac"]))
+            top, ["kind", "sample_id", "word", "method", "score", "threshold", "confirmed", "verdict", "region",
+                  "inside_share", "inside_frac"]))
     return SectionContent("".join(parts), "\n\n".join(md))
 
 

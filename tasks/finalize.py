@@ -13,13 +13,14 @@ __all__ = ["dataset_flags_task", "validate_run_task", "report_task"]
 
 @task(name="dataset-flags", cache_policy=NO_CACHE)
 def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset: Any, settings: Any,
-                       answerer: Any = None) -> int:
+                       answerer: Any = None, scanner: Any = None) -> int:
     """Dataset-level bias analysis (`tasks.bias`) after all shards; commits the flags once.
 
     ``dataset``: the `storage.datasets.Dataset` the flow loaded (not read again) or its path;
     ``settings``: the `BiasSettings` recorded in the run's config; ``answerer``: generation
     settings → answerer for the counterfactuals (the flow's Ray workers, `tasks.answers`);
-    None: the model in ``model_dir``, loaded here.
+    ``scanner``: the same for the discovery scan (`tasks.scan`); None: the model in
+    ``model_dir``, loaded here.
 
     Idempotent: a resumed run whose dataset flags are already committed writes nothing.
     Returns the number of flag rows written (0 when they were already there).
@@ -30,7 +31,7 @@ def dataset_flags_task(store_root: str, run_id: str, model_dir: str, dataset: An
     st = Store(store_root)
     if st.is_committed(run_id, "dataset"):
         return 0
-    rows = run_dataset_flags(st, run_id, model_dir, dataset, settings, answerer=answerer)
+    rows = run_dataset_flags(st, run_id, model_dir, dataset, settings, answerer=answerer, scanner=scanner)
     return len(rows) if write_dataset_flags(st, run_id, rows) else 0
 
 

@@ -20,8 +20,9 @@ batch failed):
   proceeds; a replacement that cannot even start stops the run (RuntimeError) rather
   than loop. ``max_task_retries`` defaults to 0: retries are the pool's, counted.
 
-`CamPool.answer` spreads the bias step's regenerations over the same actors; there a failed
-call is an error naming its samples (a counterfactual is not decided on missing answers).
+`CamPool.answer` spreads the bias step's regenerations over the same actors, `CamPool.scan`
+its discovery scan; there a failed call is an error naming its samples (a counterfactual is
+not decided on missing answers, nor a scan summarised with holes).
 """
 
 from __future__ import annotations
@@ -400,14 +401,31 @@ class CamPool:
         chunk per worker. A call that fails (its worker died, raised, or ran past
         ``call_timeout_s`` per image) raises `WorkerCrash` / `WorkerTimeout` naming its
         samples: a counterfactual is never decided on answers that are missing."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return self._spread("answer", [images, prompts], (generation,), sample_ids, "regenerating answers")
+
+    def scan(self, images: Sequence[Any], prompts: Sequence[str], words: Sequence[str], generation: Any,
+             attribution_step: str, window_size: float, sample_ids: Sequence[str] | None = None) -> list[Any]:
+        """The discovery scan of each (image, prompt, word), in order, on the workers
+        (`CamWorker.scan`, `tasks.scan`), spread and failing as `answer` does: a failed call
+        raises `WorkerCrash` / `WorkerTimeout` naming its samples (``call_timeout_s`` per
+        image), never a scan with holes."""
+        if not (len(prompts) == len(words) == len(images)):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(words)} words")
+        return self._spread("scan", [images, prompts, words], (generation, attribution_step, window_size),
+                            sample_ids, "scanning")
+
+    def _spread(self, method: str, columns: Sequence[Sequence[Any]], args: tuple[Any, ...],
+                sample_ids: Sequence[str] | None, doing: str) -> list[Any]:
+        """Call ``CamWorker.<method>(*chunk of each column, *args, chunk of ids)`` on one
+        contiguous chunk per ready worker; results in input order (`answer`, `scan`)."""
         import ray
         from ray.exceptions import RayActorError, RayError
 
         if not self.actors:
             raise RuntimeError("CamPool is not started (use it as a context manager, or start())")
-        n = len(images)
-        if len(prompts) != n:
-            raise ValueError(f"{n} images but {len(prompts)} prompts")
+        n = len(columns[0])
         if n == 0:
             return []
         ids = list(sample_ids) if sample_ids is not None else [f"#{k}" for k in range(n)]
@@ -419,7 +437,7 @@ class CamPool:
         calls = {}
         for j, slot in enumerate(slots[:k]):
             lo, hi = bounds[j], bounds[j + 1]
-            ref = self.actors[slot].answer.remote(list(images[lo:hi]), list(prompts[lo:hi]), generation, ids[lo:hi])
+            ref = getattr(self.actors[slot], method).remote(*(list(c[lo:hi]) for c in columns), *args, ids[lo:hi])
             calls[ref] = (slot, lo, hi)
         timeout = None
         if self.config.call_timeout_s is not None:
@@ -430,9 +448,9 @@ class CamPool:
             for ref in late:
                 ray.kill(self.actors[calls[ref][0]], no_restart=False)
             names = sorted({sid for ref in late for sid in ids[calls[ref][1]:calls[ref][2]]})
-            raise WorkerTimeout(f"regenerating answers for sample(s) {', '.join(names[:20])} ran past "
+            raise WorkerTimeout(f"{doing} for sample(s) {', '.join(names[:20])} ran past "
                                 f"{self.config.call_timeout_s:g} s per image (worker killed)")
-        out: list[str] = [""] * n
+        out: list[Any] = [None] * n
         for ref in ready:
             slot, lo, hi = calls[ref]
             names = ", ".join(sorted(set(ids[lo:hi]))[:20])
@@ -440,11 +458,11 @@ class CamPool:
                 out[lo:hi] = ray.get(ref)
             except RayActorError as exc:
                 self.stats["worker_deaths"] += 1
-                raise WorkerCrash(f"worker {slot} died regenerating answers for sample(s) {names}: "
+                raise WorkerCrash(f"worker {slot} died {doing} for sample(s) {names}: "
                                   f"{type(exc).__name__}: {str(exc)[:500]}") from exc
             except RayError as exc:
                 self.stats["task_errors"] += 1
-                raise WorkerCrash(f"worker {slot} failed regenerating answers for sample(s) {names}: "
+                raise WorkerCrash(f"worker {slot} failed {doing} for sample(s) {names}: "
                                   f"{str(exc)[:2000]}") from exc
         return out
 

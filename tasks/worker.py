@@ -4,9 +4,10 @@
 at the call site (the Ray Data callable-class pattern), so tests can call it in-process
 without Ray. The model is loaded once, in ``__init__``; `process` audits a batch of work
 items (`tasks.plan.work_item` + ``run_id`` / ``shard_id``); `answer` regenerates answers for
-the bias step's edited images (`tasks.answers`). The worker opens the image and the masks
-itself, so the driver never holds pixels. An exception in one sample becomes that sample's
-failure row (`tasks.rows.failure_row`) and the batch goes on; an out-of-memory error
+the bias step's edited images (`tasks.answers`) and `scan` runs its discovery scan
+(`tasks.scan`). The worker opens the image and the masks itself, so the driver never holds
+pixels. An exception in one sample becomes that sample's failure row
+(`tasks.rows.failure_row`) and the batch goes on; an out-of-memory error
 (``torch.OutOfMemoryError``, ``MemoryError``) too, after the worker frees what it can (the
 message says "out of memory during <stage>"). Inputs beyond the model's position tables are
 refused before the model runs (`diffcam_core.models.base.check_inputs`).
@@ -127,6 +128,16 @@ class CamWorker:
         from tasks.answers import generate_answers
 
         return generate_answers(self.adapter, generation, images, prompts, sample_ids)
+
+    def scan(self, images: list[Any], prompts: list[str], words: list[str], generation: Any, attribution_step: str,
+             window_size: float, sample_ids: list[str] | None = None) -> list[Any]:
+        """The bias step's discovery scan (`tasks.scan.scan_images`) of each (image, prompt,
+        word) on this worker's model, with the run's ``generation`` settings and
+        ``attribution_step``, windows of ``window_size`` (sent by the driver)."""
+        from tasks.scan import scan_images
+
+        return scan_images(self.adapter, generation, attribution_step, window_size, images, prompts, words,
+                           sample_ids)
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Audit each item; returns one result per item (see `process_one`)."""

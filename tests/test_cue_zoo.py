@@ -183,7 +183,7 @@ def test_threshold_fitting_rule_on_synthetic_statistics():
     assert v["cluster_consistency_min"] == pytest.approx(0.9 * 0.7)
     assert v["cluster_specificity_min"] == pytest.approx(0.9 * 1.5)
     assert v["cf_confirm_min"] == pytest.approx((0.2 + 0.75) / 2)  # max negative 0.2, min positive 0.75
-    assert v["centre_bias_threshold"] == pytest.approx((0.02 + 0.4) / 2)
+    assert v["centre_prior_threshold"] == pytest.approx((0.02 + 0.4) / 2)
     assert fit["unreachable_by_gates"] == ["c"]
     assert fit["provenance"]["cf_confirm_min"]["separable"] is True
     # no positives: defaults kept, and said so
@@ -251,8 +251,8 @@ def _fake_audit(entry, rec, zoo, cache, seed, n, settings, **kw):
     if entry["kind"] == "centre":
         rows.append({"sample_id": None, "kind": "centre_bias", "word": "red", "method": "token-gradnorm", "region": None,
                      "confirmed": None, "score": 0.4, "evidence_json": "{}"})
-    analyses = {("red", "token-gradnorm"): {"centre_bias": {"score": 0.4 if entry["kind"] == "centre" else -0.1}}}
-    return {"rows": rows, "cue_ids": set(), "universe": set(), "analyses": analyses}
+    centre = {"token-gradnorm": {"score": 0.4 if entry["kind"] == "centre" else -0.1}, "diffusion-cam": None}
+    return {"rows": rows, "cue_ids": set(), "universe": set(), "centre": centre}
 
 
 def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
