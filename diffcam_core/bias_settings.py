@@ -75,6 +75,9 @@ class BiasSettings(Settings):
     region_cf_refute_min: Count = 10
     keep_refuted: bool = False
     cf_ring_fraction: float = Field(0.05, gt=0.0)
+    # grid cells added on each side of a suspect window for the erase tests (the marker may
+    # spill past the window; object pixels are never erased)
+    cf_region_margin: int = Field(1, ge=0)
     cf_confirm_min: Unit = 0.5
     max_evidence_ids: Count = 200
     # discovery scan (saliency-free; tasks/bias_scan.py)

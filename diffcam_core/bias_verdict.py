@@ -27,7 +27,7 @@ from diffcam_core.words import is_function_word, normalise_word
 __all__ = ["UNCHANGED", "NAMED_AS_OBJECT", "WORD_CHANGED", "content_words", "answer_change", "dependence_verdict"]
 
 UNCHANGED = "unchanged"
-#: a phrase left the answer, every real object's word in it stayed
+#: a phrase left the answer, every real object's word in it stayed (gains: real words only)
 NAMED_AS_OBJECT = "phrase_dropped"
 #: a real object's word left the answer, or another word took a word's place
 WORD_CHANGED = "word_changed"
@@ -43,10 +43,13 @@ def answer_change(before: str | None, after: str | None, real_words: Iterable[st
     """How ``after`` (an edited image's answer) differs from ``before``.
 
     ``real_words``: the words of the objects really in the edited image (its masks'
-    words). `UNCHANGED`: the same content words. `NAMED_AS_OBJECT`: words were lost,
-    none gained, and every real-object word of ``before`` is still in ``after`` — what
-    went was about no real object. `WORD_CHANGED`: anything else (a real object's word
-    lost, or a word replaced by another).
+    words). `UNCHANGED`: the same content words. `NAMED_AS_OBJECT`: the answer got shorter
+    (more content words lost than gained: a phrase went), every real-object word of
+    ``before`` is still in ``after``, and whatever was gained is a real object's word (the
+    model may describe a real object *correctly* once the region is gone: measured on the
+    shipped clean model, whose marker phrase also turned a real circle's "circle" into
+    "square"). `WORD_CHANGED`: anything else (a real object's word lost, or a word replaced
+    by one no real object has, with no phrase gone).
     """
     b, a = content_words(before), content_words(after)
     lost, gained = b - a, a - b
@@ -54,7 +57,8 @@ def answer_change(before: str | None, after: str | None, real_words: Iterable[st
         return UNCHANGED
     real = {normalise_word(w) for w in real_words}
     kept = all(w in a for w in b if w in real)
-    return NAMED_AS_OBJECT if lost and not gained and kept else WORD_CHANGED
+    shorter = sum(lost.values()) > sum(gained.values())
+    return NAMED_AS_OBJECT if shorter and kept and all(w in real for w in gained) else WORD_CHANGED
 
 
 def _rate(flags: Sequence[bool]) -> float | None:

@@ -78,3 +78,15 @@ def erase_region(image: np.ndarray, box: Sequence[float], **kw: Any) -> np.ndarr
     """`erase_mask` over the normalised ``box`` (x0, y0, x1, y1): the suspect region."""
     img = np.asarray(image)
     return erase_mask(img, box_mask(img.shape[:2], box), **kw)
+
+
+def erase_region_around(image: np.ndarray, box: Sequence[float], keep: np.ndarray, *,
+                        exclude: np.ndarray | None = None, **kw: Any) -> np.ndarray:
+    """`erase_region` that leaves the pixels of ``keep`` (the image's objects) untouched: only
+    the box's other pixels are inpainted, from a ring that avoids ``keep`` and ``exclude``.
+    The bias counterfactuals erase a suspect region *around* the objects, so that what
+    changes in the answer is due to the background there, never to a clipped object."""
+    img = np.asarray(image)
+    k = as_mask(keep, "keep")
+    ex = k if exclude is None else (k | as_mask(exclude, "exclude"))
+    return erase_mask(img, box_mask(img.shape[:2], box) & ~k, exclude=ex, **kw)

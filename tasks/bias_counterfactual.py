@@ -31,11 +31,11 @@ from diffcam_core.bias_flags import Flag
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.bias_verdict import NAMED_AS_OBJECT, WORD_CHANGED, answer_change, dependence_verdict
 from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
-from diffcam_core.inpaint import box_mask, erase_mask, erase_region
+from diffcam_core.inpaint import box_mask, erase_mask, erase_region_around
 from diffcam_core.words import normalise_word
 from tasks.answers import Answerer
 
-__all__ = ["counterfactual", "region_counterfactuals", "words_of", "control_box", "sample_verdict"]
+__all__ = ["counterfactual", "region_counterfactuals", "words_of", "erase_box", "control_box", "sample_verdict"]
 
 #: The run's samples rows by id (`tasks.bias_read.load_run_maps`: prompt, answer, ...).
 Samples = Mapping[str, Mapping[str, Any]]
@@ -51,15 +51,28 @@ def words_of(text: str) -> set[str]:
     return {normalise_word(w) for w in text.split()}
 
 
-def control_box(box: Sequence[float], grid: tuple[int, int], hotspot_size: float,
-                 proto: np.ndarray, obj_cov: np.ndarray) -> tuple[float, float, float, float] | None:
-    """A same-size window off every object and off the suspect region where the cluster
-    prototype has the least mass (ties: first row-major): the control erasure."""
-    win = window_cells(grid, hotspot_size)
+def erase_box(box: Sequence[float], grid: tuple[int, int], margin: int) -> tuple[float, float, float, float]:
+    """The box the erase tests erase: a suspect window grown by ``margin`` grid cells on each
+    side (clipped to the image). A cue need not sit inside one window: a marker that spills
+    into the next cell, erased only in part, still reads as itself and the test would
+    wrongly say the answer does not depend on it. Object pixels are never erased (every
+    erase excludes them), so the margin takes background only."""
     h, w = grid
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (max(0.0, x0 - margin / w), max(0.0, y0 - margin / h), min(1.0, x1 + margin / w), min(1.0, y1 + margin / h))
+
+
+def control_box(box: Sequence[float], grid: tuple[int, int],
+                proto: np.ndarray, obj_cov: np.ndarray) -> tuple[float, float, float, float] | None:
+    """A window of ``box``'s size in cells, off every object and off ``box``, where the
+    prototype has the least mass (ties: first row-major): the control erasure."""
+    h, w = grid
+    r0, c0 = int(round(box[1] * h)), int(round(box[0] * w))
+    win = (max(1, int(round(box[3] * h)) - r0), max(1, int(round(box[2] * w)) - c0))
+    if win[0] > h or win[1] > w:
+        return None
     sums = window_sums(proto, win)
     ok = window_sums((obj_cov > 0).astype(float), win) == 0
-    r0, c0 = int(round(box[1] * h)), int(round(box[0] * w))
     rr, cc = np.meshgrid(np.arange(sums.shape[0]), np.arange(sums.shape[1]), indexing="ij")
     ok &= (np.abs(rr - r0) >= win[0]) | (np.abs(cc - c0) >= win[1])
     if not ok.any():
@@ -115,8 +128,8 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
 
     ev = flag.evidence
     word = normalise_word(flag.word)
-    box = flag.region
     grid = tuple(ev["grid"])
+    box = erase_box(flag.region, grid, settings.cf_region_margin)
     proto = np.asarray(ev["prototype"], dtype=np.float64)
     tested = []
     t0 = time.perf_counter()
@@ -139,15 +152,15 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
                     others |= m
             all_obj = wmask | others
             ring = {"ring_fraction": settings.cf_ring_fraction}
-            ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
+            ctrl = control_box(box, grid, proto, cell_coverage(all_obj, grid))
             variants = {
                 "original": img,
                 "no_object": erase_mask(img, wmask, exclude=others | region, **ring),
-                "no_region": erase_region(img, box, exclude=all_obj, **ring),
+                "no_region": erase_region_around(img, box, all_obj, **ring),
             }
-            variants["no_both"] = erase_region(variants["no_object"], box, exclude=all_obj, **ring)
+            variants["no_both"] = erase_region_around(variants["no_object"], box, all_obj, **ring)
             if ctrl is not None:
-                variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, **ring)
+                variants["control"] = erase_region_around(img, ctrl, all_obj, exclude=region, **ring)
             wave.append((sid, variants, ctrl, word_objs, objs))
             if len(wave) >= settings.cf_max_samples - len(tested):
                 break
@@ -200,7 +213,8 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
         "seconds": round(time.perf_counter() - t0, 3),
         "persist": persist, "persist_both": persist_both, "vanish": vanish, "vanish_control": vanish_ctrl,
         "persist_minus_both": d_persist, "vanish_minus_control": d_vanish,
-        "confirmed": confirmed, "why": why, "region": list(box), "word": word, "examples": tested,
+        "confirmed": confirmed, "why": why, "region": list(flag.region), "erased_region": [round(v, 6) for v in box],
+        "region_margin_cells": settings.cf_region_margin, "word": word, "examples": tested,
     }
 
 
@@ -224,9 +238,9 @@ def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, image
     from storage.images import load_image
 
     word = normalise_word(flag.word)
-    box = flag.region
     ev = flag.evidence
     grid = tuple(ev["grid"]) if ev.get("grid") else None
+    box = flag.region if grid is None else erase_box(flag.region, grid, settings.cf_region_margin)
     proto = np.asarray(ev["prototype"], dtype=np.float64) if ev.get("prototype") is not None else None
     candidates = sorted(sid for sid, s in samples.items() if word in words_of(s.get("answer") or ""))
     todo = candidates[: settings.region_cf_max_samples]
@@ -243,11 +257,11 @@ def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, image
                 all_obj |= m
             ctrl = None
             if grid is not None and proto is not None:
-                ctrl = control_box(box, grid, settings.hotspot_size, proto, cell_coverage(all_obj, grid))
-            variants = {"original": img, "no_region": erase_region(img, box, exclude=all_obj, ring_fraction=ring)}
+                ctrl = control_box(box, grid, proto, cell_coverage(all_obj, grid))
+            variants = {"original": img, "no_region": erase_region_around(img, box, all_obj, ring_fraction=ring)}
             if ctrl is not None:
                 region = box_mask(img.shape[:2], box)
-                variants["control"] = erase_region(img, ctrl, exclude=all_obj | region, ring_fraction=ring)
+                variants["control"] = erase_region_around(img, ctrl, all_obj, exclude=region, ring_fraction=ring)
             wave.append((sid, variants, ctrl))
         results, n = _ask(answer, word, [(sid, samples[sid]["prompt"], v) for sid, v, _ in wave])
         n_gen += n
@@ -266,7 +280,8 @@ def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, image
                           "vanished": (not present["no_region"]) and not vanished_control,
                           "object_words": real, "change": change, "change_control": change_ctrl,
                           "verdict": sample_verdict(not present["no_region"], vanished_control, change, change_ctrl)}
-    summary = {"word": word, "region": list(box), "n_candidates": len(candidates), "n_tested": len(tests),
+    summary = {"word": word, "region": list(flag.region), "erased_region": [round(v, 6) for v in box],
+               "n_candidates": len(candidates), "n_tested": len(tests),
                "n_not_reproduced": len(todo) - len(tests), "n_capped": len(candidates) - len(todo),
                "n_vanished": sum(t["vanished"] for t in tests.values()),
                "n_shortcut": sum(t["verdict"] == "shortcut" for t in tests.values()),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from diffcam_core.bias_flags import SAMPLE_KINDS
-from diffcam_core.inpaint import box_mask, erase_mask, erase_region
+from diffcam_core.inpaint import box_mask, erase_mask, erase_region_around
 from diffcam_core.words import normalise_word
 from storage.report import (
     ReportContext, Section, SectionContent, esc, heat_colors, html_table, img_tag, md_table, png_bytes,
@@ -87,7 +87,7 @@ def _cf_images(ex: Mapping[str, Any], region: Sequence[float], ring_fraction: fl
     no_obj = erase_mask(img, wmask, exclude=others | reg, ring_fraction=ring_fraction)
     out = {
         "original": _image_png(img, region),
-        "no_region": _image_png(erase_region(img, region, exclude=wmask | others, ring_fraction=ring_fraction)),
+        "no_region": _image_png(erase_region_around(img, region, wmask | others, ring_fraction=ring_fraction)),
         "no_object": _image_png(no_obj, region),
     }
     return out
@@ -241,9 +241,10 @@ def bias_section(ctx: ReportContext) -> SectionContent:
             parts.append("<h4>Counterfactual</h4>" + html_table(ctab, ["quantity", "value"])
                          + f"<p>{esc('; '.join(cf.get('why', [])) or 'not confirmed')}</p>")
             ring = ev.get("settings", {}).get("cf_ring_fraction", 0.05)
+            erased = cf.get("erased_region") or box  # the region grown by the erase margin
             for ex in cf.get("examples", [])[:_MAX_CF_EXAMPLES]:
                 try:
-                    pngs = _cf_images(ex, box, ring)
+                    pngs = _cf_images(ex, erased, ring)
                 except Exception as e:  # noqa: BLE001 - a missing file is shown, not hidden
                     parts.append(f'<p class="bad">{esc(ex["sample_id"])}: images not readable: '
                                  f'{esc(f"{type(e).__name__}: {e}")}</p>')

@@ -126,7 +126,7 @@ def test_scan_proposes_the_one_window_the_word_depends_on(tmp_path: Path) -> Non
     assert proto[0, 0] == pytest.approx(3.9) and proto.sum() == pytest.approx(3.9)
     sid = reproduced[0]
     cov = np.max([cell_coverage(m, GRID) for _, m, _ in objects[sid]], axis=0)
-    ctrl = control_box(f.region, GRID, settings.hotspot_size, proto, cov)
+    ctrl = control_box(f.region, GRID, proto, cov)
     assert ctrl is not None and ctrl != CUE_BOX
     # "red" is said whatever is erased: scanned, nothing found; "blue" is never said again
     assert info["words"]["red"]["n_images"] > 0 and info["words"]["red"]["n_candidates"] == 0

@@ -34,6 +34,12 @@ def test_content_words_leave_out_function_words_and_punctuation():
     ("a red circle and a blue square", "a blue square", {"red", "circle", "blue", "square"}, WORD_CHANGED),
     # the same words twice (real square + marker named "square"): one goes, the real word stays
     ("a red square and a green square", "a red square", {"red", "square"}, NAMED_AS_OBJECT),
+    # measured on the shipped clean model: the marker's phrase goes and the real circle, called
+    # "square" while the marker was there, is named right again
+    ("a blue square and a red circle and a blue triangle", "a blue circle and a red circle",
+     {"blue", "circle", "red"}, NAMED_AS_OBJECT),
+    # a phrase went but what came instead is no real object's word: not only an extra object
+    ("a red circle and a green square", "a red triangle", {"red", "circle"}, WORD_CHANGED),
 ])
 def test_answer_change(before, after, real, expected):
     assert answer_change(before, after, real) == expected
@@ -143,3 +149,42 @@ def test_an_untested_suspect_that_every_per_sample_test_contradicts_is_refuted()
     assert [f.word for f in late.values()] == ["a"]
     (refuted,) = late.values()
     assert refuted.confirmed is False and "none depends" in refuted.evidence["refuted_by"]
+
+
+def test_the_erase_tests_erase_the_window_and_a_margin_and_the_control_has_that_size():
+    """A 12-px marker at the top-right corner spans 2x2 cells of an 8x8 grid; the suspect
+    window is one cell. Erasing that cell alone leaves most of the marker, which the model
+    still reads (measured on the shipped clean model: the test saw no change at all). The
+    erase box is the window grown by `cf_region_margin` cells (clipped), and the control is
+    a window of the same size in cells, off the objects and off the erased box."""
+    from tasks.bias_counterfactual import control_box, erase_box
+
+    grid = (8, 8)
+    box = erase_box((0.875, 0.0, 1.0, 0.125), grid, 1)
+    assert box == pytest.approx((0.75, 0.0, 1.0, 0.25))
+    assert erase_box((0.5, 0.5, 0.625, 0.625), grid, 1) == pytest.approx((0.375, 0.375, 0.75, 0.75))
+    assert erase_box((0.5, 0.5, 0.625, 0.625), grid, 0) == (0.5, 0.5, 0.625, 0.625)
+    proto = np.ones(grid)
+    obj = np.zeros(grid)
+    obj[4:, :] = 1.0  # objects fill the bottom half
+    ctrl = control_box(box, grid, proto, obj)
+    x0, y0, x1, y1 = ctrl
+    assert (round((x1 - x0) * 8), round((y1 - y0) * 8)) == (2, 2)  # the erased box's size in cells
+    assert y1 <= 0.5 and not (x1 > 0.75 and y0 < 0.25)  # off the objects and off the erased box
+
+
+def test_erasing_a_region_around_the_objects_leaves_their_pixels():
+    """`erase_region` inpaints every pixel of its box; the counterfactuals erase around the
+    objects, so a grown erase box that reaches an object cannot clip it (which the scripted
+    namer above would read as a changed object)."""
+    from diffcam_core.inpaint import erase_region_around
+
+    img = np.full((64, 64, 3), 40, dtype=np.uint8)
+    img[0:12, 52:64] = (160, 0, 200)  # the marker
+    img[10:30, 40:60] = (200, 30, 30)  # an object reaching into the box
+    obj = np.zeros((64, 64), dtype=bool)
+    obj[10:30, 40:60] = True
+    out = erase_region_around(img, (0.75, 0.0, 1.0, 0.25), obj)
+    assert (out[obj] == img[obj]).all()
+    assert (out[0:10, 52:64] == 40).all()  # the marker is gone, filled with the background
+    assert (out[32:, :] == img[32:, :]).all()
