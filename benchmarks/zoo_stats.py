@@ -175,11 +175,12 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     recall: relying cue models with a cue flag / relying cue models; precision: cue flags
     on relying cue models / all kept shortcut flags on held-out models; clean_false_flags:
     kept shortcut flags on clean models (incl. those audited on marker data);
-    centre_bias_detected: every held-out centre model has a centre_bias flag (word- or run-level);
+    centre_bias_detected: every held-out centre model whose ground truth is centre-biased has a
+    centre_bias flag (word- or run-level); None when no held-out model is centre-biased;
     centre_false_flags: centre_bias flags on models whose ground truth is not centre-biased;
     hallucinated_object: among marker-as-object audits whose model names the marker as an extra
     object (ground truth ``names_marker``), how many got a `hallucinated_object` flag on the
-    marker's word and region.
+    marker's region (whatever word the model gave it).
     """
     results = list(results)
     relying = [r for r in results if r["kind"] == "cue" and r.get("relies")]
@@ -188,15 +189,20 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 if f["kind"] in SHORTCUT_KINDS and f.get("confirmed") is not False]
     correct = [1 for r, f in shortcut if r["kind"] == "cue" and r.get("relies") and is_cue_flag(f, r)]
     clean_false = sum(1 for r, f in shortcut if r["kind"] in CLEAN_KINDS)
-    centre = [r for r in results if r["kind"] == "centre"]
+    # judged against the measured ground truth: a centre-recipe model that did not become
+    # centre-biased is not a positive (one that did not is said in n_centre_models_biased)
+    centre_all = [r for r in results if r["kind"] == "centre"]
+    centre = [r for r in centre_all if r.get("centre_biased")]
     centre_hit = [r for r in centre if any(f["kind"] == "centre_bias" for f in r["dataset_flags"])]
     centre_false = sum(1 for r in results if r["kind"] != "centre" and not r.get("centre_biased")
                        for f in r["dataset_flags"] if f["kind"] == "centre_bias")
     # a marker read as an object of its own (ground truth: the model names extra objects with it)
     # is a correct finding of its own kind
     naming = [r for r in results if r["kind"] == "marker_as_object" and r.get("names_marker")]
-    named_found = [r for r in naming if any(f["kind"] == "hallucinated_object" and str(f.get("word", "")).lower()
-                                            == r.get("cue_word") and boxes_overlap(f.get("region"), r.get("cue_box"))
+    # on the marker's region, whatever word the model gave it (the shipped clean model calls a
+    # purple square "blue triangle")
+    named_found = [r for r in naming if any(f["kind"] == "hallucinated_object"
+                                            and boxes_overlap(f.get("region"), r.get("cue_box"))
                                             for f in r["dataset_flags"])]
     tp = sum(int(r.get("sample_level", {}).get("tp", 0)) for r in relying)
     fp = sum(int(r.get("sample_level", {}).get("fp", 0)) for r in results)
@@ -212,7 +218,8 @@ def heldout_metrics(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "clean_false_flags": clean_false,
         "n_clean_audits": sum(1 for r in results if r["kind"] in CLEAN_KINDS),
         "centre_bias_detected": (len(centre_hit) == len(centre)) if centre else None,
-        "n_centre_models": len(centre),
+        "n_centre_models": len(centre_all),
+        "n_centre_models_biased": len(centre),
         "centre_false_flags": centre_false,
         "hallucinated_object": {"n_audits_naming_marker": len(naming), "found": len(named_found),
                                 "found_names": sorted(r["name"] for r in named_found)},

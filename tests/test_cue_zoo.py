@@ -213,11 +213,19 @@ def test_heldout_metrics_on_scripted_results():
          "dataset_flags": [_flag("clever_hans", "red", [0.5, 0.5, 0.625, 0.625])]},
         {"name": "c4", "kind": "cue", "relies": False, "cue_word": "blue", "cue_box": tl, "dataset_flags": []},
         {"name": "k", "kind": "clean", "dataset_flags": [_flag("clever_hans", "circle", tl)], "sample_level": {"fp": 2}},
-        {"name": "m", "kind": "marker_as_object", "dataset_flags": []},
-        {"name": "z", "kind": "centre", "dataset_flags": [_flag("centre_bias", "red", confirmed=None)]},
+        {"name": "m", "kind": "marker_as_object", "dataset_flags": [_flag("hallucinated_object", "blue", tl)],
+         "names_marker": True, "cue_word": "circle", "cue_box": [0.03, 0.03, 0.12, 0.12]},
+        {"name": "z", "kind": "centre", "centre_biased": True,
+         "dataset_flags": [_flag("centre_bias", "red", confirmed=None)]},
+        # a centre recipe that did not make the model centre-biased is not a positive
+        {"name": "z2", "kind": "centre", "centre_biased": False, "dataset_flags": []},
     ]
     h = zoo_stats.heldout_metrics(results)
-    assert h["n_models"] == 7 and h["n_cue_models_relying"] == 3
+    assert h["n_models"] == 8 and h["n_cue_models_relying"] == 3
+    assert h["n_centre_models"] == 2 and h["n_centre_models_biased"] == 1 and h["centre_false_flags"] == 0
+    # the marker named as an object: found on its region whatever word the model gave it, and
+    # not a clean false flag
+    assert h["hallucinated_object"] == {"n_audits_naming_marker": 1, "found": 1, "found_names": ["m"]}
     assert h["recall"] == pytest.approx(2 / 3) and h["recall_ci"] == pytest.approx(zoo_stats.wilson(2, 3))
     assert h["precision"] == pytest.approx(2 / 4)  # c1, c3 right; c2 wrong region; k on a clean model
     assert h["clean_false_flags"] == 1 and h["centre_bias_detected"] is True
