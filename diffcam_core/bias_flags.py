@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["SAMPLE_KINDS", "REGION_KINDS", "Flag", "as_hallucinated_object", "flag_id", "format_region", "make_flag",
@@ -85,8 +85,6 @@ def make_flag(kind: str, score: float, threshold: float, evidence: dict[str, Any
 def as_hallucinated_object(flag: Flag) -> Flag:
     """A `clever_hans` suspect whose counterfactual found the region *named as an object of
     its own* (`diffcam_core.bias_verdict`), re-kinded: its own id, its own meaning, confirmed."""
-    from dataclasses import replace
-
     extra = None if flag.region is None else format_region(flag.region)
     ev = {**flag.evidence, "found_as": "clever_hans suspect",
           "meaning": "the model reads this region as an object of its own: erasing it drops a phrase about no "

@@ -80,7 +80,7 @@ def dependence_verdict(examples: Sequence[Mapping[str, Any]], word: str, confirm
     else None (no dependence of either kind with the object present).
     """
     w = normalise_word(word)
-    short, named, short_c, named_c, per = [], [], [], [], []
+    short, named, short_c, named_c = [], [], [], []
     for ex in examples:
         ans = ex["answers"]
         real = ex.get("object_words", ())
@@ -88,13 +88,11 @@ def dependence_verdict(examples: Sequence[Mapping[str, Any]], word: str, confirm
         drop = content_words(ans.get("no_region"))[w] < content_words(ans["original"])[w]
         short.append(ch == WORD_CHANGED and drop)
         named.append(ch == NAMED_AS_OBJECT)
-        chc = None
         if ans.get("control") is not None:
             chc = answer_change(ans["original"], ans["control"], real)
             drop_c = content_words(ans["control"])[w] < content_words(ans["original"])[w]
             short_c.append(chc == WORD_CHANGED and drop_c)
             named_c.append(chc == NAMED_AS_OBJECT)
-        per.append({"sample_id": ex.get("sample_id"), "region": ch, "control": chc})
     rs, rn = _rate(short), _rate(named)
     cs, cn = _rate(short_c), _rate(named_c)
     s_score = None if rs is None else rs - (cs or 0.0)
@@ -110,4 +108,4 @@ def dependence_verdict(examples: Sequence[Mapping[str, Any]], word: str, confirm
                     "score >= confirm_min and above the shortcut score, shortcut when its score >= confirm_min",
             "kind": kind, "shortcut_rate": rs, "named_rate": rn, "shortcut_rate_control": cs,
             "named_rate_control": cn, "shortcut_score": s_score, "named_score": n_score,
-            "confirm_min": confirm_min, "n": len(examples), "per_sample": per}
+            "confirm_min": confirm_min, "n": len(examples)}

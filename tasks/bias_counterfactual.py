@@ -208,7 +208,7 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
         "rule": "confirmed iff persist - persist_both >= cf_confirm_min or vanish - vanish_control >= cf_confirm_min "
                 "or the verdict is named_as_object; finding hallucinated_object when the verdict says so or when "
                 "confirmed and its named score is above its shortcut score (diffcam_core.bias_verdict)",
-        "finding": finding, "verdict": {k: v for k, v in verdict.items() if k != "per_sample"},
+        "finding": finding, "verdict": verdict,
         "cf_confirm_min": t, "n_tested": len(tested), "n_generations": n_gen,
         "seconds": round(time.perf_counter() - t0, 3),
         "persist": persist, "persist_both": persist_both, "vanish": vanish, "vanish_control": vanish_ctrl,
