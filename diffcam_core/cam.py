@@ -1,8 +1,9 @@
 """Diffusion-CAM and its baselines for every word of a generated answer (docs/METHOD.md §2, §4).
 
 One call, `explain`, does: prepare → generate (recording every denoising step) → one
-prefix pass with gradients → one decoder pass per distinct canvas the methods read → one
-batched backward per canvas and kind of score → maps → refinement → chance maps.
+prefix pass with gradients → one batched decoder pass over the distinct canvases the
+methods read (at most `canvas_batch` at a time) → one batched backward for every word and
+kind of score of those canvases → maps → refinement → chance maps.
 
 Deviations from the reference code (kept true here, docs/METHOD.md §7):
 1. The score is class-specific: the log-prob of the generated token id at its own canvas
@@ -114,7 +115,7 @@ def _batched_grads(scores: list[torch.Tensor], wrt: list[torch.Tensor]) -> list[
     """Gradients of each score w.r.t. each tensor, in one batched backward (vmap over rows of I).
 
     Equal to one `autograd.grad` per score (checked in tests) and ~1.4x faster on the tiny
-    model; the graph is kept for the next canvas group.
+    model; the graph is kept for the next batch of canvases.
     """
     stacked = torch.stack(scores)
     eye = torch.eye(len(scores), dtype=stacked.dtype, device=stacked.device)
@@ -210,30 +211,37 @@ def attribute(adapter, inputs, generation: Generation, settings: CamSettings) ->
             return ap.image_rows(name, t).detach().double().cpu().numpy()
 
         features = {name: rows(name, t) for name, t in ap.tensors.items()}
-        for canvas_key in dict.fromkeys(key for key, _ in groups):
-            log_probs = ap.log_probs(*_canvas(generation, canvas_key))
-            for score in (CONTRASTIVE, TARGET):
-                group = groups.get((canvas_key, score))
-                if group is None:
-                    continue
-                values = []
-                for w in group.words:
-                    target = _word_score(log_probs, w)
-                    ds = distractors[w.index] if score == CONTRASTIVE else []
-                    distractor = torch.stack([_word_score(log_probs, d) for d in ds]).mean() if ds else None
-                    values.append(target - distractor if ds else target)
-                    if _canvas_key(report[0], w, step) == canvas_key and report[1] == score:
-                        scores[w.index] = (float(target.detach()),
-                                           None if distractor is None else float(distractor.detach()))
-                layers = list(dict.fromkeys(layer_of[m.name] for m in group.methods))
-                if not layers:
-                    continue
-                grads = _batched_grads(values, [ap.tensors[name] for name in layers])
-                for j, w in enumerate(group.words):
-                    g_rows = {name: rows(name, g[j]) for name, g in zip(layers, grads)}
-                    for m in group.methods:
-                        name = layer_of[m.name]
-                        maps[w.index][m.name] = m.word_map(features[name], g_rows[name], grid)
+        canvas_keys = list(dict.fromkeys(key for key, _ in groups))
+        batch = min(settings.canvas_batch, ap.max_canvases or settings.canvas_batch)
+        for start in range(0, len(canvas_keys), batch):
+            chunk = canvas_keys[start:start + batch]
+            log_probs = ap.log_probs_many([_canvas(generation, key) for key in chunk])
+            # every (group, word) score of the chunk's canvases, then one backward for all
+            values, slots = [], []
+            for c, canvas_key in enumerate(chunk):
+                for score in (CONTRASTIVE, TARGET):
+                    group = groups.get((canvas_key, score))
+                    if group is None:
+                        continue
+                    for w in group.words:
+                        target = _word_score(log_probs[c], w)
+                        ds = distractors[w.index] if score == CONTRASTIVE else []
+                        distractor = torch.stack([_word_score(log_probs[c], d) for d in ds]).mean() if ds else None
+                        if _canvas_key(report[0], w, step) == canvas_key and report[1] == score:
+                            scores[w.index] = (float(target.detach()),
+                                               None if distractor is None else float(distractor.detach()))
+                        if group.methods:
+                            values.append(target - distractor if ds else target)
+                            slots.append((group, w))
+            if not values:
+                continue
+            layers = list(dict.fromkeys(layer_of[m.name] for group, _ in slots for m in group.methods))
+            grads = dict(zip(layers, _batched_grads(values, [ap.tensors[name] for name in layers])))
+            for j, (group, w) in enumerate(slots):
+                g_rows = {name: rows(name, g[j]) for name, g in grads.items()}
+                for m in group.methods:
+                    name = layer_of[m.name]
+                    maps[w.index][m.name] = m.word_map(features[name], g_rows[name], grid)
 
     for m in plan:
         if isinstance(m, WordSetMethod):

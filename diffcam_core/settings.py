@@ -76,6 +76,9 @@ class CamSettings(Settings):
     `faithfulness`: the share of samples (chosen by a hash of the sample id, so the same
     samples in every run) whose words get deletion / insertion curves and the vanish test
     (`diffcam_core.faithfulness`); 0 skips it.
+    `canvas_batch`: how many denoising canvases are decoded, and back-propagated, as one
+    batch when attributing an answer's words (a cost knob, not a result one: lower it when
+    a large model runs out of memory in attribution).
     """
 
     layer: str | None = None
@@ -85,6 +88,7 @@ class CamSettings(Settings):
     methods: tuple[str, ...] = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness")
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     faithfulness: float = 0.1
+    canvas_batch: int = Field(8, ge=1)
 
     @field_validator("faithfulness", mode="before")
     @classmethod

@@ -117,28 +117,46 @@ def test_explain_is_deterministic_and_covers_every_word():
             np.testing.assert_array_equal(x.maps[m], y.maps[m])
 
 
-def _decoder_calls(monkeypatch, settings: CamSettings) -> tuple[int, object]:
-    """Run `attribute` on a fixed random model and count decoder passes."""
+def _decoder_calls(monkeypatch, settings: CamSettings) -> tuple[list[int], object]:
+    """Run `attribute` on a fixed random model; the batch size (canvases) of each decoder pass."""
     adapter = random_adapter(seed=3)
     inputs = adapter.prepare(make_image(64, 64, (2, 2)), "describe the image")
     gen = adapter.generate(inputs, GEN)
     calls = []
     original = adapter._decode
-    monkeypatch.setattr(adapter, "_decode", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(adapter, "_decode", lambda *a: calls.append(a[2].shape[0]) or original(*a))
     attribute(adapter, inputs, gen, settings)
-    return len(calls), gen
+    return calls, gen
 
 
-def test_words_sharing_a_commit_step_share_one_decoder_pass(monkeypatch):
-    n_calls, gen = _decoder_calls(monkeypatch, CamSettings(layer="encoder.0", generation=GEN))
+def test_words_sharing_a_commit_step_share_one_decoded_canvas(monkeypatch):
+    calls, gen = _decoder_calls(monkeypatch, CamSettings(layer="encoder.0", generation=GEN))
     distinct_steps = len({w.commit_step for w in gen.words})
-    assert n_calls == distinct_steps + 1  # + the final clean canvas for the baselines
+    assert calls == [distinct_steps + 1]  # + the final clean canvas for the baselines, all in one pass
+
+
+def test_canvas_batch_caps_the_canvases_of_one_decoder_pass(monkeypatch):
+    calls, gen = _decoder_calls(monkeypatch, CamSettings(layer="encoder.0", generation=GEN, canvas_batch=1))
+    assert calls == [1] * (len({w.commit_step for w in gen.words}) + 1)
+
+
+def test_canvas_batch_gives_the_same_maps_as_one_canvas_at_a_time():
+    adapter = random_adapter(seed=3)
+    inputs = adapter.prepare(make_image(64, 64, (2, 2)), "describe the image")
+    gen = adapter.generate(inputs, GEN)
+    one = attribute(adapter, inputs, gen, CamSettings(layer="encoder.0", generation=GEN, canvas_batch=1))
+    many = attribute(adapter, inputs, gen, CamSettings(layer="encoder.0", generation=GEN))
+    assert len({w.commit_step for w in gen.words}) + 1 >= 2  # at least two canvases batched
+    for a, b in zip(one.words, many.words, strict=True):
+        assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
+        for name in a.maps:
+            np.testing.assert_allclose(a.maps[name], b.maps[name], rtol=1e-3, atol=1e-4 * float(np.abs(a.maps[name]).max()))
 
 
 def test_attribution_step_final_uses_one_decoder_pass(monkeypatch):
     settings = CamSettings(layer="encoder.0", attribution_step="final", methods=("diffusion-cam-raw",), generation=GEN)
-    n_calls, _ = _decoder_calls(monkeypatch, settings)
-    assert n_calls == 1
+    calls, _ = _decoder_calls(monkeypatch, settings)
+    assert calls == [1]
 
 
 def test_all_negative_gradients_give_a_zero_map_not_an_error():

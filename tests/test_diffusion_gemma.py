@@ -147,3 +147,22 @@ def test_gradients_reach_every_valid_layer_at_image_positions():
             rows = ap.image_rows(name, grad)
             assert rows.shape[0] == 64
             assert float(rows.abs().sum()) > 0, name
+
+
+def test_batched_canvases_equal_one_decoder_pass_each():
+    """`log_probs_many` stacks canvases on one repeated prefix cache; a canvas without
+    self-conditioning (the first step's) is masked, which must equal passing None."""
+    adapter = random_adapter(seed=2)
+    inputs = adapter.prepare(make_image(64, 64, (1, 1)), "describe the image")
+    g = adapter.generate(inputs, GenerationSettings(seed=0, max_denoising_steps=3))
+    canvases = [g.step_canvas(1), g.final_canvas(), g.step_canvas(len(g.canvases))]
+    assert canvases[0][1] is None and canvases[1][1] is not None  # both kinds in one batch
+    with adapter.attribution_pass(inputs, [PROJECTOR]) as ap:
+        many = ap.log_probs_many(canvases)
+        assert many.shape[0] == 3
+        for k, (canvas, cond) in enumerate(canvases):
+            alone = torch.log_softmax(adapter._decode(ap.cache, ap.dec_pos, canvas, cond)[0].float(), dim=-1)
+            torch.testing.assert_close(many[k], alone, rtol=1e-4, atol=1e-5)
+        # the repeated cache stays in the prefix graph: a row's gradient reaches the image tokens
+        grad, = torch.autograd.grad(many[2, 0].max(), ap.tensors[PROJECTOR])
+        assert float(grad.abs().sum()) > 0

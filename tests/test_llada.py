@@ -393,6 +393,17 @@ def test_canvas_log_probs_batches_images_and_matches_the_attribution_pass(adapte
     assert not torch.allclose(batched[0], batched[1])
 
 
+def test_attribution_pass_decodes_several_canvases_as_one_batch(adapter):
+    inputs = adapter.prepare(image(), PROMPT)
+    gen = adapter.generate(inputs, settings(8))
+    canvases = [(gen.canvases[1], None), (gen.canvases[5], None)]
+    with adapter.attribution_pass(inputs, ["projector"]) as ap:
+        assert ap.max_canvases == 1  # cam.attribute decodes one canvas a pass for this family
+        many = ap.log_probs_many(canvases).detach()
+        for k, (canvas, _) in enumerate(canvases):
+            torch.testing.assert_close(many[k], ap.log_probs(canvas, None).detach(), atol=1e-4, rtol=1e-4)
+
+
 def test_a_tower_without_transformer_layers_uses_its_patch_embeddings(tmp_path):
     """0 SigLIP layers (what a tiny model trained from scratch needs to keep tokens local) loads,
     generates, and each image token's feature depends only on its own patch."""

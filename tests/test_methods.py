@@ -91,8 +91,8 @@ def test_a_refined_method_computes_its_source_without_reporting_it():
 
 
 def test_final_attribution_reads_the_final_canvas_once_for_every_method(monkeypatch):
-    n_calls, _ = _decoder_calls(monkeypatch, CamSettings(attribution_step="final", generation=GEN))
-    assert n_calls == 1  # every default method, contrastive or plain, on one decode of the final canvas
+    calls, _ = _decoder_calls(monkeypatch, CamSettings(attribution_step="final", generation=GEN))
+    assert calls == [1]  # every default method, contrastive or plain, on one decode of the final canvas
 
 
 def test_families_name_their_image_feature_layer():

@@ -129,14 +129,24 @@ class AttributionPass(Protocol):
     `tensors[name]` is the captured output of each requested layer as the graph uses it
     (differentiate with respect to it); `image_rows(name, t)` cuts that tensor, or its
     gradient, to (n_image_tokens, channels) in grid order; `log_probs(canvas, self_cond)`
-    decodes one recorded canvas on top of the pass: (canvas_len, vocab), in the same graph.
+    decodes one recorded canvas on top of the pass: (canvas_len, vocab), in the same graph;
+    `log_probs_many([(canvas, self_cond), ...])` decodes several in one batched pass:
+    (n_canvases, canvas_len, vocab), row k equal to `log_probs` of the k-th (so one backward
+    serves every canvas: the cost of attributing all words of an answer). `max_canvases`:
+    how many canvases are worth one batch (None: any number). A family whose canvases
+    share the graph's expensive part (an encoder-decoder's prefix) gains from batching;
+    one that re-runs the whole model per canvas does not, because the batched backward
+    carries every word's cotangent through every canvas's rows, so it says 1.
     """
 
     tensors: dict[str, torch.Tensor]
+    max_canvases: int | None
 
     def image_rows(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
 
     def log_probs(self, canvas: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor: ...
+
+    def log_probs_many(self, canvases: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor: ...
 
 
 class ModelAdapter(Protocol):

@@ -22,6 +22,7 @@ produces exactly what `model.generate` produces under the same seed.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Iterator
 
@@ -174,10 +175,11 @@ class DiffusionGemmaAdapter(LayerTable):
         ).unsqueeze(0)
         return cache, dec_pos
 
-    def _decode(self, cache, dec_pos, canvas, self_cond) -> torch.Tensor:
+    def _decode(self, cache, dec_pos, canvas, self_cond, self_cond_mask=None) -> torch.Tensor:
         out = self.model(
             decoder_input_ids=canvas,
             self_conditioning_logits=self_cond,
+            self_conditioning_mask=self_cond_mask,
             cache=cache,
             decoder_position_ids=dec_pos,
         )
@@ -335,6 +337,9 @@ def _image_rows(tensor: torch.Tensor, name: str, pos_idx: torch.Tensor) -> torch
 class _Pass:
     """One prefix pass with gradients; decode any recorded canvas on top of it.
 
+    Canvases batch well (`max_canvases` None): they share the prefix pass, and a decoder
+    pass over a 16-token canvas is cheap next to it.
+
     `tensors[name]` is the captured layer output as the graph uses it (differentiate
     with respect to it); `image_rows(name, t)` cuts a tensor of that shape — the output
     or its gradient — down to the image tokens, in grid order.
@@ -347,11 +352,36 @@ class _Pass:
         self.tensors = tensors
         self.span = span
         self._pos_idx = pos_idx
+        self.max_canvases: int | None = None
 
     def image_rows(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return _image_rows(tensor, name, self._pos_idx)
 
     def log_probs(self, canvas: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor:
+        return self.log_probs_many([(canvas, self_cond)])[0]
+
+    def log_probs_many(self, canvases: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """One decoder pass over the canvases stacked as a batch, on the encoder cache
+        repeated per canvas (the decoder only reads the cache, so a shallow copy whose
+        tensors are repeated stays in the prefix pass's graph)."""
+        if not canvases:
+            raise ValueError("log_probs_many needs at least one canvas")
+        n = len(canvases)
+        conds = [c for _, c in canvases]
+        cond = mask = None
+        if any(c is not None for c in conds):
+            # one self-conditioning input for the batch; a canvas without one (the first
+            # step's) is masked out, which the decoder defines as the same zero signal as None
+            ref = next(c for c in conds if c is not None)
+            cond = torch.cat([torch.zeros_like(ref) if c is None else c for c in conds])
+            mask = None if all(c is not None for c in conds) else torch.tensor(
+                [c is not None for c in conds], device=cond.device)
+        cache = self.cache
+        if n > 1:
+            cache = copy.copy(self.cache)
+            cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            cache.batch_repeat_interleave(n)
         with torch.enable_grad():
-            logits = self.adapter._decode(self.cache, self.dec_pos, canvas, self_cond)
-            return torch.log_softmax(logits[0].float(), dim=-1)
+            logits = self.adapter._decode(cache, self.dec_pos.expand(n, -1), torch.cat([c for c, _ in canvases]),
+                                          cond, mask)
+            return torch.log_softmax(logits.float(), dim=-1)
