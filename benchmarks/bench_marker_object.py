@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     samples, synth = cue_zoo.audit_samples(entry, a.n, a.seed)
     adapter = load_adapter(a.model)
-    truth = {"cue_dependence": cue_dependence(adapter, samples, synth),
+    truth = {"cue_dependence": cue_dependence(adapter, samples, synth, a.seed),
              "extra_objects": cue_zoo.extra_object_count(adapter, samples, synth)}
     t_truth = time.perf_counter() - t0
     cache = Path(tempfile.mkdtemp(prefix="diffcam-marker-object-"))

@@ -6,9 +6,13 @@ On held-out synthetic images drawn with the cue spec, two interventions, no sali
 - *erase*: every image that carries the marker, and whose answer says the cue word, gets the
   marker painted over with the background colour; count the answers that lose the word;
 - *paste*: every image without the cue word in its reference answer, whose answer does not
-  say it either, gets the marker painted in; count the answers that gain it.
-A model that learned the shortcut loses and gains the word often; one that reads the object
-does neither. This is what the bias audit's flags should agree with (docs/BIAS.md), and how
+  say it either, gets the marker painted in; count the answers that gain it;
+- *control*: every image of the erase test also gets, instead, a patch of the same size
+  painted flat background at a seeded free spot (clear of the objects and the marker);
+  count the answers that lose the word there. It measures how often the answer changes
+  under *any* such edit, so reliance is read net of it (`net_vanish_rate`).
+A model that learned the shortcut loses and gains the word often, and keeps it under the
+control; one that reads the object does neither. This is what the bias audit's flags should agree with (docs/BIAS.md), and how
 a candidate planted-cue checkpoint is checked before it replaces `models/tiny-shapes-cue`.
 Generation is seeded (GenerationSettings(seed=0)), so the counts are deterministic.
 """
@@ -28,29 +32,91 @@ if str(REPO) not in sys.path:
 
 from diffcam_core.models.base import load_adapter  # noqa: E402
 from diffcam_core.settings import GenerationSettings  # noqa: E402
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples  # noqa: E402
+from diffcam_core.synthetic import CueSpec, SynthSample, SynthSettings, cue_region, make_samples  # noqa: E402
 from benchmarks.bench_bias import DEFAULT_CUE  # noqa: E402  (the shipped cue, one definition)
 from tasks.train_tiny import training_seeds  # noqa: E402
 
 
-def cue_dependence(adapter, samples, settings: SynthSettings) -> dict[str, int | float]:
-    """Counts of the word vanishing when the marker is erased and appearing when it is pasted.
+#: Salt of the per-sample generator that places the control patch.
+CONTROL_SALT = 3
+
+
+def free_box(sample: SynthSample, size: int, settings: SynthSettings, rng: np.random.Generator,
+             avoid: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+    """A random size×size box clear of every object and of `avoid` (by ``min_gap``), and
+    ``cue_margin`` from the edges; None when there is no room. Places markers whose position
+    varies per image, and control patches."""
+    from diffcam_core.inpaint import dilate
+
+    n, m = settings.image_size, settings.cue_margin
+    taken = np.zeros((n, n), dtype=bool)
+    for o in (*sample.objects, *sample.unnamed):
+        taken |= o.mask
+    if avoid is not None:
+        taken |= avoid
+    taken = dilate(taken, settings.min_gap + 1)
+    # a box at (x, y) is free iff the summed-area table says it holds no taken pixel
+    sat = np.pad(taken.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys, xs = np.mgrid[m:n - m - size + 1, m:n - m - size + 1]
+    inside = sat[ys + size, xs + size] - sat[ys, xs + size] - sat[ys + size, xs] + sat[ys, xs]
+    free = np.argwhere(inside == 0)
+    if len(free) == 0:
+        return None
+    y, x = free[int(rng.integers(len(free)))]
+    x0, y0 = int(xs[y, x]), int(ys[y, x])
+    return (x0, y0, x0 + size, y0 + size)
+
+
+def control_image(sample: SynthSample, marker: np.ndarray, settings: SynthSettings, seed: int, index: int
+                  ) -> np.ndarray | None:
+    """The sample's image with a flat background patch the size of the marker's bounding box
+    at a seeded free spot, or None when there is no room."""
+    ys, xs = np.nonzero(marker)
+    size = int(max(ys.max() - ys.min(), xs.max() - xs.min())) + 1
+    box = free_box(sample, size, settings, np.random.default_rng(np.random.SeedSequence([seed, index, CONTROL_SALT])),
+                   avoid=marker)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    image = sample.image.copy()
+    image[y0:y1, x0:x1] = np.asarray(settings.background, dtype=np.uint8)
+    return image
+
+
+def rates(counts: dict[str, int]) -> dict[str, int | float | None]:
+    """The counts plus their rates, and the vanish rate net of the control's."""
+    def rate(k: str, n: str) -> float | None:
+        return counts[k] / counts[n] if counts[n] else None
+
+    out: dict[str, int | float | None] = {**counts, "vanish_rate": rate("vanished", "erased"),
+                                          "appear_rate": rate("appeared", "pasted"),
+                                          "control_vanish_rate": rate("control_vanished", "controlled")}
+    v, c = out["vanish_rate"], out["control_vanish_rate"]
+    out["net_vanish_rate"] = None if v is None or c is None else v - c
+    return out
+
+
+def cue_dependence(adapter, samples, settings: SynthSettings, seed: int = 0) -> dict[str, int | float | None]:
+    """Counts of the word vanishing when the marker is erased (and under the control patch)
+    and appearing when it is pasted.
 
     Each count is over the samples where the change is possible: the original answer says
-    the word (erase) or does not (paste).
+    the word (erase, control) or does not (paste). `seed` places the control patches.
     """
     from PIL import Image
 
     cue = settings.cue
     x0, y0, x1, y1 = cue_region(settings)
     background = np.asarray(settings.background, dtype=np.uint8)
+    marker = np.zeros((settings.image_size, settings.image_size), dtype=bool)
+    marker[y0:y1, x0:x1] = True
 
     def says_word(image: np.ndarray, prompt: str) -> bool:
         gen = adapter.generate(adapter.prepare(Image.fromarray(image), prompt), GenerationSettings(seed=0))
         return cue.word in gen.text.split()
 
-    vanished = n_erased = appeared = n_pasted = 0
-    for s in samples:
+    vanished = n_erased = appeared = n_pasted = control_vanished = n_controlled = 0
+    for i, s in enumerate(samples):
         carries = s.cue_present
         if not carries and cue.word in s.answer.split():
             continue  # the word is there without the marker: neither intervention applies
@@ -61,14 +127,16 @@ def cue_dependence(adapter, samples, settings: SynthSettings) -> dict[str, int |
             image[y0:y1, x0:x1] = background
             n_erased += 1
             vanished += not says_word(image, s.prompt)
+            control = control_image(s, marker, settings, seed, i)
+            if control is not None:
+                n_controlled += 1
+                control_vanished += not says_word(control, s.prompt)
         else:
             image[y0:y1, x0:x1] = cue.rgb
             n_pasted += 1
             appeared += says_word(image, s.prompt)
-    return {
-        "erased": n_erased, "vanished": vanished, "vanish_rate": vanished / n_erased if n_erased else None,
-        "pasted": n_pasted, "appeared": appeared, "appear_rate": appeared / n_pasted if n_pasted else None,
-    }
+    return rates({"erased": n_erased, "vanished": vanished, "pasted": n_pasted, "appeared": appeared,
+                  "controlled": n_controlled, "control_vanished": control_vanished})
 
 
 def main() -> None:
@@ -88,7 +156,7 @@ def main() -> None:
     settings = SynthSettings(cue=CueSpec.parse(a.cue))
     samples = list(make_samples(a.n, a.seed, settings))
     for m in a.models:
-        print(json.dumps({"model": str(m), **cue_dependence(load_adapter(m), samples, settings)}), flush=True)
+        print(json.dumps({"model": str(m), **cue_dependence(load_adapter(m), samples, settings, a.seed)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import zoo_stats  # noqa: E402
+from benchmarks.cue_dependence import control_image, free_box, rates  # noqa: E402
 from diffcam_core.synthetic import (  # noqa: E402
     CueSpec,
     SynthSample,
@@ -137,29 +138,6 @@ def build_command(name: str | None = None, zoo: Path | str = "models/zoo") -> st
 
 
 # --------------------------------------------------------------------------- data
-
-
-def free_box(sample: SynthSample, size: int, settings: SynthSettings, rng: np.random.Generator
-             ) -> tuple[int, int, int, int] | None:
-    """A random size×size box clear of every object (by ``min_gap``) and ``cue_margin`` from
-    the edges; None when there is no room. Used for markers whose position varies per image."""
-    from diffcam_core.inpaint import dilate
-
-    n, m = settings.image_size, settings.cue_margin
-    taken = np.zeros((n, n), dtype=bool)
-    for o in (*sample.objects, *sample.unnamed):
-        taken |= o.mask
-    taken = dilate(taken, settings.min_gap + 1)
-    # a box at (x, y) is free iff the summed-area table says it holds no taken pixel
-    sat = np.pad(taken.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    ys, xs = np.mgrid[m:n - m - size + 1, m:n - m - size + 1]
-    inside = sat[ys + size, xs + size] - sat[ys, xs + size] - sat[ys + size, xs] + sat[ys, xs]
-    free = np.argwhere(inside == 0)
-    if len(free) == 0:
-        return None
-    y, x = free[int(rng.integers(len(free)))]
-    x0, y0 = int(xs[y, x]), int(ys[y, x])
-    return (x0, y0, x0 + size, y0 + size)
 
 
 def _rgb(cue: dict[str, Any]) -> tuple[int, int, int]:
@@ -324,7 +302,7 @@ def moving_cue_dependence(adapter, samples: list[SynthSample], cue: dict[str, An
     seeded free spot. The same counting rules (only answers that can change count)."""
     word = cue["word"]
     background = np.asarray(settings.background, dtype=np.uint8)
-    vanished = n_erased = appeared = n_pasted = 0
+    vanished = n_erased = appeared = n_pasted = control_vanished = n_controlled = 0
     for i, s in enumerate(samples):
         if not s.cue_present and word in s.answer.split():
             continue
@@ -335,6 +313,10 @@ def moving_cue_dependence(adapter, samples: list[SynthSample], cue: dict[str, An
             image[s.cue_mask] = background
             n_erased += 1
             vanished += word not in _says(adapter, image, s.prompt).split()
+            control = control_image(s, s.cue_mask, settings, seed, i)
+            if control is not None:
+                n_controlled += 1
+                control_vanished += word not in _says(adapter, control, s.prompt).split()
         else:
             box = free_box(s, int(cue["size"]), settings,
                            np.random.default_rng(np.random.SeedSequence([seed, i, _PASTE_SALT])))
@@ -342,8 +324,8 @@ def moving_cue_dependence(adapter, samples: list[SynthSample], cue: dict[str, An
                 continue
             n_pasted += 1
             appeared += word in _says(adapter, with_marker(s, box, _rgb(cue)).image, s.prompt).split()
-    return {"erased": n_erased, "vanished": vanished, "vanish_rate": vanished / n_erased if n_erased else None,
-            "pasted": n_pasted, "appeared": appeared, "appear_rate": appeared / n_pasted if n_pasted else None}
+    return rates({"erased": n_erased, "vanished": vanished, "pasted": n_pasted, "appeared": appeared,
+                  "controlled": n_controlled, "control_vanished": control_vanished})
 
 
 def extra_object_count(adapter, samples: list[SynthSample], settings: SynthSettings) -> dict[str, Any]:
@@ -403,11 +385,13 @@ def measure_ground_truth(adapter, entry: dict[str, Any], rec: dict[str, Any]) ->
     if cue is not None:
         samples, settings = audit_samples(entry, n, seed)
         dep = (moving_cue_dependence(adapter, samples, cue, settings, seed) if is_moving(cue)
-               else cue_dependence(adapter, samples, settings))
+               else cue_dependence(adapter, samples, settings, seed))
         out["cue"] = cue
         out["cue_dependence"] = dep
-        out["relies"] = bool(dep["vanish_rate"] is not None and dep["erased"] >= 10
-                             and dep["vanish_rate"] >= rec["reliance_min"])
+        # reliance net of the control patch: an answer that flips under any flat patch is
+        # fragile, not dependent on the marker
+        net = dep["net_vanish_rate"] if dep["net_vanish_rate"] is not None else dep["vanish_rate"]
+        out["relies"] = bool(net is not None and dep["erased"] >= 10 and net >= rec["reliance_min"])
         if entry["kind"] == "marker_as_object":
             out["extra_objects"] = extra_object_count(adapter, samples, settings)
     if entry["kind"] in ("centre", "clean"):
@@ -443,7 +427,7 @@ def train_entry(entry: dict[str, Any], rec: dict[str, Any], out: Path, *, device
     from diffcam_core.synthetic import COLORS, SHAPES
     from tasks.train_tiny import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny
 
-    sch = dict(rec["schedule"])
+    sch = {**rec["schedule"], **entry.get("schedule", {})}  # an entry may override the zoo's schedule
     smoke = steps is not None or n_train is not None
     sch["steps"] = steps or sch["steps"]
     sch["n_train"] = n_train or sch["n_train"]
@@ -451,10 +435,12 @@ def train_entry(entry: dict[str, Any], rec: dict[str, Any], out: Path, *, device
     samples, settings = training_samples(entry, sch["n_train"], entry["train_seed"])
     train = [TrainExample(s.image, s.prompt, s.answer) for s in samples]
     t_data = time.perf_counter() - t0
-    spec = TinyModelSpec.from_overrides(rec["spec"])
+    # `init_from`: fine-tune an existing checkpoint (its architecture; the zoo's spec is for new models)
+    init_from = REPO / entry["init_from"] if entry.get("init_from") else None
+    spec = TinyModelSpec() if init_from else TinyModelSpec.from_overrides(rec["spec"])
     ts = TrainSettings(steps=sch["steps"], batch_size=sch["batch_size"], lr=sch["lr"], warmup=sch["warmup"],
                        seed=entry["seed"], threads=threads, device=device)
-    adapter, info = train_tiny(train, vocabulary(settings), ts, spec=spec,
+    adapter, info = train_tiny(train, vocabulary(settings), ts, spec=spec, init_from=init_from,
                                progress=lambda s, loss, acc: log(f"{entry['name']}: step {s} loss {loss:.3f} acc {acc:.3f}"))
     check, _ = training_samples({**entry, "data": "clean" if entry["data"] == "centre" else entry["data"]},
                                 sch["n_check"], rec["seeds"]["check"])
@@ -469,7 +455,7 @@ def train_entry(entry: dict[str, Any], rec: dict[str, Any], out: Path, *, device
                     "cue": entry.get("cue"), "zoo_data": entry["data"]},
         "heldout": {"seed": rec["seeds"]["check"], "n": sch["n_check"]},
         "heldout_eval": ev,
-        "zoo_recipe": {**entry, "spec": rec["spec"], "schedule": sch, "smoke": smoke},
+        "zoo_recipe": {**entry, "spec": None if init_from else rec["spec"], "schedule": sch, "smoke": smoke},
         "zoo_timing": {"data_s": round(t_data, 1), "train_s": info["train_seconds"], "check_s": ev["eval_seconds"]},
     }
     save_checkpoint(adapter, out, record)
@@ -679,30 +665,40 @@ def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Pa
     return out
 
 
-def require_zoo(entries: list[dict[str, Any]], rec: dict[str, Any], zoo: Path) -> dict[str, Any]:
-    """Every model folder and ground-truth record the evaluation needs, or SystemExit naming
-    what is missing and the command that builds it."""
+def missing_entries(entries: list[dict[str, Any]], rec: dict[str, Any], zoo: Path) -> dict[str, str]:
+    """Entry name -> what is missing for it and the command that builds it."""
     gt_path = Path(zoo) / "ground_truth.json"
     truth = json.loads(gt_path.read_text()) if gt_path.is_file() else {}
-    problems = []
+    problems = {}
     for e in entries:
         mdir = model_dir(e, rec, zoo)
         if not (mdir / "config.json").is_file():
-            problems.append(f"model folder {mdir} is missing: {build_command(e.get('model', e['name']), zoo)}"
-                            + (" --include-expensive" if e["source"] == "recipe_only" else ""))
+            problems[e["name"]] = (f"model folder {mdir} is missing: {build_command(e.get('model', e['name']), zoo)}"
+                                   + (" --include-expensive" if e["source"] == "recipe_only" else ""))
         elif e["name"] not in truth:
-            problems.append(f"no ground truth for {e['name']} in {gt_path}: {build_command(e['name'], zoo)}")
+            problems[e["name"]] = f"no ground truth for {e['name']} in {gt_path}: {build_command(e['name'], zoo)}"
+    return problems
+
+
+def require_zoo(entries: list[dict[str, Any]], rec: dict[str, Any], zoo: Path) -> dict[str, Any]:
+    """Every model folder and ground-truth record the evaluation needs, or SystemExit naming
+    what is missing and the command that builds it."""
+    problems = missing_entries(entries, rec, zoo)
     if problems:
-        raise SystemExit("the cue zoo is not built:\n  " + "\n  ".join(problems))
-    return truth
+        raise SystemExit("the cue zoo is not built:\n  " + "\n  ".join(problems.values())
+                         + "\n(--allow-missing evaluates the built models and lists the others in the JSON)")
+    gt_path = Path(zoo) / "ground_truth.json"
+    return json.loads(gt_path.read_text()) if gt_path.is_file() else {}
 
 
 def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device: str, threads: int,
-             audit=None, log=None) -> dict[str, Any]:
+             audit=None, log=None, allow_missing: bool = False) -> dict[str, Any]:
     """Fit on calibration entries, judge on held-out entries; the contract's JSON.
 
     ``audit`` (default `audit_entry`) is injectable so the tests can run the whole
     evaluation on scripted per-model results without training or auditing a model.
+    ``allow_missing``: entries not built are left out of both splits and listed, with the
+    command that builds them, under ``not_built`` (never silently).
     """
     from diffcam_core.bias_settings import BiasSettings
 
@@ -712,6 +708,8 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
     if quick:
         keep = set(rec["quick"]["calibration"]) | set(rec["quick"]["heldout"])
         entries = [e for e in entries if e["name"] in keep]
+    not_built = missing_entries(entries, rec, zoo) if allow_missing else {}
+    entries = [e for e in entries if e["name"] not in not_built]
     calib = [e for e in entries if e["split"] == "calibration"]
     held = [e for e in entries if e["split"] == "heldout"]
     truth = require_zoo(entries, rec, zoo)
@@ -736,6 +734,7 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
                         "thresholds": fit, "threshold_roles": zoo_stats.THRESHOLDS, "per_model": cal_stats},
         "heldout_models": [e["name"] for e in held], "heldout_seed": hs, "per_model": results,
         "quick": quick, "seconds": round(time.perf_counter() - t0, 1),
+        "not_built": not_built,
     }
 
 
@@ -744,7 +743,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     rec = load_recipes(a.recipes)
-    out = evaluate(rec, a.zoo, a.cache, quick=a.quick, device=a.device, threads=a.threads)
+    out = evaluate(rec, a.zoo, a.cache, quick=a.quick, device=a.device, threads=a.threads,
+                   allow_missing=a.allow_missing)
+    for name, why in out["not_built"].items():
+        print(f"NOT EVALUATED {name}: {why}", file=sys.stderr)
     text = json.dumps(out, indent=1, default=str)
     a.json.write_text(text)
     print(json.dumps(out["heldout"], indent=1))
@@ -779,6 +781,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--zoo", type=Path, default=REPO / "models" / "zoo")
     e.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "diffcam-cue-zoo")
     e.add_argument("--quick", action="store_true", help="the fixed subset in recipes.json `quick`")
+    e.add_argument("--allow-missing", action="store_true",
+                   help="evaluate the models that are built; list the others (and how to build them) under not_built")
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(func=cmd_eval)

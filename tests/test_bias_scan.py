@@ -273,3 +273,81 @@ def test_local_scan_on_the_planted_checkpoint_finds_the_cue_cell() -> None:
 
 # The pool scanner equals the local one on the same Ray workers as the answerer:
 # tests/test_answers.py (one Ray start for both).
+
+
+class SharedCueModel(ScriptedModel):
+    """One cue decides two words: "red" and "circle" are said (and scored -0.1) only while
+    the cue colour is in the image; without it "dark thing" (-4.0 each)."""
+
+    VOCAB = {"a": 1, "red": 2, "circle": 3, "thing": 4, "dark": 5}
+
+    def generate(self, inputs, settings):
+        self.generations += 1
+        sees = self._sees_cue(inputs["image"])
+        words = ["a", "red" if sees else "dark", "circle" if sees else "thing"]
+        spans = tuple(WordSpan(i, w, (i,), (self.VOCAB[w],), 1, w == "a") for i, w in enumerate(words))
+        canvas = torch.tensor([self.VOCAB[w] for w in words])
+        return Generation(token_ids=tuple(int(t) for t in canvas), text=" ".join(words), words=spans, n_steps=1,
+                          canvases=[canvas], self_cond=[None], argmax=[canvas])
+
+    def canvas_log_probs(self, images, prompt, canvas, self_cond):
+        self.scored_images += len(images)
+        lp = np.full((len(images), 3, len(self.VOCAB) + 1), -9.0)
+        for i, im in enumerate(images):
+            sees = self._sees_cue(im)
+            lp[i, 1, self.VOCAB["red"]] = -0.1 if sees else -4.0
+            lp[i, 2, self.VOCAB["circle"]] = -0.1 if sees else -4.0
+        return lp
+
+
+def test_scan_finds_a_cue_shared_by_two_words(tmp_path: Path) -> None:
+    """The saliency stage's specificity gate rejects a region that lights several words; the
+    scan asks each word separately, so one cue behind two words is proposed for both."""
+    from tasks.bias_scan import scan_suspects
+    from tasks.scan import local_scanner
+
+    ss, truth, _, images, objects = _dataset(tmp_path)
+    carrying = {f"synth-{i:06d}": t for i, t in enumerate(truth) if t.cue_present}
+    assert len(carrying) >= 5
+    samples = {sid: {"prompt": t.prompt, "answer": "a red circle"} for sid, t in carrying.items()}
+    flags, info = scan_suspects(local_scanner(SharedCueModel(ss.cue.rgb), None, "commit", 0.125),
+                                _analyses(samples, ("circle", "red")), samples, images, objects, [],
+                                BiasSettings(min_word_samples=5, scan_max_samples=5))
+    assert sorted((f.word, f.region) for f in flags) == [("circle", CUE_BOX), ("red", CUE_BOX)]
+    assert all(f.evidence["hit_rate"] == 1.0 for f in flags)
+
+
+def test_scan_does_not_find_a_cue_whose_position_varies(tmp_path: Path) -> None:
+    """The measured limit for position-varying cues: each image's scan finds its own marker's
+    window (drop 3.9 nats there), but a window is proposed only when it is hit in at least
+    `scan_min_hit_rate` of the word's images, and a marker that moves hits each window in one
+    image of twelve: no suspect. (Per-sample tests still reach such samples when a map lights
+    the marker; the dataset-level flag does not exist for them.)"""
+    from PIL import Image
+
+    from tasks.bias_scan import scan_suspects
+    from tasks.scan import local_scanner
+
+    base = list(make_samples(12, 4, SynthSettings()))
+    rng = np.random.default_rng(0)
+    cells = rng.permutation([(r, c) for r in range(8) for c in range(8)])[:12]
+    images, samples, where = {}, {}, {}
+    for i, (s, (r, c)) in enumerate(zip(base, cells)):
+        img = s.image.copy()
+        img[8 * r + 1:8 * r + 7, 8 * c + 1:8 * c + 7] = CUE.rgb  # inside one grid cell
+        sid = f"moving-{i:02d}"
+        path = tmp_path / f"{sid}.png"
+        Image.fromarray(img).save(path)
+        images[sid], samples[sid], where[sid] = path, {"prompt": s.prompt, "answer": "a red circle"}, (int(r), int(c))
+    model = ScriptedModel(CUE.rgb)
+    scan = local_scanner(model, None, "commit", 0.125)
+    per_image = scan([np.asarray(Image.open(images[sid])) for sid in samples], [samples[sid]["prompt"] for sid in samples],
+                     ["circle"] * len(samples), list(samples))
+    for sid, res in zip(samples, per_image):
+        d = np.asarray(res.drops)
+        assert np.unravel_index(int(d.argmax()), d.shape) == where[sid] and d.max() == pytest.approx(3.9)
+    flags, info = scan_suspects(scan, _analyses(samples, ("circle",)), samples, images, {}, [],
+                                BiasSettings(min_word_samples=5, scan_max_samples=12))
+    assert flags == []
+    assert info["words"]["circle"]["n_images"] == 12
+    assert info["words"]["circle"]["max_off_object_hit_rate"] == pytest.approx(1 / 12, abs=1e-5)  # rounded in info

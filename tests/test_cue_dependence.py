@@ -50,25 +50,36 @@ def test_counts_follow_the_marker_for_a_shortcut_model_and_not_for_a_reader():
     shortcut = _ScriptedModel(_marker_there)
     got = cue_dependence.cue_dependence(shortcut, samples, SETTINGS)
     assert got == {"erased": n_cue, "vanished": n_cue, "vanish_rate": 1.0,
-                   "pasted": n_free, "appeared": n_free, "appear_rate": 1.0}
-    # Erased images really lost the marker; pasted ones really carry it (one original + one
-    # altered generation per sample).
-    altered = shortcut.seen[1::2]
-    assert len(shortcut.seen) == 2 * (n_cue + n_free)
-    assert sum(_marker_there(img) for img in altered) == n_free
+                   "pasted": n_free, "appeared": n_free, "appear_rate": 1.0,
+                   "controlled": n_cue, "control_vanished": 0, "control_vanish_rate": 0.0, "net_vanish_rate": 1.0}
+    # Per erased sample: original, marker erased, control patch; per pasted one: original,
+    # marker pasted. The erased images lost the marker, the control ones kept it, the pasted
+    # ones carry it.
+    assert len(shortcut.seen) == 3 * n_cue + 2 * n_free
+    assert sum(_marker_there(img) for img in shortcut.seen) == 2 * n_cue + n_free  # originals + controls + pastes
 
-    # A model that reads the objects and ignores the marker's cell: its answer is a
-    # function of the image outside that cell (here: the reference answer of that image).
-    def outside_marker(image):
+    # A model that reads the objects: its answer is a function of the coloured (non-grey)
+    # pixels outside the marker's cell, so neither the erase nor a flat grey patch moves it.
+    def objects_only(image):
         x0, y0, x1, y1 = cue_region(SETTINGS)
         rest = image.copy()
         rest[y0:y1, x0:x1] = 0
+        grey = (rest[..., 0] == rest[..., 1]) & (rest[..., 1] == rest[..., 2])
+        rest[grey] = 0
         return rest.tobytes()
 
-    says = {outside_marker(s.image): "circle" in s.answer.split() for s in samples}
-    got = cue_dependence.cue_dependence(_ScriptedModel(lambda image: says[outside_marker(image)]), samples, SETTINGS)
+    says = {objects_only(s.image): "circle" in s.answer.split() for s in samples}
+    got = cue_dependence.cue_dependence(_ScriptedModel(lambda image: says[objects_only(image)]), samples, SETTINGS)
     assert got == {"erased": n_cue, "vanished": 0, "vanish_rate": 0.0,
-                   "pasted": n_free, "appeared": 0, "appear_rate": 0.0}
+                   "pasted": n_free, "appeared": 0, "appear_rate": 0.0,
+                   "controlled": n_cue, "control_vanished": 0, "control_vanish_rate": 0.0, "net_vanish_rate": 0.0}
+
+    # A fragile model: any edit of the image drops the word. The erase test alone reads it as
+    # total reliance; the control shows the same drop, so the net rate is 0.
+    originals = {s.image.tobytes() for s in samples}
+    fragile = cue_dependence.cue_dependence(_ScriptedModel(lambda image: image.tobytes() in originals), samples,
+                                            SETTINGS)
+    assert fragile["vanish_rate"] == 1.0 and fragile["control_vanish_rate"] == 1.0 and fragile["net_vanish_rate"] == 0.0
 
     # A model that never says the word cannot lose it: no erase applies.
     never = cue_dependence.cue_dependence(_ScriptedModel(lambda image: False), samples, SETTINGS)

@@ -84,9 +84,14 @@ def test_split_is_fixed_by_its_rule_disjoint_and_covers_every_kind():
 
 
 def test_every_model_declares_a_size_limit_within_the_zoo_budget():
-    trained = [e for e in ENTRIES if e["source"] == "train"]
+    trained = [e for e in ENTRIES if e["source"] == "train" and not e.get("cache_only")]
     assert all(cue_zoo.size_limit_mb(e, REC) <= 2.0 for e in trained)
     assert sum(cue_zoo.size_limit_mb(e, REC) for e in trained) <= REC["zoo_limit_mb"]
+    # a model over the limit is a recipe built into a git-ignored cache, and says why
+    cached = [e for e in ENTRIES if e.get("cache_only")]
+    assert all(e.get("why") for e in cached)
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert all(f"models/zoo/{e['name']}/" in ignored for e in cached)
     for e in ENTRIES:
         assert cue_zoo.size_limit_mb(e, REC) > 0
     # the spec really fits the limit: parameters x 4 bytes (float32 safetensors)
@@ -294,6 +299,20 @@ def test_missing_zoo_names_the_folder_and_the_build_command(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "nozoo" / "cue-circle-tl") in msg
     assert "python benchmarks/cue_zoo.py build --out" in msg and "--only cue-circle-tl" in msg
+
+
+def test_allow_missing_evaluates_the_built_models_and_lists_the_others(tmp_path):
+    zoo = _fake_zoo(tmp_path)
+    gone = ["cue-blue-br", "known-miss-default-recipe-cue"]
+    for name in gone:
+        (zoo / name / "config.json").unlink()
+    out = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=False, device="cpu", threads=1, audit=_fake_audit,
+                           log=lambda m: None, allow_missing=True)
+    assert sorted(out["not_built"]) == sorted(gone)
+    assert "--only cue-blue-br" in out["not_built"]["cue-blue-br"]
+    assert "--include-expensive" in out["not_built"]["known-miss-default-recipe-cue"]
+    assert not set(gone) & set(out["heldout_models"] + out["calibration"]["models"])
+    assert out["heldout"]["n_models"] == sum(e["split"] == "heldout" for e in ENTRIES) - len(gone)
 
 
 def test_every_trained_recipe_draws_its_data_and_the_cue_shows_only_with_its_word():
