@@ -30,6 +30,10 @@ THRESHOLDS: dict[str, str] = {
     "min_cluster_frac": "default (a count share, not a score)",
     "region_object_overlap_max": "default (geometry: off-object by definition)",
     "centre_enrichment_min": "default (second centre gate; the score above decides)",
+    "centre_naming_z_min": "default (a significance level, one-sided p ~ 0.001 when central and off-centre "
+                           "objects are named alike: no biased model is needed to set it)",
+    "centre_naming_gap_min": "default (an effect-size floor of 10 points, so a large audit does not flag a "
+                             "negligible difference)",
     "off_object_threshold": "default (sample level; not judged by the contract)",
     "off_object_dominance": "default (sample level; not judged by the contract)",
     "border_threshold": "default (sample level; not judged by the contract)",

@@ -15,7 +15,10 @@ hold. So, per map method, over every content word of the run:
 
 Beside it, a behavioural check that needs no map: the share of central objects the
 answers name minus the share of off-centre objects they name (``naming_gap``; an object
-is central when most of its cells' coverage lies in the central box).
+is central when most of its cells' coverage lies in the central box). It gets a flag of
+its own (`run_naming_flag`, method None): on the cue zoo's centre-biased model the map
+score stayed below 0 (its maps are *less* central than its objects) while the naming gap
+was 0.30, so a model can be centre-biased in what it says without its maps showing it.
 
 Pure: arrays in, numbers and `Flag`s out. The task (`tasks.bias`) gathers the inputs.
 """
@@ -33,7 +36,7 @@ from diffcam_core.bias_windows import unit_mass
 from diffcam_core.metrics import upsample_bilinear
 from diffcam_core.stats import centre_mask
 
-__all__ = ["CentreSample", "run_centre_bias", "run_centre_flags"]
+__all__ = ["CentreSample", "naming_z", "run_centre_bias", "run_centre_flags", "run_naming_flag"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,3 +130,50 @@ def run_centre_flags(stats: Mapping[str, Mapping | None], settings: BiasSettings
         out.append(make_flag("centre_bias", st["score"], settings.centre_prior_threshold, ev, method=method,
                              region=box, extra="run"))
     return out
+
+
+def naming_z(central_named: int, central: int, off_named: int, off: int) -> float | None:
+    """One-sided two-proportion z statistic (pooled) for "central objects are named more
+    often than off-centre ones"; None when a side has no object or every object agrees."""
+    if central <= 0 or off <= 0:
+        return None
+    p = (central_named + off_named) / (central + off)
+    se = (p * (1.0 - p) * (1.0 / central + 1.0 / off)) ** 0.5
+    if se == 0.0:
+        return None
+    return (central_named / central - off_named / off) / se
+
+
+def run_naming_flag(stats: Mapping[str, Mapping | None], settings: BiasSettings = BiasSettings()) -> list[Flag]:
+    """A run-level `centre_bias` flag from the answers alone (method None): central objects
+    are named more often than off-centre ones, with z >= ``centre_naming_z_min`` and a gap
+    >= ``centre_naming_gap_min``, over at least ``min_word_samples`` objects on each side.
+
+    Why a test and a floor rather than a fitted threshold: a clean model names central and
+    off-centre objects alike (gap ~0 up to sampling noise), so the null is known; the z
+    level bounds false flags (one-sided p ~ 0.001 at 3) whatever the model, and the floor
+    keeps a large audit from flagging a negligible difference."""
+    st = next((v for _, v in sorted(stats.items()) if v is not None), None)
+    if st is None:
+        return []
+    cn, ct, on, ot = (int(st[k]) for k in ("central_named", "central_objects", "off_centre_named",
+                                              "off_centre_objects"))
+    z = naming_z(cn, ct, on, ot)
+    gap = st["naming_gap"]
+    if (z is None or gap is None or min(ct, ot) < settings.min_word_samples or z < settings.centre_naming_z_min
+            or gap < settings.centre_naming_gap_min):
+        return []
+    grid = tuple(st["grid"])
+    c = centre_mask(grid, settings.stats_settings)
+    rows, cols = np.nonzero(c.any(1))[0], np.nonzero(c.any(0))[0]
+    h, w = grid
+    box = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+    ev = {"level": "run", "method": None, "found_by": "naming",
+          "rule": "z >= centre_naming_z_min and naming_gap >= centre_naming_gap_min (z: one-sided two-proportion "
+                  "test of central vs off-centre objects named)",
+          "z": round6(z), "naming_gap": round6(gap), "central_named": cn, "central_objects": ct,
+          "off_centre_named": on, "off_centre_objects": ot, "centre_naming_gap_min": settings.centre_naming_gap_min,
+          "centre_fraction": settings.centre_fraction,
+          "meaning": "the answers name objects at the image centre more often than objects elsewhere: what is "
+                     "said depends on where an object sits"}
+    return [make_flag("centre_bias", z, settings.centre_naming_z_min, ev, method=None, region=box, extra="naming")]

@@ -47,6 +47,10 @@ class BiasSettings(Settings):
     centre_enrichment_min: NonNegative = 1.5
     # run-level centre bias against the images' object prior (diffcam_core.bias_centre)
     centre_prior_threshold: float = 0.15
+    # run-level centre bias in what is named (no map): central objects named more often than
+    # off-centre ones, by a one-sided two-proportion z-test and an effect-size floor
+    centre_naming_z_min: NonNegative = 3.0
+    centre_naming_gap_min: Unit = 0.1
     # mask-shuffle gap (ignores_object)
     shuffle_seed: int = 0
     ignores_object_gap_max: float = 0.02

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_centre import CentreSample, run_centre_bias, run_centre_flags
+from diffcam_core.bias_centre import CentreSample, run_centre_bias, run_centre_flags, run_naming_flag
 from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
 from diffcam_core.bias_flags import REGION_KINDS, Flag, as_hallucinated_object
 from diffcam_core.words import normalise_word
@@ -223,7 +223,7 @@ def run_dataset_flags(
     sflags, grounding, analyses = analyse_run(run, objects, settings)
     dflags = all_dataset_flags(analyses, settings)
     centre = run_centre_bias(centre_samples(run, grounding, settings), settings)
-    dflags += run_centre_flags(centre, settings)
+    dflags += run_centre_flags(centre, settings) + run_naming_flag(centre, settings)
     tm["centre"] = {m: None if st is None else {k: v for k, v in st.items() if k not in ("mean_map", "prior")}
                     for m, st in centre.items()}
     tm["analyse_s"] = time.perf_counter() - t1

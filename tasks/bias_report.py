@@ -21,6 +21,7 @@ from storage.report import (
     ReportContext, Section, SectionContent, esc, heat_colors, html_table, img_tag, md_table, png_bytes,
 )
 from storage.schemas import parse_evidence, parse_region
+from tasks.bias_calibration import ZOO_RESULTS, calibration_rows
 
 __all__ = ["bias_section", "BIAS_SECTION"]
 
@@ -197,6 +198,12 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     if by_word:
         parts.append("<h3>Flags by word</h3>" + html_table(by_word, ["word", "method", "level", "kind", "n_flags"]))
         md.append(md_table(by_word, ["word", "method", "level", "kind", "n_flags"]))
+        cal = calibration_rows(list(dict.fromkeys(f["kind"] for f in flags)))
+        cal_cols = ["kind", "thresholds", "calibrated on", "held-out"]
+        parts.append("<h3>Calibration behind these flags</h3><p>Which models and seeds chose each kind's "
+                     f"thresholds, and how the kind did on models they were not fitted to ({esc(ZOO_RESULTS)}).</p>"
+                     + html_table(cal, cal_cols))
+        md.append(md_table(cal, cal_cols))
     else:
         parts.append("<p>No flags: no map was off-object, on a border hot-spot, zero or flat, and no word was "
                      "centre-biased, object-independent or had a Clever-Hans cluster.</p>")

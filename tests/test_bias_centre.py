@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from diffcam_core.bias_centre import CentreSample, run_centre_bias, run_centre_flags
+from diffcam_core.bias_centre import CentreSample, naming_z, run_centre_bias, run_centre_flags, run_naming_flag
 from diffcam_core.bias_dataset import centre_bias_index
 from diffcam_core.bias_settings import BiasSettings
 from diffcam_core.stats import centre_mask
@@ -86,3 +86,40 @@ def test_too_few_maps_or_no_objects_raise_nothing():
     no_objects = [CentreSample("s", {"m": [np.ones(GRID)]}, [], [])]
     assert run_centre_bias(no_objects, BiasSettings()) == {"m": None}
     assert run_centre_bias([], BiasSettings()) == {}
+
+
+def test_naming_z_is_the_pooled_two_proportion_statistic():
+    # 30/40 central named vs 10/40 off: p = 0.5, se = sqrt(0.25 * 2/40) = 0.1118, z = 0.5 / se
+    assert naming_z(30, 40, 10, 40) == pytest.approx(0.5 / np.sqrt(0.25 * (2 / 40)))
+    assert naming_z(5, 10, 5, 10) == 0.0
+    assert naming_z(3, 0, 1, 5) is None and naming_z(4, 4, 6, 6) is None  # no side / no variance
+
+
+def test_naming_flag_fires_on_a_model_that_names_only_central_objects_and_not_on_maps():
+    """The zoo's centre-biased model has maps *less* central than its objects; its answers
+    still give it away. Here the maps sit off-centre on purpose: the map score is negative,
+    the naming flag fires (method None), a model that names everything raises nothing."""
+    rng = np.random.default_rng(4)
+    corner = np.zeros(GRID)
+    corner[0, 0] = 1.0
+    st = run_centre_bias(_run(rng, 120, names=_central, map_of=lambda o: corner), BiasSettings())["m"]
+    assert st["score"] < 0 and run_centre_flags({"m": st}, BiasSettings()) == []
+    flags = run_naming_flag({"m": st}, BiasSettings())
+    assert [(f.kind, f.word, f.method, f.region) for f in flags] == [("centre_bias", None, None, (0.25, 0.25, 0.75, 0.75))]
+    ev = flags[0].evidence
+    assert ev["naming_gap"] == 1.0 and ev["z"] == pytest.approx(flags[0].score) and flags[0].score >= 3.0
+    assert flags[0].flag_id != run_centre_flags({"m": {**st, "score": 1.0}}, BiasSettings())[0].flag_id
+
+    fair = run_centre_bias(_run(rng, 120, names=lambda o: True, map_of=lambda o: o), BiasSettings())["m"]
+    assert run_naming_flag({"m": fair}, BiasSettings()) == []
+
+
+def test_naming_flag_needs_both_significance_and_size():
+    st = {"central_named": 520, "central_objects": 1000, "off_centre_named": 480, "off_centre_objects": 1000,
+          "naming_gap": 0.04, "grid": [8, 8]}
+    assert naming_z(520, 1000, 480, 1000) > 1.5
+    assert run_naming_flag({"m": st}, BiasSettings(centre_naming_z_min=1.5)) == []  # significant, but 4 points
+    few = {**st, "central_named": 9, "central_objects": 9, "off_centre_named": 0, "off_centre_objects": 9,
+           "naming_gap": 1.0}
+    assert run_naming_flag({"m": few}, BiasSettings()) == []  # under min_word_samples objects a side
+    assert run_naming_flag({"m": few}, BiasSettings(min_word_samples=5)) != []

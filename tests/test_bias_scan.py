@@ -193,6 +193,7 @@ def test_audit_confirms_what_only_the_scan_found(tmp_path: Path) -> None:
     assert write_dataset_flags(st, "r1", rows)
     page = build_report(st, "r1", tmp_path / "rep", sections=[*DEFAULT_SECTIONS, BIAS_SECTION])[0].read_text()
     assert "found_by" in page and "hit_rate" in page and "region erased" in page
+    assert "Calibration behind these flags" in page and "recall" in page  # the kind's held-out figures
 
     quiet = ScriptedModel(ss.cue.rgb)
     off: dict = {}
