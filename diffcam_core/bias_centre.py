@@ -108,6 +108,14 @@ def run_centre_bias(samples: Sequence[CentreSample], settings: BiasSettings = Bi
     return out
 
 
+def _centre_box(grid: tuple[int, int], settings: BiasSettings) -> tuple[float, float, float, float]:
+    """The central box of a run-level flag (normalised x0, y0, x1, y1): the cells of `centre_mask`."""
+    c = centre_mask(grid, settings.stats_settings)
+    rows, cols = np.nonzero(c.any(1))[0], np.nonzero(c.any(0))[0]
+    h, w = grid
+    return (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+
+
 def run_centre_flags(stats: Mapping[str, Mapping | None], settings: BiasSettings = BiasSettings()) -> list[Flag]:
     """A run-level `centre_bias` flag (word None) per method whose score is >=
     ``centre_prior_threshold`` over at least ``min_word_samples`` maps."""
@@ -115,11 +123,7 @@ def run_centre_flags(stats: Mapping[str, Mapping | None], settings: BiasSettings
     for method, st in sorted(stats.items()):
         if st is None or st["n_maps"] < settings.min_word_samples or st["score"] < settings.centre_prior_threshold:
             continue
-        grid = tuple(st["grid"])
-        c = centre_mask(grid, settings.stats_settings)
-        rows, cols = np.nonzero(c.any(1))[0], np.nonzero(c.any(0))[0]
-        h, w = grid
-        box = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+        box = _centre_box(tuple(st["grid"]), settings)
         ev = {"level": "run", "method": method, "rule": "score >= centre_prior_threshold (score = centre share of "
               "the mean map of every content word - centre share of the images' object prior)",
               **{k: round6(v) if isinstance(v, float) else v for k, v in st.items() if k not in ("mean_map", "prior")},
@@ -163,11 +167,7 @@ def run_naming_flag(stats: Mapping[str, Mapping | None], settings: BiasSettings 
     if (z is None or gap is None or min(ct, ot) < settings.min_word_samples or z < settings.centre_naming_z_min
             or gap < settings.centre_naming_gap_min):
         return []
-    grid = tuple(st["grid"])
-    c = centre_mask(grid, settings.stats_settings)
-    rows, cols = np.nonzero(c.any(1))[0], np.nonzero(c.any(0))[0]
-    h, w = grid
-    box = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+    box = _centre_box(tuple(st["grid"]), settings)
     ev = {"level": "run", "method": None, "found_by": "naming",
           "rule": "z >= centre_naming_z_min and naming_gap >= centre_naming_gap_min (z: one-sided two-proportion "
                   "test of central vs off-centre objects named)",
