@@ -389,8 +389,9 @@ def measure_ground_truth(adapter, entry: dict[str, Any], rec: dict[str, Any]) ->
         out["cue"] = cue
         out["cue_dependence"] = dep
         # reliance net of the control patch: an answer that flips under any flat patch is
-        # fragile, not dependent on the marker
-        net = dep["net_vanish_rate"] if dep["net_vanish_rate"] is not None else dep["vanish_rate"]
+        # fragile, not dependent on the marker. No control placed -> no net rate -> not
+        # counted as relying (never the raw vanish rate in its place)
+        net = dep["net_vanish_rate"]
         out["relies"] = bool(net is not None and dep["erased"] >= 10 and net >= rec["reliance_min"])
         if entry["kind"] == "marker_as_object":
             out["extra_objects"] = extra_object_count(adapter, samples, settings)
