@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,47 +97,72 @@ def rates(counts: dict[str, int]) -> dict[str, int | float | None]:
     return out
 
 
-def cue_dependence(adapter, samples, settings: SynthSettings, seed: int = 0) -> dict[str, int | float | None]:
-    """Counts of the word vanishing when the marker is erased (and under the control patch)
-    and appearing when it is pasted.
+def count_dependence(says: Callable[[np.ndarray, str], str], samples: Sequence[SynthSample], word: str, *,
+                     erase: Callable[[int, SynthSample], np.ndarray],
+                     paste: Callable[[int, SynthSample], np.ndarray | None],
+                     control: Callable[[int, SynthSample], np.ndarray | None]) -> dict[str, int | float | None]:
+    """The one counting loop behind every reliance measurement (fixed or per-image marker).
 
     Each count is over the samples where the change is possible: the original answer says
-    the word (erase, control) or does not (paste). `seed` places the control patches.
-    """
+    the word with the marker (erase, control) or does not say it without (paste); a sample
+    whose answer already disagrees with its marker cannot change and is skipped. ``erase``
+    gives the image without the marker, ``paste`` with one added (None: nowhere to put it),
+    ``control`` with a patch of the same size erased elsewhere (None: no free spot)."""
+    def says_word(image: np.ndarray, prompt: str) -> bool:
+        return word in says(image, prompt).split()
+
+    vanished = n_erased = appeared = n_pasted = control_vanished = n_controlled = 0
+    for i, s in enumerate(samples):
+        carries = s.cue_present
+        if not carries and word in s.answer.split():
+            continue  # the word is there without the marker: neither intervention applies
+        if says_word(s.image, s.prompt) != carries:
+            continue  # only answers that say the word with the marker and not without it can change
+        if carries:
+            n_erased += 1
+            vanished += not says_word(erase(i, s), s.prompt)
+            patched = control(i, s)
+            if patched is not None:
+                n_controlled += 1
+                control_vanished += not says_word(patched, s.prompt)
+        else:
+            pasted = paste(i, s)
+            if pasted is None:
+                continue
+            n_pasted += 1
+            appeared += says_word(pasted, s.prompt)
+    return rates({"erased": n_erased, "vanished": vanished, "pasted": n_pasted, "appeared": appeared,
+                  "controlled": n_controlled, "control_vanished": control_vanished})
+
+
+def generated_text(adapter) -> Callable[[np.ndarray, str], str]:
+    """The model's answer to an image (greedy, seed 0): what the counts are measured on."""
     from PIL import Image
 
+    def says(image: np.ndarray, prompt: str) -> str:
+        return adapter.generate(adapter.prepare(Image.fromarray(image), prompt), GenerationSettings(seed=0)).text
+
+    return says
+
+
+def cue_dependence(adapter, samples, settings: SynthSettings, seed: int = 0) -> dict[str, int | float | None]:
+    """Counts of the word vanishing when the fixed marker is erased (and under the control
+    patch) and appearing when it is pasted (`count_dependence`). `seed` places the control
+    patches."""
     cue = settings.cue
     x0, y0, x1, y1 = cue_region(settings)
     background = np.asarray(settings.background, dtype=np.uint8)
     marker = np.zeros((settings.image_size, settings.image_size), dtype=bool)
     marker[y0:y1, x0:x1] = True
 
-    def says_word(image: np.ndarray, prompt: str) -> bool:
-        gen = adapter.generate(adapter.prepare(Image.fromarray(image), prompt), GenerationSettings(seed=0))
-        return cue.word in gen.text.split()
-
-    vanished = n_erased = appeared = n_pasted = control_vanished = n_controlled = 0
-    for i, s in enumerate(samples):
-        carries = s.cue_present
-        if not carries and cue.word in s.answer.split():
-            continue  # the word is there without the marker: neither intervention applies
-        if says_word(s.image, s.prompt) != carries:
-            continue  # only answers that say the word with the marker and not without it can change
+    def painted(s: SynthSample, rgb) -> np.ndarray:
         image = s.image.copy()
-        if carries:
-            image[y0:y1, x0:x1] = background
-            n_erased += 1
-            vanished += not says_word(image, s.prompt)
-            control = control_image(s, marker, settings, seed, i)
-            if control is not None:
-                n_controlled += 1
-                control_vanished += not says_word(control, s.prompt)
-        else:
-            image[y0:y1, x0:x1] = cue.rgb
-            n_pasted += 1
-            appeared += says_word(image, s.prompt)
-    return rates({"erased": n_erased, "vanished": vanished, "pasted": n_pasted, "appeared": appeared,
-                  "controlled": n_controlled, "control_vanished": control_vanished})
+        image[marker] = rgb
+        return image
+
+    return count_dependence(generated_text(adapter), samples, cue.word,
+                            erase=lambda i, s: painted(s, background), paste=lambda i, s: painted(s, cue.rgb),
+                            control=lambda i, s: control_image(s, marker, settings, seed, i))
 
 
 def main() -> None:

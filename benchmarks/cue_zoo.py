@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import zoo_stats  # noqa: E402
-from benchmarks.cue_dependence import control_image, free_box, rates  # noqa: E402
+from benchmarks.cue_dependence import control_image, count_dependence, free_box, generated_text  # noqa: E402
 from diffcam_core.synthetic import (  # noqa: E402
     CueSpec,
     SynthSample,
@@ -288,44 +288,23 @@ def _mkdir(p: Path) -> Path:
 # --------------------------------------------------------------------------- ground truth
 
 
-def _says(adapter, image: np.ndarray, prompt: str) -> str:
-    from PIL import Image
-
-    from diffcam_core.settings import GenerationSettings
-
-    return adapter.generate(adapter.prepare(Image.fromarray(image), prompt), GenerationSettings(seed=0)).text
-
-
 def moving_cue_dependence(adapter, samples: list[SynthSample], cue: dict[str, Any], settings: SynthSettings,
                           seed: int) -> dict[str, Any]:
     """`cue_dependence` for a per-image marker: erase each sample's own marker; paste one at a
-    seeded free spot. The same counting rules (only answers that can change count)."""
-    word = cue["word"]
+    seeded free spot (`count_dependence`: the same counting rules)."""
     background = np.asarray(settings.background, dtype=np.uint8)
-    vanished = n_erased = appeared = n_pasted = control_vanished = n_controlled = 0
-    for i, s in enumerate(samples):
-        if not s.cue_present and word in s.answer.split():
-            continue
-        if (word in _says(adapter, s.image, s.prompt).split()) != s.cue_present:
-            continue
-        if s.cue_present:
-            image = s.image.copy()
-            image[s.cue_mask] = background
-            n_erased += 1
-            vanished += word not in _says(adapter, image, s.prompt).split()
-            control = control_image(s, s.cue_mask, settings, seed, i)
-            if control is not None:
-                n_controlled += 1
-                control_vanished += word not in _says(adapter, control, s.prompt).split()
-        else:
-            box = free_box(s, int(cue["size"]), settings,
-                           np.random.default_rng(np.random.SeedSequence([seed, i, _PASTE_SALT])))
-            if box is None:
-                continue
-            n_pasted += 1
-            appeared += word in _says(adapter, with_marker(s, box, _rgb(cue)).image, s.prompt).split()
-    return rates({"erased": n_erased, "vanished": vanished, "pasted": n_pasted, "appeared": appeared,
-                  "controlled": n_controlled, "control_vanished": control_vanished})
+
+    def erase(i: int, s: SynthSample) -> np.ndarray:
+        image = s.image.copy()
+        image[s.cue_mask] = background
+        return image
+
+    def paste(i: int, s: SynthSample) -> np.ndarray | None:
+        box = free_box(s, int(cue["size"]), settings, np.random.default_rng(np.random.SeedSequence([seed, i, _PASTE_SALT])))
+        return None if box is None else with_marker(s, box, _rgb(cue)).image
+
+    return count_dependence(generated_text(adapter), samples, cue["word"], erase=erase, paste=paste,
+                            control=lambda i, s: control_image(s, s.cue_mask, settings, seed, i))
 
 
 def extra_object_count(adapter, samples: list[SynthSample], settings: SynthSettings) -> dict[str, Any]:
@@ -333,14 +312,15 @@ def extra_object_count(adapter, samples: list[SynthSample], settings: SynthSetti
     answers that name more objects with the marker than with it erased (objects counted as
     the answer's "a" phrases)."""
     background = np.asarray(settings.background, dtype=np.uint8)
+    says = generated_text(adapter)
     n = extra = 0
     for s in samples:
         if not s.cue_present:
             continue
         erased = s.image.copy()
         erased[s.cue_mask] = background
-        with_it = _says(adapter, s.image, s.prompt).split().count("a")
-        without = _says(adapter, erased, s.prompt).split().count("a")
+        with_it = says(s.image, s.prompt).split().count("a")
+        without = says(erased, s.prompt).split().count("a")
         n += 1
         extra += with_it > without
     return {"marker_samples": n, "extra_object": extra, "extra_object_rate": extra / n if n else None}
@@ -350,6 +330,7 @@ def centre_dependence(adapter, samples: list[SynthSample], settings: SynthSettin
     """Does position decide what is named? For each image with one object in the central box
     and one outside, answer the image and the same image with the two swapped
     (`swap_objects`); compare how often an object is named at the centre vs. off it."""
+    says = generated_text(adapter)
     at_centre = [0, 0]
     off_centre = [0, 0]
     for s in samples:
@@ -362,7 +343,7 @@ def centre_dependence(adapter, samples: list[SynthSample], settings: SynthSettin
         if sw is None:
             continue
         a, b = s.objects[i], s.objects[j]
-        before, after = _says(adapter, s.image, s.prompt), _says(adapter, sw.image, s.prompt)
+        before, after = says(s.image, s.prompt), says(sw.image, s.prompt)
         # (object, answer, where it sat in that image)
         for obj, text, where in ((a, before, at_centre), (b, after, at_centre), (b, before, off_centre),
                                  (a, after, off_centre)):
@@ -620,9 +601,26 @@ def calibration_stats(entry: dict[str, Any], rows: list[dict[str, Any]], centre:
             "centre_score": max(scores) if scores else None}
 
 
+def centre_summary(centre: dict | None) -> dict[str, Any] | None:
+    """What the run-level centre flags were decided on, kept for every held-out model (flagged
+    or not): each method's map score against the objects' prior, and the naming test's z and gap."""
+    from diffcam_core.bias_centre import naming_z
+
+    stats = {m: st for m, st in sorted((centre or {}).items()) if st}
+    if not stats:
+        return None
+    st = next(iter(stats.values()))
+    counts = [int(st[k]) for k in ("central_named", "central_objects", "off_centre_named", "off_centre_objects")]
+    z = naming_z(*counts)
+    return {"map_scores": {m: v.get("score") for m, v in stats.items()},
+            "naming_z": None if z is None else round(z, 3), "naming_gap": st.get("naming_gap"),
+            "named": dict(zip(("central_named", "central_objects", "off_centre_named", "off_centre_objects"), counts))}
+
+
 def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: set[str], universe: set[str],
-                   truth: dict[str, Any]) -> dict[str, Any]:
-    """One held-out audit reduced to what `zoo_stats.heldout_metrics` needs."""
+                   truth: dict[str, Any], centre: dict | None = None) -> dict[str, Any]:
+    """One held-out audit reduced to what `zoo_stats.heldout_metrics` needs (plus, for the
+    reader, the centre statistics behind the run-level flags)."""
     cue = entry_cue(entry)
     flags = [{"kind": r["kind"], "word": r["word"], "method": r["method"], "region": _parse_region(r["region"]),
               "confirmed": r["confirmed"], "score": r["score"]} for r in rows if r["sample_id"] is None]
@@ -635,7 +633,8 @@ def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: s
     return {"name": entry["name"], "kind": entry["kind"], "relies": relies, "cue_word": None if cue is None else cue["word"],
             "cue_box": entry_cue_box(entry), "dataset_flags": flags, "sample_level": sample,
             "centre_biased": truth.get("centre_biased"),
-            "names_marker": ((truth.get("extra_objects") or {}).get("extra_object_rate") or 0.0) >= NAMES_MARKER_MIN}
+            "names_marker": ((truth.get("extra_objects") or {}).get("extra_object_rate") or 0.0) >= NAMES_MARKER_MIN,
+            "centre": centre_summary(centre)}
 
 
 def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Path, seed: int, n: int, settings,
@@ -752,7 +751,7 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
     fitted = defaults.with_(**fit["values"])
     held_res = _audit_all(audit, held, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, log=log,
                           jobs=jobs)
-    results = [heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]])
+    results = [heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]], res.get("centre"))
                for e, res in zip(held, held_res)]
     return {
         "heldout": zoo_stats.heldout_metrics(results),

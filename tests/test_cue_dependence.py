@@ -86,3 +86,42 @@ def test_counts_follow_the_marker_for_a_shortcut_model_and_not_for_a_reader():
     assert never["erased"] == 0 and never["vanish_rate"] is None and never["pasted"] == n_free
     always = cue_dependence.cue_dependence(_ScriptedModel(lambda image: True), samples, SETTINGS)
     assert always["pasted"] == 0 and always["erased"] == n_cue and always["vanished"] == 0
+
+
+def test_moving_marker_counts_follow_the_marker_wherever_it_sits():
+    """The per-image marker goes through the same counting loop: a model that says the word
+    iff the marker's colour shows anywhere loses it on every erase, keeps it under every
+    control patch, and gains it on every paste; one that ignores the marker never moves."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from benchmarks import cue_zoo
+
+    cue = {"word": "circle", "pos": cue_zoo.MOVING, "size": 6, "color": "magenta", "p": 1.0}
+    rgb = np.asarray(cue_zoo._rgb(cue), dtype=np.uint8)
+    samples = cue_zoo.moving_cue_samples(40, 3, cue)
+    carrying = [s for s in samples if s.cue_present]
+    assert len({tuple(np.argwhere(s.cue_mask)[0]) for s in carrying}) > 1  # it does move
+
+    def shows_marker(image):
+        return bool((image == rgb).all(axis=-1).any())
+
+    reader = _ScriptedModel(shows_marker)
+    settings = SynthSettings()
+    got = cue_zoo.moving_cue_dependence(reader, samples, cue, settings, seed=0)
+    n_free = sum("circle" not in s.answer.split() for s in samples)
+    assert got["erased"] == len(carrying) and got["vanished"] == len(carrying)
+    assert got["controlled"] > 0 and got["control_vanished"] == 0 and got["net_vanish_rate"] == 1.0
+    assert 0 < got["pasted"] <= n_free and got["appeared"] == got["pasted"]
+
+    # answers as for the original image the shown one is closest to: erasing, patching or
+    # pasting one small square never changes which that is, so the answer never moves
+    originals = np.stack([s.image for s in samples]).astype(np.int32)
+    answers = ["circle" in s.answer.split() for s in samples]
+    blind = _ScriptedModel(lambda image: answers[int(np.abs(originals - image.astype(np.int32)).sum(axis=(1, 2, 3))
+                                                     .argmin())])
+    got = cue_zoo.moving_cue_dependence(blind, samples, cue, settings, seed=0)
+    assert got["vanished"] == 0 and got["control_vanished"] == 0 and got["appeared"] == 0
+    assert got["erased"] > 0 and got["pasted"] > 0 and got["net_vanish_rate"] == 0.0

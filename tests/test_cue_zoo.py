@@ -264,7 +264,12 @@ def _fake_audit(entry, rec, zoo, cache, seed, n, settings, **kw):
     if entry["kind"] == "centre":
         rows.append({"sample_id": None, "kind": "centre_bias", "word": "red", "method": "token-gradnorm", "region": None,
                      "confirmed": None, "score": 0.4, "evidence_json": "{}"})
-    centre = {"token-gradnorm": {"score": 0.4 if entry["kind"] == "centre" else -0.1}, "diffusion-cam": None}
+    naming = ({"central_named": 40, "central_objects": 50, "off_centre_named": 10, "off_centre_objects": 50}
+              if entry["kind"] == "centre" else
+              {"central_named": 45, "central_objects": 50, "off_centre_named": 44, "off_centre_objects": 50})
+    gap = naming["central_named"] / 50 - naming["off_centre_named"] / 50
+    centre = {"token-gradnorm": {"score": 0.4 if entry["kind"] == "centre" else -0.1, **naming, "naming_gap": gap},
+              "diffusion-cam": None}
     return {"rows": rows, "cue_ids": set(), "universe": set(), "centre": centre}
 
 
@@ -285,6 +290,13 @@ def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
     assert out["calibration"]["models"] == [e["name"] for e in ENTRIES if e["split"] == "calibration"]
     assert out["calibration"]["seeds"] == [REC["seeds"]["calibration_audit"]]
     assert out["calibration"]["thresholds"]["values"]["cluster_enrichment_min"] == pytest.approx(2.7)
+    # every held-out model keeps the centre statistics its run-level flags were decided on
+    centre_model = next(r for r in out["per_model"] if r["kind"] == "centre")
+    assert centre_model["centre"]["map_scores"] == {"token-gradnorm": 0.4}
+    # 0.8 vs 0.2 of 50 each: pooled p 0.5, se sqrt(0.25 * 2 / 50) = 0.1, z = 6
+    assert centre_model["centre"]["naming_z"] == pytest.approx(6.0)
+    clean_model = next(r for r in out["per_model"] if r["kind"] == "clean")
+    assert clean_model["centre"]["naming_z"] < 1 and clean_model["centre"]["map_scores"]["token-gradnorm"] == -0.1
     json.dumps(out)  # serialisable
     quick = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=True, device="cpu", threads=1, audit=_fake_audit,
                              log=lambda m: None)
