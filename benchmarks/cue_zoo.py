@@ -617,10 +617,21 @@ def centre_summary(centre: dict | None) -> dict[str, Any] | None:
             "named": dict(zip(("central_named", "central_objects", "off_centre_named", "off_centre_objects"), counts))}
 
 
+def cue_word_trace(word: str | None, scan: dict | str | None, refuted: list[dict] | None) -> dict[str, Any] | None:
+    """What the audit did with the cue word, so a miss can be explained with numbers: the
+    discovery scan's record for the word (skipped and why, or images scanned and candidate
+    windows found) and the word's suspects that the counterfactual refuted."""
+    if word is None:
+        return None
+    return {"scan": scan.get(word, "the word was in no answer's maps") if isinstance(scan, dict) else scan,
+            "refuted": [r for r in (refuted or []) if str(r.get("word", "")).lower() == word]}
+
+
 def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: set[str], universe: set[str],
-                   truth: dict[str, Any], centre: dict | None = None) -> dict[str, Any]:
+                   truth: dict[str, Any], centre: dict | None = None, scan: dict | str | None = None,
+                   refuted: list[dict] | None = None) -> dict[str, Any]:
     """One held-out audit reduced to what `zoo_stats.heldout_metrics` needs (plus, for the
-    reader, the centre statistics behind the run-level flags)."""
+    reader, the centre statistics behind the run-level flags and the cue word's trace)."""
     cue = entry_cue(entry)
     flags = [{"kind": r["kind"], "word": r["word"], "method": r["method"], "region": _parse_region(r["region"]),
               "confirmed": r["confirmed"], "score": r["score"]} for r in rows if r["sample_id"] is None]
@@ -634,7 +645,8 @@ def heldout_result(entry: dict[str, Any], rows: list[dict[str, Any]], cue_ids: s
             "cue_box": entry_cue_box(entry), "dataset_flags": flags, "sample_level": sample,
             "centre_biased": truth.get("centre_biased"),
             "names_marker": ((truth.get("extra_objects") or {}).get("extra_object_rate") or 0.0) >= NAMES_MARKER_MIN,
-            "centre": centre_summary(centre)}
+            "centre": centre_summary(centre),
+            "cue_word_trace": cue_word_trace(None if cue is None else cue["word"], scan, refuted)}
 
 
 def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Path, seed: int, n: int, settings,
@@ -664,6 +676,7 @@ def audit_entry(entry: dict[str, Any], rec: dict[str, Any], zoo: Path, cache: Pa
     ds = load_dataset(ds_dir)
     cue_ids = {s.sample_id for s in ds.samples if s.extra.get("cue_present")}
     out = {"rows": rows, "cue_ids": cue_ids, "universe": {s.sample_id for s in ds.samples}, "centre": info.get("centre"),
+           "scan": info.get("scan"), "refuted": info.get("refuted"),
            "seconds": {"audit": round(t1 - t0, 1), "bias_step": round(time.perf_counter() - t1, 1)}}
     return out
 
@@ -751,7 +764,8 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
     fitted = defaults.with_(**fit["values"])
     held_res = _audit_all(audit, held, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, log=log,
                           jobs=jobs)
-    results = [heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]], res.get("centre"))
+    results = [heldout_result(e, res["rows"], res["cue_ids"], res["universe"], truth[e["name"]], res.get("centre"),
+                              res.get("scan"), res.get("refuted"))
                for e, res in zip(held, held_res)]
     return {
         "heldout": zoo_stats.heldout_metrics(results),

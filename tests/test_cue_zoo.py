@@ -270,7 +270,9 @@ def _fake_audit(entry, rec, zoo, cache, seed, n, settings, **kw):
     gap = naming["central_named"] / 50 - naming["off_centre_named"] / 50
     centre = {"token-gradnorm": {"score": 0.4 if entry["kind"] == "centre" else -0.1, **naming, "naming_gap": gap},
               "diffusion-cam": None}
-    return {"rows": rows, "cue_ids": set(), "universe": set(), "centre": centre}
+    scan = {"blue": {"n_occurrences": 8, "skipped": "fewer than min_word_samples=10 occurrences"}}
+    refuted = [{"word": "blue", "method": "token-gradnorm", "region": "0.1,0.1,0.2,0.2", "score": 0.1}]
+    return {"rows": rows, "cue_ids": set(), "universe": set(), "centre": centre, "scan": scan, "refuted": refuted}
 
 
 def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
@@ -295,6 +297,16 @@ def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
     assert centre_model["centre"]["map_scores"] == {"token-gradnorm": 0.4}
     # 0.8 vs 0.2 of 50 each: pooled p 0.5, se sqrt(0.25 * 2 / 50) = 0.1, z = 6
     assert centre_model["centre"]["naming_z"] == pytest.approx(6.0)
+    # and what the audit did with its cue word (the scan's record, refuted suspects on it)
+    for r in out["per_model"]:
+        if r["cue_word"] == "blue":
+            assert r["cue_word_trace"]["scan"]["skipped"].startswith("fewer than")
+            assert len(r["cue_word_trace"]["refuted"]) == 1
+        elif r["cue_word"] is not None:
+            assert r["cue_word_trace"] == {"scan": "the word was in no answer's maps", "refuted": []}
+        else:
+            assert r["cue_word_trace"] is None
+    assert any(r["cue_word"] == "blue" for r in out["per_model"])
     clean_model = next(r for r in out["per_model"] if r["kind"] == "clean")
     assert clean_model["centre"]["naming_z"] < 1 and clean_model["centre"]["map_scores"]["token-gradnorm"] == -0.1
     json.dumps(out)  # serialisable
