@@ -4,6 +4,7 @@ models its thresholds were not fitted to.
     python benchmarks/cue_zoo.py build --out models/zoo [--only NAME ...] [--device cuda]
         [--threads 1] [--include-expensive] [--steps N --n-train N]   (the last two: smoke runs only)
     python benchmarks/cue_zoo.py eval --json FILE [--zoo models/zoo] [--quick] [--cache DIR]
+    python benchmarks/cue_zoo.py eval --add NAME ... --to FULL.json --json FILE   (a model built later)
     python benchmarks/cue_zoo.py list
 
 The recipes, the fixed calibration / held-out split and its rule are in
@@ -778,13 +779,75 @@ def evaluate(rec: dict[str, Any], zoo: Path, cache: Path, *, quick: bool, device
     }
 
 
+def evaluate_added(rec: dict[str, Any], zoo: Path, cache: Path, previous: dict[str, Any], names: list[str], *,
+                   device: str, threads: int, audit=None, log=None, jobs: int = 1) -> dict[str, Any]:
+    """Add held-out models to a full evaluation without redoing it.
+
+    The thresholds are a function of the calibration split alone, so a held-out model built
+    after an evaluation is judged with the thresholds that evaluation fitted (read back from
+    ``previous``, the JSON `evaluate` wrote), on the same seed and number of images; the
+    held-out figures are then recomputed over the previous held-out results plus the new
+    ones. Calibration entries cannot be added this way (they would change the fit: run the
+    full `eval`), nor quick evaluations, nor models already judged."""
+    from diffcam_core.bias_settings import BiasSettings
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    audit = audit or audit_entry
+    by_name = {e["name"]: e for e in rec["entries"]}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise SystemExit(f"unknown zoo entries {unknown}; `python benchmarks/cue_zoo.py list` lists them")
+    if previous.get("quick"):
+        raise SystemExit("--add extends a full evaluation; the --to file is a --quick one")
+    calib = sorted(n for n in names if by_name[n]["split"] != "heldout")
+    if calib:
+        raise SystemExit(f"{calib} are calibration entries: adding one changes the fitted thresholds, so run the "
+                         "full `eval` instead")
+    done = sorted(set(names) & set(previous["heldout_models"]))
+    if done:
+        raise SystemExit(f"{done} are already judged in the --to file")
+    entries = [by_name[n] for n in names]
+    truth = require_zoo(entries, rec, zoo)
+    n, hs = previous["calibration"]["n_samples_per_model"], previous["heldout_seed"]
+    fitted = BiasSettings().with_(**previous["calibration"]["thresholds"]["values"])
+    t0 = time.perf_counter()
+    res = _audit_all(audit, entries, rec, zoo, cache, hs, n, fitted, device=device, threads=threads, log=log,
+                     jobs=jobs)
+    added = [heldout_result(e, r["rows"], r["cue_ids"], r["universe"], truth[e["name"]], r.get("centre"),
+                            r.get("scan"), r.get("refuted")) for e, r in zip(entries, res)]
+    results = [*previous["per_model"], *added]
+    return {
+        **previous,
+        "heldout": zoo_stats.heldout_metrics(results),
+        "heldout_models": [*previous["heldout_models"], *names],
+        "per_model": results,
+        "audit_seconds": {**previous.get("audit_seconds", {}), **{e["name"]: r.get("seconds")
+                                                                   for e, r in zip(entries, res)}},
+        "not_built": {k: v for k, v in previous.get("not_built", {}).items() if k not in names},
+        "added": [*previous.get("added", []),
+                  {"models": names, "seconds": round(time.perf_counter() - t0, 1),
+                   "thresholds": "the calibration thresholds recorded in this file (not refitted)"}],
+    }
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
     rec = load_recipes(a.recipes)
-    out = evaluate(rec, a.zoo, a.cache, quick=a.quick, device=a.device, threads=a.threads,
-                   allow_missing=a.allow_missing, jobs=a.jobs)
+    if bool(a.add) != bool(a.to):
+        raise SystemExit("--add NAME ... and --to FILE go together: the held-out models to judge, and the full "
+                         "evaluation whose thresholds judge them")
+    if a.add:
+        if a.quick or a.allow_missing:
+            raise SystemExit("--add takes neither --quick nor --allow-missing")
+        if not a.to.is_file():
+            raise SystemExit(f"--to {a.to}: no such evaluation file (write one with `eval --json`)")
+        out = evaluate_added(rec, a.zoo, a.cache, json.loads(a.to.read_text()), a.add, device=a.device,
+                             threads=a.threads, jobs=a.jobs)
+    else:
+        out = evaluate(rec, a.zoo, a.cache, quick=a.quick, device=a.device, threads=a.threads,
+                       allow_missing=a.allow_missing, jobs=a.jobs)
     for name, why in out["not_built"].items():
         print(f"NOT EVALUATED {name}: {why}", file=sys.stderr)
     text = json.dumps(out, indent=1, default=str)
@@ -825,6 +888,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="audits run side by side in worker processes of --threads each (this 2-core CPU: 2 x 1)")
     e.add_argument("--allow-missing", action="store_true",
                    help="evaluate the models that are built; list the others (and how to build them) under not_built")
+    e.add_argument("--add", nargs="+", default=None, metavar="NAME",
+                   help="judge these held-out models (built after the --to evaluation) with the thresholds that "
+                        "evaluation fitted, and recompute its held-out figures; the result goes to --json")
+    e.add_argument("--to", type=Path, default=None, metavar="FILE", help="the full evaluation --add extends")
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(func=cmd_eval)

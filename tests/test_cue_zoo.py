@@ -351,3 +351,37 @@ def test_every_trained_recipe_draws_its_data_and_the_cue_shows_only_with_its_wor
             assert all(cue["word"] in s.answer.split() for s in samples if s.cue_present), e["name"]
         else:
             assert not any(s.cue_present for s in samples)
+
+
+def test_adding_a_heldout_model_reuses_the_recorded_thresholds_and_matches_a_full_evaluation(tmp_path):
+    """`eval --add`: a model judged after a full evaluation gets that evaluation's fitted
+    thresholds (no calibration audit is rerun) and the held-out figures are those a full
+    evaluation with it would give; calibration entries and repeats are refused."""
+    zoo = _fake_zoo(tmp_path)
+    kw = dict(device="cpu", threads=1, log=lambda m: None)
+    full = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=False, audit=_fake_audit, **kw)
+    late = next(e["name"] for e in ENTRIES if e["source"] == "recipe_only")
+    assert late in full["heldout_models"]
+    # the evaluation as it stood before the late model existed
+    before = dict(full, heldout_models=[m for m in full["heldout_models"] if m != late],
+                  per_model=[r for r in full["per_model"] if r["name"] != late])
+    before["heldout"] = zoo_stats.heldout_metrics(before["per_model"])
+    # recorded thresholds that no default equals: the added audit must receive exactly these
+    recorded = dict(before["calibration"]["thresholds"]["values"], cf_confirm_min=0.61, cluster_specificity_min=1.3)
+    before["calibration"] = {**before["calibration"], "thresholds": {**before["calibration"]["thresholds"],
+                                                                     "values": recorded}}
+    seen = []
+
+    def audit(entry, *a, **k):
+        seen.append((entry["name"], a[-1]))  # settings is the last positional argument
+        return _fake_audit(entry, *a, **k)
+
+    out = cue_zoo.evaluate_added(REC, zoo, tmp_path / "cache", before, [late], audit=audit, **kw)
+    assert [name for name, _ in seen] == [late]  # no calibration audit rerun
+    assert seen[0][1].cf_confirm_min == 0.61 and seen[0][1].cluster_specificity_min == 1.3
+    assert out["heldout"] == full["heldout"]
+    assert out["heldout_models"][-1] == late and out["added"][0]["models"] == [late]
+    assert out["calibration"] == before["calibration"]
+    for bad in ([next(e["name"] for e in ENTRIES if e["split"] == "calibration")], [full["heldout_models"][0]]):
+        with pytest.raises(SystemExit):
+            cue_zoo.evaluate_added(REC, zoo, tmp_path / "cache", before, bad, audit=audit, **kw)
