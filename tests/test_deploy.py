@@ -291,19 +291,25 @@ class Loop:
         self.root, self.api, self.hook, self.secret, self.logs, self.env = root, api, hook, secret, logs, env
         self.registry, self.store, self.dataset = registry, store, dataset
 
-    def get(self, path: str) -> Any:
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call, retried on 502/503 as Prefect's own client does: under a loaded CI machine the
+        server's SQLite database can be locked for a moment and the server answers 503 (seen once in a
+        fresh-clone run); anything else, or a 503 that lasts, still fails the test."""
         import httpx
 
-        r = httpx.get(f"{self.api}{path}", timeout=10)
+        for attempt in range(6):
+            r = httpx.request(method, f"{self.api}{path}", json=body, timeout=10)
+            if r.status_code not in (502, 503):
+                break
+            time.sleep(0.5 * 2**attempt)
         r.raise_for_status()
         return r.json()
+
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
 
     def post(self, path: str, body: Any) -> Any:
-        import httpx
-
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=10)
-        r.raise_for_status()
-        return r.json()
+        return self._request("POST", path, body)
 
     def deployment(self, flow: str, name: str) -> dict[str, Any]:
         return self.get(f"/deployments/name/{flow}/{name}")
