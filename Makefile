@@ -17,8 +17,10 @@ install: $(STAMP)
 audit: $(STAMP)
 	$(VENV)/bin/diffcam audit
 
+# two pytest workers, a test file each at a time (module fixtures built once); the suite's
+# slow tests mostly wait on servers and subprocesses, so two share the 2-core CI machine well
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
