@@ -214,7 +214,8 @@ def test_sigkill_at_any_commit_step_is_all_or_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_worker_faults_kill_poison_oom_hang(make_dataset, tmp_path):
-    """One pool (2 workers, batches of 2, max_restarts=1, max_attempts=2, call_timeout 6 s):
+    """One pool (2 workers, batches of 2, max_restarts=1, max_attempts=2, call_timeout 15 s;
+    6 s timed out a healthy call once when two test files ran side by side on the 2 cores):
 
     - synth-1 kills its worker once, mid-batch → the batch's samples are retried alone → rows;
     - synth-3 kills its worker every time (poison) → `worker` failure after 1 batch + 2 lone
@@ -238,7 +239,7 @@ def test_worker_faults_kill_poison_oom_hang(make_dataset, tmp_path):
               "memory_error_on": [sid[6]], "hang_on": [sid[7]], "hang_s": 3600}
     cfg = PoolConfig(model_dir=str(DEFAULT_MODEL), settings=CamSettings(methods=("gradcam", "diffusion-cam")), workers=2,
                      cpus_per_worker=1, gpus_per_worker=0, batch_size=2, max_restarts=1, max_attempts=2,
-                     call_timeout_s=6.0, faults=faults)
+                     call_timeout_s=15.0, faults=faults)
     t0 = time.monotonic()
     with CamPool(cfg) as pool:
         out = pool.run(items)
