@@ -2,58 +2,35 @@
 
     OMP_NUM_THREADS=1 python scripts/train_llada_shipped.py --out models/tiny-llada-shapes --threads 1
 
-What it trains: `tasks.train_llada` builds a LLaDA-V-layout model (SigLIP tower, patch 4 on
-64x64 images = a 16x16 image-token grid; mlp2x_gelu projector; a 4-layer bidirectional Llama LM
-of hidden 128 with a `<|mdm_mask|>` token) and trains it with LLaDA's objective on the
-synthetic shapes (`diffcam data synth` samples, 12,000 per stage, generated in memory), then
-scores colour and shape words on 200 held-out images (seed 2) with the LLaDA sampler at
-16 steps (one token per step, so the words of an answer commit at different steps). The
-folder loads with `load_adapter` (`diffcam explain ... --model models/tiny-llada-shapes`);
-`diffcam_tiny.json` beside the weights records spec, stages, data seeds, loss curve,
-held-out scores and wall time. Each `--stage STEPS:LR:TRAIN_SEED[:SEED]` trains on fresh
-data and continues the previous stage in memory.
+What it trains: `tasks.train_llada` builds a LLaDA-V-layout model (SigLIP tower of 2 layers,
+patch 4 on 64x64 images = a 16x16 image-token grid; mlp2x_gelu projector; a 4-layer
+bidirectional Llama LM of hidden 128 with a `<|mdm_mask|>` token). First the tower alone
+learns, at every image token, which shape covers it (`--vision-stage`, 800 steps on the
+12,000 images of seed 1, labels from the synthetic masks; its head is then dropped); then
+the tower stays frozen while projector and LM train with LLaDA's objective (`--stage`s, fresh
+data per stage, each continuing the previous one in memory). It then scores colour and
+shape words on 200 held-out images (seed 2) with the LLaDA sampler at 16 steps (one token per
+step, so the words of an answer commit at different steps). The folder loads with
+`load_adapter` (`diffcam explain ... --model models/tiny-llada-shapes`); `diffcam_tiny.json`
+beside the weights records spec, vision stage, stages, data seeds, loss curves, held-out
+scores and wall time.
 
-How long it takes: 78.5 minutes for the shipped checkpoint on the shared 2-core CPU (3,000
-steps at 1.4-1.7 s/step, plus data generation and held-out scoring). Its held-out scores
-(colour words 92.9 %, shape words 45.3 %: under the 90 % bar) and trajectory are in
-docs/TRAINING.md section 5 and the folder's `diffcam_tiny.json`. What follows are the short
-runs that chose the recipe, before the full run.
+Why the vision stage: the first shipped model (`--vision-stage none --spec '{}'
+--stage 2000:2e-3:1:0 --stage 1000:1e-3:3:1`: one identity-initialised tower layer trained
+with the LM, 78.5 minutes) reached colour words 92.9 % but shape words only 45.3 %, and no
+lever tried at 1,000 steps moved shapes out of the noise (docs/TRAINING.md §5). With the
+tower pretrained (2 layers, 600 steps, 86 % of held-out object tokens labelled right) and
+frozen, 250 / 500 / 750 LM steps gave shape words 0.67 / 0.79 / 0.84 on 50 held-out images
+(against 0.22 / 0.36 / 0.38 for the first recipe at the same steps).
 
-Measured on 2 Dec 2026, this machine shared with other sessions (load average 2-5),
-OMP_NUM_THREADS=1, the default spec (16x16 image tokens, ~280-token sequences, 0.94 M
-parameters, 3.8 MB safetensors), batch 32:
-- s/step, 1 thread: 1.56 / 1.59 / 1.49 in three 140-150-step runs; 2.4-2.7 in 5-20-step runs
-  while the load was higher. 2 threads: 4.5 (10 steps) and 9.2 (20 steps): with the other
-  core busy, slower than 1 thread, hence `--threads 1`. `--compile`: 30 steps took 285 s
-  including compilation (graph breaks at `int(img.sum())` in `LladaVModel.embed`, a
-  recompile per prompt length), so it is off.
-- 12x12 grid (`--spec '{"image_size": 48}'`): 0.78-0.82 s/step.
-- Held-out scoring: 0.36 s per image at 16 steps (200 images ~70 s); 12x12: 0.18 s.
-- Held-out colour / shape word accuracy (40 images of seed 2 during training, 100 at the
-  end), lr 2e-3, warmup 100, cosine over 2,000 steps, 4,000 training images (seed 1):
-    step 30: 0.00 / 0.00   60: 0.05 / 0.00   90: 0.48 / 0.26   120: 0.52 / 0.16
-    140 (100 images): 0.63 / 0.19, exact answers 0.08
-  continued in a second run (fresh 4,000 images seed 3, new optimiser, warmup 10):
-    +40: 0.74 / 0.31   +80: 0.90 / 0.34   +120: 0.82 / 0.41
-    +143 (283 steps in all, 100 images): 0.74 / 0.38, exact answers 0.27
-  training loss (1/t-weighted) 1.90 -> 0.40 -> 0.21. lr 4e-3 with warmup 40 was no better
-  (150 steps: 0.58 / 0.24). 12x12, same schedule: step 120: 0.59 / 0.25, 180: 0.59 / 0.34,
-  295 (100 images): 0.69 / 0.31, i.e. per step about what 16x16 learns, at half the cost.
-- Every generation ran 16 steps, one token committed per step, so every multi-word answer
-  has a different commit step for each word (eos tail first, colour and shape words last).
+Measured cost on this 2-core CPU, 1 thread (`--threads 1`; 2 threads were slower while the
+other core was busy): vision stage ~0.37 s/step (batch 64), LM ~1.4-1.6 s/step (batch 32,
+~280-token sequences). `--compile` graph-breaks at `int(img.sum())` in `LladaVModel.embed`
+and recompiles per prompt length, so it is off. Held-out scoring: 0.36 s per image at 16
+steps. On a GPU add `--device cuda` (same recipe; float rounding differs).
 
-Extrapolation, honestly: colour words reached 0.90 after ~220 steps and should pass 90 %.
-Shape words are the bottleneck (0.38 after 9,000 examples) and 90 % is not demonstrated: the
-default recipe sees 96,000 examples, while the DiffusionGemma tiny model of this repository (8x8
-grid, another objective) needed 192,000 for 0.69 and 333,000 for 0.96 shape words. The run
-prints a held-out trajectory every 250 steps: if shape words are below ~0.6 at step 1,000
-(~30 minutes in), stop it and train the 12x12 fallback, which fits twice the steps:
-
-    OMP_NUM_THREADS=1 python scripts/train_llada_shipped.py --out models/tiny-llada-shapes \
-        --threads 1 --spec '{"image_size": 48}' --stage 4000:2e-3:1:0 --stage 2000:1e-3:3:1
-
-(about 85 minutes at 0.8 s/step). On a GPU add `--device cuda` (same recipe; float rounding
-differs).
+The shipped checkpoint (this command, 3 Dec 2026): 71.3 minutes; held-out colour words 97.5 %,
+shape words 88.5 % (285 of 322: 1.5 points under the 90 % bar), exact answers 83.5 %.
 """
 
 from __future__ import annotations
@@ -67,11 +44,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffcam_core.synthetic import SynthSettings  # noqa: E402
-from tasks.train_llada import LladaSpec, LladaTrainSettings, run_llada_stages  # noqa: E402
+from tasks.train_llada import LladaSpec, LladaTrainSettings, VisionStage, run_llada_stages  # noqa: E402
 from tasks.train_tiny import Stage  # noqa: E402
 
-#: The proposed recipe (see the module docstring for the measurements behind it).
-DEFAULT_STAGES = ("2000:2e-3:1:0", "1000:1e-3:3:1")
+#: The recipe (see the module docstring and docs/TRAINING.md §5 for the measurements behind it):
+#: a 2-layer tower pretrained on per-token shape labels, then frozen while the LM trains.
+DEFAULT_VISION_STAGE = "800:2e-3:1:0"
+DEFAULT_STAGES = ("1500:2e-3:1:0", "1000:1e-3:3:1")
+DEFAULT_SPEC = {"vision_layers": 2, "vision_identity_init": False}
 DEFAULT_BATCH = 32
 
 
@@ -86,8 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="checkpoint folder to write (default: models/tiny-llada-shapes)")
     ap.add_argument("--stage", action="append", default=None, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
                     help=f"training stage, repeatable (default: {' '.join(DEFAULT_STAGES)})")
-    ap.add_argument("--spec", default="{}", help="JSON overrides of tasks.train_llada.LladaSpec, "
-                    "e.g. '{\"patch_size\": 5, \"image_size\": 60}' for a 12x12 grid")
+    ap.add_argument("--spec", default=json.dumps(DEFAULT_SPEC),
+                    help=f"JSON overrides of tasks.train_llada.LladaSpec (default: {json.dumps(DEFAULT_SPEC)}; "
+                         "'{}' is the 1-layer identity-initialised tower of the first shipped model), "
+                         "e.g. '{\"patch_size\": 5, \"image_size\": 60}' for a 12x12 grid")
+    ap.add_argument("--vision-stage", default=DEFAULT_VISION_STAGE, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
+                    help=f"pretrain the SigLIP tower on per-token shape labels first, then keep it frozen "
+                         f"(default: {DEFAULT_VISION_STAGE}; 'none' trains tower and LM together from scratch, "
+                         "the first shipped model's recipe)")
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 measured faster than 2 when the 2 cores are shared)")
@@ -105,16 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         stages = [Stage.parse(s) for s in (a.stage or DEFAULT_STAGES)]
         spec = LladaSpec.from_overrides(json.loads(a.spec))
+        vision = None if a.vision_stage.lower() == "none" else VisionStage.parse(a.vision_stage)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         ap.error(str(e))
     if a.batch_size < 1 or a.threads < 1:
         ap.error("--batch-size and --threads must be >= 1")
     base = LladaTrainSettings(batch_size=a.batch_size, threads=a.threads, device=a.device, compile=a.compile,
-                              minutes=a.minutes, eval_every=a.eval_every)
+                              minutes=a.minutes, eval_every=a.eval_every, freeze_vision=vision is not None)
     t0 = time.time()
     report = run_llada_stages(
         stages, a.out, SynthSettings(), base, spec, n_train=a.n_train, n_heldout=a.n_heldout,
-        n_trajectory=a.n_trajectory, on_eval=_print_eval,
+        n_trajectory=a.n_trajectory, on_eval=_print_eval, vision_stage=vision,
+        vision_progress=lambda s, loss, acc: print(
+            f"vision step {s} loss {loss:.4f}" + ("" if acc is None else f" held-out object-token shape acc {acc:.3f}")
+            + f" t {time.time() - t0:.0f}s", flush=True),
         progress=lambda k, s, loss, acc: print(f"stage {k} step {s} loss {loss:.4f} masked-acc {acc:.4f} "
                                                f"t {time.time() - t0:.0f}s", flush=True),
     )

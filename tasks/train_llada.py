@@ -15,6 +15,13 @@ caps wall time and is recorded.
 Why these sizes (see `LladaSpec`): 64x64 images with SigLIP patch 4 give the 16x16 image-token
 grid issue 16 asks for. The tower is kept shallow because a trained-from-scratch tiny ViT with
 global attention loses locality (measured on the DiffusionGemma tiny model in this repo).
+
+Why a vision stage (`VisionStage`, `pretrain_vision_tower`): trained only through the language
+model's loss, this tower learnt colours in ~1,000 steps and shapes barely in 3,000
+(docs/TRAINING.md §5). Released LLaDA-V models start from a pretrained SigLIP, so the recipe
+does the same at toy scale: the tower first learns, at every image token, which shape covers
+it (dense labels from the synthetic masks), then stays frozen (`freeze_vision`) while the
+projector and language model learn to answer.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
 from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
+from diffcam_core.synthetic import COLORS, SHAPES, SynthSample, SynthSettings, make_samples, vocabulary
 from tasks.train_tiny import (Stage, TrainExample, evaluate_answers, examples_sha256, stage_record,
                               warmup_cosine_adamw)
 
@@ -137,6 +144,36 @@ class LladaTrainSettings:
     # Score `evaluate` (a held-out subset) every this many steps; 0 = never. Generation draws
     # no random numbers from the training generators, so it does not change the weights.
     eval_every: int = 0
+    # Keep the SigLIP tower as it is (no gradient, no optimiser state): what LLaVA-style
+    # recipes do after the tower has been pretrained (`pretrain_vision_tower`).
+    freeze_vision: bool = False
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """Pretraining of the SigLIP tower alone, before the language model sees it.
+
+    Released LLaDA-V checkpoints start from a pretrained SigLIP; a tiny tower trained from
+    scratch only through the language model's loss learns colours fast and shapes barely
+    (docs/TRAINING.md §5). This stage gives it a dense task instead: every image token
+    predicts the shape of the object covering its patch (background when none covers a
+    quarter of it), with a linear head that is thrown away afterwards.
+    """
+
+    steps: int
+    lr: float
+    train_seed: int  # synthetic images of this seed (`diffcam data synth --seed`)
+    seed: int = 0  # batches and the head's initialisation
+    batch_size: int = 64
+    warmup: int = 50
+    weight_decay: float = 0.01
+    min_coverage: float = 0.25  # share of a patch an object must cover for the token to carry its shape
+
+    @classmethod
+    def parse(cls, text: str) -> "VisionStage":
+        """`STEPS:LR:TRAIN_SEED[:SEED]`, e.g. `800:2e-3:1:0` (the same form as a training `--stage`)."""
+        st = Stage.parse(text)
+        return cls(st.steps, st.lr, st.train_seed, st.seed)
 
 
 def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -263,12 +300,14 @@ def train_llada(
         if missing:
             raise ValueError(f"tokenizer of the continued model lacks words of this dataset: {missing}")
     model = adapter.model
+    if settings.freeze_vision:
+        model.siglip.requires_grad_(False)
     groups = encode_examples(adapter, train)
     model.to(settings.device)
     adapter.device = torch.device(settings.device)
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    opt, sched = warmup_cosine_adamw(model.parameters(), settings)
+    opt, sched = warmup_cosine_adamw([q for q in model.parameters() if q.requires_grad], settings)
 
     def forward(pix, ids, noisy, tgt, masked, t):
         logits = model.canvas_logits(ids, model.image_features(pix), noisy)
@@ -314,6 +353,8 @@ def train_llada(
             stopped_early = True
             break
     model.eval()
+    if settings.freeze_vision:
+        model.siglip.requires_grad_(True)  # frozen for this training only, not for whoever uses the model next
     seconds = time.time() - t0 - eval_seconds
     info = {
         "steps_run": step + 1,
@@ -336,6 +377,96 @@ def train_llada(
         "torch": torch.__version__,
     }
     return adapter, info
+
+
+def token_shape_labels(samples: Sequence[SynthSample], grid: int, min_coverage: float) -> torch.Tensor:
+    """(n, grid*grid) int64, row-major like SigLIP's patch order: 0 for background, 1 + the index
+    in `SHAPES` of the object covering at least `min_coverage` of the token's share of the image.
+
+    Coverage is measured on the sample's own masks (the processor may resize the pixels the
+    tower sees; the grid cell is the same part of the image either way)."""
+    out = np.zeros((len(samples), grid * grid), dtype=np.int64)
+    for i, s in enumerate(samples):
+        h, w = s.image.shape[:2]
+        if h % grid or w % grid:
+            raise ValueError(f"a {h}x{w} image does not split into a {grid}x{grid} grid of equal cells")
+        for obj in s.objects:
+            cover = obj.mask.reshape(grid, h // grid, grid, w // grid).mean(axis=(1, 3)).reshape(-1)
+            out[i][cover >= min_coverage] = 1 + SHAPES.index(obj.shape)
+    return torch.from_numpy(out)
+
+
+def pretrain_vision_tower(adapter: LladaVAdapter, train: Sequence[SynthSample], stage: VisionStage,
+                          heldout: Sequence[SynthSample] = (), threads: int = 1, device: str = "cpu",
+                          progress: Callable[[int, float, float | None], None] | None = None) -> dict:
+    """Train `adapter.model.siglip` (in place) to tell, at every image token, which shape covers it.
+
+    The tower's last hidden state (what `LladaVModel.image_features` projects) feeds a linear
+    head over background + the shapes; cross-entropy over all tokens; warm-up + cosine AdamW.
+    Seeded (head init, batches), so the same stage on the same data gives the same tower.
+    Returns the record: loss curve and held-out per-token accuracy on object tokens.
+    """
+    from PIL import Image
+
+    torch.set_num_threads(threads)
+    grid = adapter.model.siglip.config.image_size // adapter.model.siglip.config.patch_size
+
+    def pixels(samples):
+        return torch.cat([adapter.prepare(Image.fromarray(s.image), s.prompt)["pixel_values"] for s in samples])
+
+    pix, labels = pixels(train), token_shape_labels(train, grid, stage.min_coverage)
+    held_pix = pixels(heldout) if heldout else None
+    held_labels = token_shape_labels(heldout, grid, stage.min_coverage) if heldout else None
+    tower = adapter.model.siglip.to(device)
+    torch.manual_seed(stage.seed)
+    head = torch.nn.Linear(tower.config.hidden_size, 1 + len(SHAPES)).to(device)
+    opt, sched = warmup_cosine_adamw(list(tower.parameters()) + list(head.parameters()), stage)
+    rng = np.random.default_rng(stage.seed)
+
+    def token_logits(px):
+        return head(tower(pixel_values=px.to(device), output_hidden_states=True).hidden_states[-1])
+
+    def heldout_accuracy() -> float | None:
+        if held_pix is None:
+            return None
+        tower.eval()
+        with torch.no_grad():
+            pred = torch.cat([token_logits(held_pix[i:i + 64]).argmax(-1).cpu() for i in range(0, len(held_pix), 64)])
+        tower.train()
+        on_object = held_labels > 0
+        return float((pred[on_object] == held_labels[on_object]).float().mean())
+
+    t0 = time.time()
+    tower.train()
+    losses: list[float] = []
+    for step in range(stage.steps):
+        idx = torch.from_numpy(rng.choice(len(pix), size=min(stage.batch_size, len(pix)), replace=False))
+        logits = token_logits(pix[idx])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress and (step % 100 == 0 or step == stage.steps - 1):
+            progress(step, float(np.mean(losses[-50:])), heldout_accuracy() if step == stage.steps - 1 else None)
+    tower.eval()
+    seconds = time.time() - t0
+    return {
+        "stage": asdict(stage),
+        "objective": "per-token cross-entropy: background or the shape of the object covering >= min_coverage "
+                     "of the token's patch, linear head on the tower's last hidden state (head discarded)",
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, stage.steps), 3),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "loss_curve_every_25": [round(float(np.mean(losses[i:i + 25])), 4) for i in range(0, len(losses), 25)],
+        "n_train": len(train),
+        "train_data_sha256": examples_sha256([TrainExample(s.image, s.prompt, s.answer) for s in train]),
+        "heldout_object_token_accuracy": heldout_accuracy(),
+        "n_heldout": len(heldout),
+        "threads": threads,
+        "torch": torch.__version__,
+    }
 
 
 class _Recording:
@@ -405,20 +536,31 @@ def run_llada_stages(
     progress: Callable[[int, int, float, float], None] | None = None,
     n_trajectory: int = 50,
     on_eval: Callable[[int, dict], None] | None = None,
+    vision_stage: VisionStage | None = None,
+    vision_progress: Callable[[int, float, float | None], None] | None = None,
 ) -> dict:
     """Train through `stages` in one process (fresh synthetic data per stage), score every stage on
     the same held-out set, save the last stage to `out_dir`; the record chains the stages
     (`previous_stage`) like `tasks.train_tiny.run_train_stages`. `progress(stage, step, loss, acc)`.
     With `base.eval_every`, the first `n_trajectory` held-out images are also scored during training
-    (`on_eval(stage, point)` sees each point)."""
+    (`on_eval(stage, point)` sees each point). With `vision_stage`, a new tower is first pretrained
+    on its own (`pretrain_vision_tower`, recorded as `recipe_run.vision_stage`); set
+    `base.freeze_vision` to keep it fixed afterwards."""
     if not stages:
         raise ValueError("a recipe needs at least one stage")
-    if heldout_seed in {st.train_seed for st in stages}:
+    seeds = {st.train_seed for st in stages} | ({vision_stage.train_seed} if vision_stage else set())
+    if heldout_seed in seeds:
         raise ValueError(f"held-out seed {heldout_seed} is also a training seed; held-out images must be unseen")
     t0 = time.time()
     words = vocabulary(synth)
     held = heldout_examples(n_heldout, heldout_seed, synth)
-    adapter, report = None, None
+    adapter, report, vision_record = None, None, None
+    if vision_stage is not None:
+        adapter = build_adapter(spec, words, stages[0].seed)
+        vision_record = pretrain_vision_tower(
+            adapter, list(make_samples(n_train, vision_stage.train_seed, synth)), vision_stage,
+            heldout=list(make_samples(n_trajectory, heldout_seed, synth)), threads=base.threads, device=base.device,
+            progress=vision_progress)
     for k, st in enumerate(stages, start=1):
         train = heldout_examples(n_train, st.train_seed, synth)
         settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
@@ -433,6 +575,8 @@ def run_llada_stages(
         report = stage_record(info, report, st, n_train, synth, heldout_seed, n_heldout, ev)
     report["recipe_run"] = {
         "stages": [asdict(st) for st in stages],
+        "vision_stage": vision_record,
+        "freeze_vision": base.freeze_vision,
         "wall_seconds": round(time.time() - t0, 1),
         "threads": base.threads,
         "batch_size": base.batch_size,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,16 +20,19 @@ from safetensors import safe_open
 from diffcam_core.models.base import load_adapter
 from diffcam_core.models.llada import LladaVAdapter
 from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import SynthSettings, vocabulary
+from diffcam_core.synthetic import SHAPES, SynthObject, SynthSample, SynthSettings, make_samples, vocabulary
 from tasks.train_llada import (
     LladaSpec,
     LladaTrainSettings,
+    VisionStage,
     build_adapter,
     encode_examples,
     heldout_examples,
     llada_loss,
     mask_canvas,
+    pretrain_vision_tower,
     run_llada_stages,
+    token_shape_labels,
     train_llada,
 )
 from tasks.train_tiny import Stage, training_seeds
@@ -151,6 +155,73 @@ def test_saved_checkpoint_loads_through_the_registry_and_generates(tmp_path):
     assert training_seeds(out) == [1]
     # The held-out trajectory during training: every `eval_every` steps, recorded and reported.
     assert [p["step"] for p in record["train"]["heldout_trajectory"]] == [2] and seen == [(1, 2)]
+
+
+# ---------------------------------------------------------------------- vision pretraining
+
+TOWER = "model.vision_tower."
+
+
+def _object(shape: str, rows: slice, cols: slice, size: int = 16) -> SynthObject:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[rows, cols] = True
+    return SynthObject("red", shape, mask, (cols.start, rows.start, cols.stop, rows.stop))
+
+
+def test_token_labels_give_each_cell_the_shape_covering_a_quarter_of_it():
+    # 16x16 pixels, a 4x4 grid of 4-pixel cells, counted by hand:
+    objects = (_object("square", slice(4, 8), slice(8, 12)),      # all of cell (1, 2)
+               _object("triangle", slice(12, 14), slice(12, 14)),  # 4 of cell (3, 3)'s 16 pixels: exactly a quarter
+               _object("circle", slice(0, 1), slice(0, 3)))        # 3 of cell (0, 0)'s 16: under a quarter
+    sample = SynthSample(np.zeros((16, 16, 3), np.uint8), objects, "p", "a", False, None)
+    want = np.zeros(16, dtype=np.int64)
+    want[1 * 4 + 2] = 1 + SHAPES.index("square")
+    want[3 * 4 + 3] = 1 + SHAPES.index("triangle")
+    assert token_shape_labels([sample], grid=4, min_coverage=0.25)[0].tolist() == want.tolist()
+    with pytest.raises(ValueError, match="does not split into a 5x5 grid"):
+        token_shape_labels([sample], grid=5, min_coverage=0.25)
+
+
+def test_vision_pretraining_changes_only_the_tower_learns_and_repeats():
+    samples = list(make_samples(24, 1, SYNTH))
+    stage = VisionStage(steps=40, lr=3e-3, train_seed=1, batch_size=8, warmup=5)
+    a = build_adapter(SPEC, WORDS, seed=0)
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    record = pretrain_vision_tower(a, samples, stage, heldout=samples[:4])
+    after = a.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(TOWER) for k in changed), sorted(changed)
+    assert any("encoder.layers.0.self_attn.out_proj" in k for k in changed)
+    curve = record["loss_curve_every_25"]
+    assert len(curve) == 2 and curve[1] < 0.8 * curve[0]
+    assert 0.0 <= record["heldout_object_token_accuracy"] <= 1.0 and record["n_heldout"] == 4
+    b = build_adapter(SPEC, WORDS, seed=0)
+    pretrain_vision_tower(b, samples, stage)
+    assert all(torch.equal(after[k], b.model.state_dict()[k]) for k in after)
+
+
+def test_a_frozen_tower_stays_bit_for_bit_while_the_language_model_trains():
+    train = heldout_examples(8, 1, SYNTH)
+    a = build_adapter(SPEC, WORDS, seed=0)
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    train_llada(train, WORDS, _settings(freeze_vision=True), SPEC, init_from=a)
+    after = a.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(TOWER))
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert not torch.equal(before["model.mm_projector.0.weight"], after["model.mm_projector.0.weight"])
+    assert all(q.requires_grad for q in a.model.parameters())  # frozen for that training only
+
+
+def test_a_recipe_with_a_vision_stage_records_it_and_keeps_its_images_off_the_heldout_seed(tmp_path):
+    report = run_llada_stages([Stage(steps=2, lr=2e-3, train_seed=1)], tmp_path / "m", SYNTH,
+                              _settings(freeze_vision=True), SPEC, n_train=8, n_heldout=2, n_trajectory=2,
+                              vision_stage=VisionStage(steps=3, lr=2e-3, train_seed=3, batch_size=4))
+    run = report["recipe_run"]
+    assert run["freeze_vision"] is True and run["vision_stage"]["stage"]["train_seed"] == 3
+    assert run["vision_stage"]["n_train"] == 8 and len(run["vision_stage"]["train_data_sha256"]) == 64
+    with pytest.raises(ValueError, match="held-out seed 2 is also a training seed"):
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=1)], tmp_path / "x", SYNTH, _settings(), SPEC,
+                         n_train=4, n_heldout=2, vision_stage=VisionStage(steps=1, lr=1e-3, train_seed=2))
 
 
 def test_heldout_seed_may_not_be_a_training_seed(tmp_path):
