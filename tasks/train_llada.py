@@ -427,12 +427,11 @@ def pretrain_vision_tower(adapter: LladaVAdapter, train: Sequence[SynthSample], 
         return head(tower(pixel_values=px.to(device), output_hidden_states=True).hidden_states[-1])
 
     def heldout_accuracy() -> float | None:
+        """Share of held-out object tokens labelled with the right shape (scored once, after training)."""
         if held_pix is None:
             return None
-        tower.eval()
         with torch.no_grad():
             pred = torch.cat([token_logits(held_pix[i:i + 64]).argmax(-1).cpu() for i in range(0, len(held_pix), 64)])
-        tower.train()
         on_object = held_labels > 0
         return float((pred[on_object] == held_labels[on_object]).float().mean())
 
@@ -448,10 +447,13 @@ def pretrain_vision_tower(adapter: LladaVAdapter, train: Sequence[SynthSample], 
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if progress and (step % 100 == 0 or step == stage.steps - 1):
-            progress(step, float(np.mean(losses[-50:])), heldout_accuracy() if step == stage.steps - 1 else None)
+        if progress and step % 100 == 0 and step < stage.steps - 1:
+            progress(step, float(np.mean(losses[-50:])), None)
     tower.eval()
     seconds = time.time() - t0
+    accuracy = heldout_accuracy()
+    if progress and losses:
+        progress(len(losses) - 1, float(np.mean(losses[-50:])), accuracy)
     return {
         "stage": asdict(stage),
         "objective": "per-token cross-entropy: background or the shape of the object covering >= min_coverage "
@@ -462,7 +464,7 @@ def pretrain_vision_tower(adapter: LladaVAdapter, train: Sequence[SynthSample], 
         "loss_curve_every_25": [round(float(np.mean(losses[i:i + 25])), 4) for i in range(0, len(losses), 25)],
         "n_train": len(train),
         "train_data_sha256": examples_sha256([TrainExample(s.image, s.prompt, s.answer) for s in train]),
-        "heldout_object_token_accuracy": heldout_accuracy(),
+        "heldout_object_token_accuracy": accuracy,
         "n_heldout": len(heldout),
         "threads": threads,
         "torch": torch.__version__,
