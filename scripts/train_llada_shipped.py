@@ -66,11 +66,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="checkpoint folder to write (default: models/tiny-llada-shapes)")
     ap.add_argument("--stage", action="append", default=None, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
                     help=f"training stage, repeatable (default: {' '.join(DEFAULT_STAGES)})")
-    ap.add_argument("--spec", default=json.dumps(DEFAULT_SPEC),
+    ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                    help="continue a checkpoint this script wrote (e.g. models/tiny-llada-shapes) with the "
+                         "given --stage(s) instead of building a new model; its spec and record carry over, "
+                         "there is no vision stage, and the tower stays frozen unless --no-freeze-vision")
+    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the SigLIP tower fixed while the LM trains (default: on with a vision stage "
+                         "or --init-from, off otherwise)")
+    ap.add_argument("--spec", default=None,
                     help=f"JSON overrides of tasks.train_llada.LladaSpec (default: {json.dumps(DEFAULT_SPEC)}; "
                          "'{}' is the 1-layer identity-initialised tower of the first shipped model), "
                          "e.g. '{\"patch_size\": 5, \"image_size\": 60}' for a 12x12 grid")
-    ap.add_argument("--vision-stage", default=DEFAULT_VISION_STAGE, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
+    ap.add_argument("--vision-stage", default=None, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
                     help=f"pretrain the SigLIP tower on per-token shape labels first, then keep it frozen "
                          f"(default: {DEFAULT_VISION_STAGE}; 'none' trains tower and LM together from scratch, "
                          "the first shipped model's recipe)")
@@ -90,18 +97,26 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     try:
         stages = [Stage.parse(s) for s in (a.stage or DEFAULT_STAGES)]
-        spec = LladaSpec.from_overrides(json.loads(a.spec))
-        vision = None if a.vision_stage.lower() == "none" else VisionStage.parse(a.vision_stage)
+        if a.init_from is not None and a.spec is not None:
+            raise ValueError("--spec cannot change a continued checkpoint (--init-from keeps its spec)")
+        if a.init_from is not None and (a.vision_stage or "none").lower() != "none":
+            raise ValueError("--vision-stage cannot run on a continued checkpoint (--init-from): its tower is trained")
+        spec = LladaSpec.from_overrides(json.loads(a.spec) if a.spec is not None else DEFAULT_SPEC)
+        vision_text = a.vision_stage or ("none" if a.init_from is not None else DEFAULT_VISION_STAGE)
+        vision = None if vision_text.lower() == "none" else VisionStage.parse(vision_text)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         ap.error(str(e))
+    if a.init_from is not None and not (a.init_from / "config.json").is_file():
+        ap.error(f"--init-from {a.init_from}: no checkpoint there (config.json missing)")
+    freeze = a.freeze_vision if a.freeze_vision is not None else (vision is not None or a.init_from is not None)
     if a.batch_size < 1 or a.threads < 1:
         ap.error("--batch-size and --threads must be >= 1")
     base = LladaTrainSettings(batch_size=a.batch_size, threads=a.threads, device=a.device, compile=a.compile,
-                              minutes=a.minutes, eval_every=a.eval_every, freeze_vision=vision is not None)
+                              minutes=a.minutes, eval_every=a.eval_every, freeze_vision=freeze)
     t0 = time.time()
     report = run_llada_stages(
         stages, a.out, SynthSettings(), base, spec, n_train=a.n_train, n_heldout=a.n_heldout,
-        n_trajectory=a.n_trajectory, on_eval=_print_eval, vision_stage=vision,
+        n_trajectory=a.n_trajectory, on_eval=_print_eval, vision_stage=vision, init_from=a.init_from,
         vision_progress=lambda s, loss, acc: print(
             f"vision step {s} loss {loss:.4f}" + ("" if acc is None else f" held-out object-token shape acc {acc:.3f}")
             + f" t {time.time() - t0:.0f}s", flush=True),
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     record, k = report, len(stages)
     while record:
-        print(f"stage {k}: " + json.dumps(record["heldout_eval"]), flush=True)
+        label = f"stage {k}" if k > 0 else "earlier stage (from --init-from)"
+        print(f"{label}: " + json.dumps(record["heldout_eval"]), flush=True)
         record, k = record.get("previous_stage"), k - 1
     print(f"wrote {a.out} in {report['recipe_run']['wall_seconds']:.0f}s", flush=True)
     return report

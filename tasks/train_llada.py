@@ -38,11 +38,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast, SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from diffcam_core.models.base import load_adapter
 from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
 from diffcam_core.settings import GenerationSettings
 from diffcam_core.synthetic import COLORS, SHAPES, SynthSample, SynthSettings, make_samples, vocabulary
 from tasks.train_tiny import (Stage, TrainExample, evaluate_answers, examples_sha256, stage_record,
-                              warmup_cosine_adamw)
+                              training_seeds, warmup_cosine_adamw)
 
 PAD, EOS, BOS, UNK = "<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>"
 #: LLaDA's names for eos / bos / mask, so the adapter finds them the way it does on released checkpoints.
@@ -526,6 +527,20 @@ def heldout_examples(n: int, seed: int, synth: SynthSettings) -> list[TrainExamp
     return [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n, seed, synth)]
 
 
+def _load_for_continuing(folder: Path) -> tuple[LladaVAdapter, dict]:
+    """A checkpoint of this module and its record, refused with a reason when it is not one."""
+    record_path = folder / RECORD
+    if not record_path.is_file():
+        raise ValueError(f"{folder} has no {RECORD}: only a checkpoint written by this recipe can be continued")
+    record = json.loads(record_path.read_text())
+    if not (record.get("train") or {}).get("spec"):
+        raise ValueError(f"{record_path} records no LladaSpec (train.spec): not a tiny LLaDA record")
+    adapter = load_adapter(folder)
+    if not isinstance(adapter, LladaVAdapter):
+        raise ValueError(f"{folder} is a {type(adapter).__name__} checkpoint, not a llava_llada one")
+    return adapter, record
+
+
 def run_llada_stages(
     stages: Sequence[Stage],
     out_dir: Path,
@@ -540,6 +555,7 @@ def run_llada_stages(
     on_eval: Callable[[int, dict], None] | None = None,
     vision_stage: VisionStage | None = None,
     vision_progress: Callable[[int, float, float | None], None] | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """Train through `stages` in one process (fresh synthetic data per stage), score every stage on
     the same held-out set, save the last stage to `out_dir`; the record chains the stages
@@ -547,16 +563,25 @@ def run_llada_stages(
     With `base.eval_every`, the first `n_trajectory` held-out images are also scored during training
     (`on_eval(stage, point)` sees each point). With `vision_stage`, a new tower is first pretrained
     on its own (`pretrain_vision_tower`, recorded as `recipe_run.vision_stage`); set
-    `base.freeze_vision` to keep it fixed afterwards."""
+    `base.freeze_vision` to keep it fixed afterwards. With `init_from` (a checkpoint folder this
+    module wrote), its model is continued instead: `spec` is ignored for the one in its record,
+    its record becomes the first `previous_stage`, and its training seeds count as seen."""
     if not stages:
         raise ValueError("a recipe needs at least one stage")
-    seeds = {st.train_seed for st in stages} | ({vision_stage.train_seed} if vision_stage else set())
+    if init_from is not None and vision_stage is not None:
+        raise ValueError("a continued checkpoint's tower is already trained: no vision stage with init_from")
+    adapter, report, vision_record = None, None, None
+    seen: set[int] = set()
+    if init_from is not None:
+        adapter, report = _load_for_continuing(Path(init_from))
+        spec = LladaSpec(**report["train"]["spec"])
+        seen = set(training_seeds(Path(init_from)))
+    seeds = {st.train_seed for st in stages} | ({vision_stage.train_seed} if vision_stage else set()) | seen
     if heldout_seed in seeds:
         raise ValueError(f"held-out seed {heldout_seed} is also a training seed; held-out images must be unseen")
     t0 = time.time()
     words = vocabulary(synth)
     held = heldout_examples(n_heldout, heldout_seed, synth)
-    adapter, report, vision_record = None, None, None
     if vision_stage is not None:
         adapter = build_adapter(spec, words, stages[0].seed)
         vision_record = pretrain_vision_tower(
@@ -576,6 +601,7 @@ def run_llada_stages(
         ev["eval_seconds"] = round(time.time() - t_eval, 1)
         report = stage_record(info, report, st, n_train, synth, heldout_seed, n_heldout, ev)
     report["recipe_run"] = {
+        "continued_from": None if init_from is None else str(init_from),
         "stages": [asdict(st) for st in stages],
         "vision_stage": vision_record,
         "freeze_vision": base.freeze_vision,

@@ -224,6 +224,29 @@ def test_a_recipe_with_a_vision_stage_records_it_and_keeps_its_images_off_the_he
                          n_train=4, n_heldout=2, vision_stage=VisionStage(steps=1, lr=1e-3, train_seed=2))
 
 
+def test_a_saved_checkpoint_is_continued_with_its_spec_record_and_seeds(tmp_path):
+    first = tmp_path / "first"
+    spec = LladaSpec(**{**SPEC.to_dict(), "vision_layers": 2})
+    run_llada_stages([Stage(steps=2, lr=2e-3, train_seed=1)], first, SYNTH, _settings(), spec, n_train=8, n_heldout=2)
+    out = tmp_path / "continued"
+    report = run_llada_stages([Stage(steps=2, lr=1e-3, train_seed=7, seed=1)], out, SYNTH, _settings(freeze_vision=True),
+                              SPEC, n_train=8, n_heldout=2, init_from=first)  # SPEC (1 tower layer) is ignored
+    assert report["train"]["spec"]["vision_layers"] == 2
+    assert report["recipe_run"]["continued_from"] == str(first) and training_seeds(out) == [7, 1]
+    before, after = load_adapter(first).model.state_dict(), load_adapter(out).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(TOWER))  # frozen tower
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    with pytest.raises(ValueError, match="no vision stage with init_from"):
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
+                         init_from=first, vision_stage=VisionStage(steps=1, lr=1e-3, train_seed=5))
+    with pytest.raises(ValueError, match="held-out seed 1 is also a training seed"):  # seen by the first run
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
+                         heldout_seed=1, init_from=first)
+    with pytest.raises(ValueError, match="no diffcam_tiny.json"):
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
+                         init_from=tmp_path)
+
+
 def test_heldout_seed_may_not_be_a_training_seed(tmp_path):
     with pytest.raises(ValueError, match="held-out seed 2 is also a training seed"):
         run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=2)], tmp_path / "x", SYNTH, _settings(), SPEC,
