@@ -523,8 +523,12 @@ def save_checkpoint(adapter: LladaVAdapter, out_dir: Path, spec: LladaSpec, reco
     return out_dir
 
 
+def _example(sample: SynthSample) -> TrainExample:
+    return TrainExample(sample.image, sample.prompt, sample.answer)
+
+
 def heldout_examples(n: int, seed: int, synth: SynthSettings) -> list[TrainExample]:
-    return [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n, seed, synth)]
+    return [_example(s) for s in make_samples(n, seed, synth)]
 
 
 def _load_for_continuing(folder: Path) -> tuple[LladaVAdapter, dict]:
@@ -546,7 +550,7 @@ def run_llada_stages(
     out_dir: Path,
     synth: SynthSettings = SynthSettings(),
     base: LladaTrainSettings = LladaTrainSettings(),
-    spec: LladaSpec = LladaSpec(),
+    spec: LladaSpec | None = None,
     n_train: int = 12000,
     heldout_seed: int = 2,
     n_heldout: int = 200,
@@ -564,8 +568,9 @@ def run_llada_stages(
     (`on_eval(stage, point)` sees each point). With `vision_stage`, a new tower is first pretrained
     on its own (`pretrain_vision_tower`, recorded as `recipe_run.vision_stage`); set
     `base.freeze_vision` to keep it fixed afterwards. With `init_from` (a checkpoint folder this
-    module wrote), its model is continued instead: `spec` is ignored for the one in its record,
-    its record becomes the first `previous_stage`, and its training seeds count as seen."""
+    module wrote), its model is continued instead: its record becomes the first `previous_stage`, and its training seeds count as seen; its spec is
+    the one used (`spec` must then be None or equal to it). Without `init_from`, `spec` defaults to
+    `LladaSpec()`."""
     if not stages:
         raise ValueError("a recipe needs at least one stage")
     if init_from is not None and vision_stage is not None:
@@ -574,22 +579,34 @@ def run_llada_stages(
     seen: set[int] = set()
     if init_from is not None:
         adapter, report = _load_for_continuing(Path(init_from))
-        spec = LladaSpec(**report["train"]["spec"])
+        recorded = LladaSpec(**report["train"]["spec"])
+        if spec is not None and spec != recorded:
+            raise ValueError(f"init_from {init_from} keeps its own spec {recorded.to_dict()}; "
+                             f"a different spec ({spec.to_dict()}) cannot change a trained model")
+        spec = recorded
         seen = set(training_seeds(Path(init_from)))
+    spec = spec if spec is not None else LladaSpec()
     seeds = {st.train_seed for st in stages} | ({vision_stage.train_seed} if vision_stage else set()) | seen
     if heldout_seed in seeds:
         raise ValueError(f"held-out seed {heldout_seed} is also a training seed; held-out images must be unseen")
     t0 = time.time()
     words = vocabulary(synth)
-    held = heldout_examples(n_heldout, heldout_seed, synth)
+    drawn: dict[int, list[SynthSample]] = {}  # each seed's images drawn once (the vision stage and stage 1 share seed 1)
+
+    def samples_of(seed: int, n: int) -> list[SynthSample]:
+        if len(drawn.get(seed, ())) < n:
+            drawn[seed] = list(make_samples(n, seed, synth))
+        return drawn[seed][:n]
+
+    held = [_example(s) for s in samples_of(heldout_seed, max(n_heldout, n_trajectory))[:n_heldout]]
     if vision_stage is not None:
         adapter = build_adapter(spec, words, stages[0].seed)
         vision_record = pretrain_vision_tower(
-            adapter, list(make_samples(n_train, vision_stage.train_seed, synth)), vision_stage,
-            heldout=list(make_samples(n_trajectory, heldout_seed, synth)), threads=base.threads, device=base.device,
+            adapter, samples_of(vision_stage.train_seed, n_train), vision_stage,
+            heldout=samples_of(heldout_seed, n_trajectory), threads=base.threads, device=base.device,
             progress=vision_progress)
     for k, st in enumerate(stages, start=1):
-        train = heldout_examples(n_train, st.train_seed, synth)
+        train = [_example(s) for s in samples_of(st.train_seed, n_train)]
         settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
         adapter, info = train_llada(train, words, settings, spec, init_from=adapter,
                                     progress=None if progress is None else

@@ -229,8 +229,11 @@ def test_a_saved_checkpoint_is_continued_with_its_spec_record_and_seeds(tmp_path
     spec = LladaSpec(**{**SPEC.to_dict(), "vision_layers": 2})
     run_llada_stages([Stage(steps=2, lr=2e-3, train_seed=1)], first, SYNTH, _settings(), spec, n_train=8, n_heldout=2)
     out = tmp_path / "continued"
+    with pytest.raises(ValueError, match="keeps its own spec"):  # SPEC has 1 tower layer, the checkpoint 2
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=7)], tmp_path / "x", SYNTH, _settings(), SPEC,
+                         n_train=8, n_heldout=2, init_from=first)
     report = run_llada_stages([Stage(steps=2, lr=1e-3, train_seed=7, seed=1)], out, SYNTH, _settings(freeze_vision=True),
-                              SPEC, n_train=8, n_heldout=2, init_from=first)  # SPEC (1 tower layer) is ignored
+                              None, n_train=8, n_heldout=2, init_from=first)
     assert report["train"]["spec"]["vision_layers"] == 2
     assert report["recipe_run"]["continued_from"] == str(first) and training_seeds(out) == [7, 1]
     before, after = load_adapter(first).model.state_dict(), load_adapter(out).model.state_dict()
@@ -240,7 +243,7 @@ def test_a_saved_checkpoint_is_continued_with_its_spec_record_and_seeds(tmp_path
         run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
                          init_from=first, vision_stage=VisionStage(steps=1, lr=1e-3, train_seed=5))
     with pytest.raises(ValueError, match="held-out seed 1 is also a training seed"):  # seen by the first run
-        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
+        run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), None,
                          heldout_seed=1, init_from=first)
     with pytest.raises(ValueError, match="no diffcam_tiny.json"):
         run_llada_stages([Stage(steps=1, lr=1e-3, train_seed=3)], tmp_path / "x", SYNTH, _settings(), SPEC,
