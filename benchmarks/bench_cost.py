@@ -5,13 +5,14 @@
 For each model (default: both shipped tiny models, one per family) and each of N held-out
 synthetic images (seed 2): `prepare` + `generate` (one generation, timed), then
 `cam.attribute` for every word of the answer with the default settings (one prefix/decoder
-pass with gradients per canvas the methods read, batched backward; timed). The default method
-set is the audit's: Diffusion-CAM and its baselines. The baselines read the final canvas with
-the plain target score, Diffusion-CAM the commit-step canvas with the contrastive score, so a
-word takes two cotangents through the backward. `--methods diffusion-cam` times the method
-alone. Images are
+pass with gradients per canvas the methods read, batched backward; timed). Images are
 processed in the same order for both timings, alternating nothing: the two numbers of a
 sample are measured back to back, so a load change on a shared machine hits both.
+
+The default method set is the audit's: Diffusion-CAM and its baselines. The baselines read
+the final canvas with the plain target score, Diffusion-CAM the commit-step canvas with the
+contrastive score, so each word takes two cotangents through the backward.
+`--methods diffusion-cam` times the method alone.
 
 Printed per model: median generation and attribution seconds, the ratio of the medians
 (target: attribution of all words <= 3x one generation), the ratio of the sums, words

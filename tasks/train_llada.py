@@ -568,9 +568,9 @@ def run_llada_stages(
     (`on_eval(stage, point)` sees each point). With `vision_stage`, a new tower is first pretrained
     on its own (`pretrain_vision_tower`, recorded as `recipe_run.vision_stage`); set
     `base.freeze_vision` to keep it fixed afterwards. With `init_from` (a checkpoint folder this
-    module wrote), its model is continued instead: its record becomes the first `previous_stage`, and its training seeds count as seen; its spec is
-    the one used (`spec` must then be None or equal to it). Without `init_from`, `spec` defaults to
-    `LladaSpec()`."""
+    module wrote), its model is continued instead: its record becomes the first `previous_stage`,
+    its training seeds count as seen, and its spec is the one used (`spec` must then be None or
+    equal to it). Without `init_from`, `spec` defaults to `LladaSpec()`."""
     if not stages:
         raise ValueError("a recipe needs at least one stage")
     if init_from is not None and vision_stage is not None:
