@@ -26,8 +26,8 @@ frozen, 250 / 500 / 750 LM steps gave shape words 0.67 / 0.79 / 0.84 on 50 held-
 
 Measured cost on this 2-core CPU, 2 threads (the default; 1 thread is faster only while the
 other core is busy): vision stage ~0.29 s/step (batch 64), LM ~1.0 s/step (batch 32,
-~280-token sequences; 1.4-1.7 s with 1 thread). `--compile` graph-breaks at `int(img.sum())` in `LladaVModel.embed`
-and recompiles per prompt length, so it is off. Held-out scoring: 0.36 s per image at 16
+~280-token sequences; 1.4-1.7 s with 1 thread). `--compile` graph-breaks at `int(img.sum())`
+in `LladaVModel.embed` and recompiles per prompt length, so it is off. Held-out scoring: 0.36 s per image at 16
 steps. On a GPU add `--device cuda` (same recipe; float rounding differs).
 
 The shipped checkpoint (this command, 3 Dec 2026): 60.2 minutes; held-out colour words 98.1 %,
