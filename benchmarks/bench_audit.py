@@ -11,7 +11,7 @@ sizes N1 < N2:
   server, local Ray, actors, shard commits, validation, report);
 - bare: ``bench_audit.py --_bare N``: import, ``load_adapter``, then for each sample the
   same core work the workers do — `load_image`, the sample's masks, ``explain``, and
-  `diffcam_core.stats.map_stats` of every word's every map (with the word's mask where
+  `diffcam.core.stats.map_stats` of every word's every map (with the word's mask where
   it names an object) — results discarded. So the ratio prices orchestration and
   storage (Prefect, Ray, rows, Parquet, validation, report), not the core.
 
@@ -84,12 +84,12 @@ def _bare(n: int, dataset: str, model: str, threads: int) -> None:
     t0 = time.perf_counter()
     import torch
 
-    from diffcam_core.cam import explain
-    from diffcam_core.models.base import load_adapter
-    from diffcam_core.settings import CamSettings
-    from diffcam_core.stats import map_stats
-    from storage.datasets import load_dataset
-    from storage.images import load_image
+    from diffcam.core.cam import explain
+    from diffcam.core.models.base import load_adapter
+    from diffcam.core.settings import CamSettings
+    from diffcam.core.stats import map_stats
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.images import load_image
 
     torch.set_num_threads(threads)
     ds = load_dataset(dataset)
@@ -118,7 +118,7 @@ def _fit(n1: int, n2: int, t1: float, t2: float) -> tuple[float | None, float | 
 
 
 def run(sizes: list[int], workers: int, threads: int, model: Path, keep: Path | None) -> dict[str, Any]:
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
         [--out /tmp/bench-bias] [--json FILE] [--threads 1] [--device cpu]
 
 One held-out synthetic set carrying the cue (seed 2, the method benchmark's held-out
-seed) is audited in-process (`tasks.audit_in_process`: the worker's code without
-Ray/Prefect) with both checkpoints, then `tasks.bias.run_dataset_flags` runs on each run.
+seed) is audited in-process (`diffcam.evaluation.audit_in_process`: the worker's code without
+Ray/Prefect) with both checkpoints, then `diffcam.tasks.bias.step.run_dataset_flags` runs on each run.
 Printed (and written with --json):
 
 - sample level, per map method: precision / recall of `off_object` flags against the
@@ -33,19 +33,19 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from diffcam.core.bias import dataset as bias_dataset
+from diffcam.core.bias import windows as bias_windows
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.methods import methods_for
+from diffcam.core.settings import CamSettings
+from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region
+from diffcam.training.gemma import training_seeds
+from diffcam.training.shipped import CUE as DEFAULT_CUE
 
-from diffcam_core import bias_dataset, bias_windows  # noqa: E402
-from diffcam_core.bias_settings import BiasSettings  # noqa: E402
-from diffcam_core.settings import CamSettings  # noqa: E402
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region  # noqa: E402
-from tasks.train_tiny import training_seeds  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HELDOUT_SEED = 2
-DEFAULT_CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
-METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
+METHODS = methods_for("bias-dataset")  # the maps the bias audit reads
 
 
 def _check_heldout(model_dir: Path, seed: int) -> None:
@@ -73,7 +73,7 @@ def _cue_cells(ss: SynthSettings, grid: tuple[int, int]) -> np.ndarray:
 
 
 def audit(model: Path, ds_dir: Path, store, run_id: str, threads: int, device: str, log) -> dict:
-    from tasks.audit_in_process import audit_in_process
+    from diffcam.evaluation.audit_in_process import audit_in_process
 
     cam = CamSettings(methods=METHODS)
     if run_id in store.runs():
@@ -84,10 +84,10 @@ def audit(model: Path, ds_dir: Path, store, run_id: str, threads: int, device: s
 
 def evaluate(store, run_id: str, ds_dir: Path, model: Path, ss: SynthSettings, settings: BiasSettings,
              device: str, log) -> dict:
-    from storage.datasets import load_dataset
-    from tasks.bias import analyse_run, run_dataset_flags, write_dataset_flags
-    from storage.schemas import format_region
-    from tasks.bias_read import load_run_maps, object_masks
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.schemas import format_region
+    from diffcam.tasks.bias.read import load_run_maps, object_masks
+    from diffcam.tasks.bias.step import analyse_run, run_dataset_flags, write_dataset_flags
 
     timings: dict = {}
     t0 = time.perf_counter()
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report", action="store_true", help="also write the HTML report of each run")
     a = ap.parse_args(argv)
 
-    from storage.synthetic_writer import write_synthetic_dataset
-    from storage.store import Store
+    from diffcam.storage.store import Store
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["audit"] = t
         result["models"][label] = res
         if a.report:
-            from storage.report import DEFAULT_SECTIONS, build_report
-            from tasks.bias_report import BIAS_SECTION
+            from diffcam.storage.report import DEFAULT_SECTIONS, build_report
+            from diffcam.tasks.bias.report import BIAS_SECTION
 
             html_path, _ = build_report(store, run_id, a.out / "reports" / run_id,
                                         sections=[*DEFAULT_SECTIONS, BIAS_SECTION])

@@ -1,5 +1,5 @@
 """Benchmark: write >= 1 M synthetic `samples` rows with the real store writer, then time
-report queries through `storage.catalog.connect`.
+report queries through `diffcam.storage.catalog.connect`.
 
     .venv/bin/python benchmarks/bench_catalog.py                       # 2 runs x 50 shards x 10,000 rows
     .venv/bin/python benchmarks/bench_catalog.py --json out/bench_catalog.json --keep DIR
@@ -20,17 +20,15 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from storage import catalog  # noqa: E402
-from storage.queries import run_query  # noqa: E402
-from storage.store import Store  # noqa: E402
+from diffcam.storage import catalog
+from diffcam.storage.queries import run_query
+from diffcam.storage.store import Store
 
 GROUP_BY_SQL = """
 SELECT run_id, count(*) AS n, avg(t_total_s) AS mean_s, quantile_cont(t_total_s, 0.95) AS p95_s,
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             store.write_run({
                 "run_id": run_id, "model_uri": "models/bench", "model_hash": f"sha256:m{r % 2}",
                 "dataset_uri": "synthetic", "dataset_hash": "sha256:d", "config_json": "{}",
-                "code_version": "bench", "started_at": datetime.now(timezone.utc), "status": "running",
+                "code_version": "bench", "started_at": datetime.now(UTC), "status": "running",
                 "n_samples": args.shards * args.rows,
             })
             for k in range(args.shards):

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffcam_core.cam import attribute
-from diffcam_core.models.base import load_adapter
-from diffcam_core.settings import CamSettings
-from diffcam_core.synthetic import SynthSettings, make_samples
+from diffcam.core.cam import attribute
+from diffcam.core.models.base import load_adapter
+from diffcam.core.settings import CamSettings
+from diffcam.core.synthetic import SynthSettings, make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = (ROOT / "models" / "tiny-shapes", ROOT / "models" / "tiny-llada-shapes")

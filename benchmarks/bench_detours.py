@@ -44,7 +44,8 @@ TABLES = ("runs", "samples", "token_maps", "flags", "failures")
 #: Columns that differ between two runs of the same code: ids, clocks, where the run was.
 VOLATILE = {"run_id", "t_generate_s", "t_attribution_s", "t_total_s", "t_faithfulness_s", "started_at",
             "finished_at", "created_at", "updated_at", "wall_s", "store", "host", "code_version"}
-LAUNCH = "import sys, flows.cli as c; print('imported', c.__file__, file=sys.stderr); sys.argv[0] = 'diffcam'; sys.exit(c.main())"
+LAUNCH = ("import sys, diffcam.flows.cli as c; print('imported', c.__file__, file=sys.stderr); "
+          "sys.argv[0] = 'diffcam'; sys.exit(c.main())")
 
 
 def extract(rev: str, dest: Path) -> Path:

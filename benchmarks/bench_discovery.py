@@ -6,7 +6,7 @@
 For each model: generate answers for ``n`` held-out images that carry the shipped cue
 (seed 2, the cue spec of `benchmarks/bench_bias.py`); for every image whose answer has the
 word, erase each window of ``win``×``win`` grid cells in turn and re-score the word on its
-attribution canvas (`diffcam_core.discovery.window_scan`, one batched pass per image).
+attribution canvas (`diffcam.core.bias.discovery.window_scan`, one batched pass per image).
 Prints the off-object windows whose removal drops the word's log-probability by more
 than 1 nat in at least half of the images, whether the cue's cell is among them, and the
 cost per 1,000 scanned images (generation excluded: the audit already has it).
@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from diffcam.core.bias.discovery import summarise_scans, window_scan
+from diffcam.core.cam import attribution_canvas
+from diffcam.core.evidence import mask_on_grid
+from diffcam.core.faithfulness import adapter_scorer
+from diffcam.core.models.base import load_adapter
+from diffcam.core.settings import CamSettings
+from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.training.shipped import CUE as DEFAULT_CUE
 
-from benchmarks.bench_bias import DEFAULT_CUE  # noqa: E402  (the shipped cue, one definition)
-from diffcam_core.cam import attribution_canvas  # noqa: E402
-from diffcam_core.discovery import summarise_scans, window_scan  # noqa: E402
-from diffcam_core.evidence import mask_on_grid  # noqa: E402
-from diffcam_core.faithfulness import adapter_scorer  # noqa: E402
-from diffcam_core.models.base import load_adapter  # noqa: E402
-from diffcam_core.settings import CamSettings  # noqa: E402
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def scan_model(model: Path, n: int, seed: int, word: str, win: int, ss: SynthSettings) -> dict:
@@ -42,7 +39,7 @@ def scan_model(model: Path, n: int, seed: int, word: str, win: int, ss: SynthSet
     settings = CamSettings()
     drops, covers, t_scan, cue_ids = [], [], 0.0, []
     grid = None
-    for i, s in enumerate(make_samples(n, seed, ss)):
+    for s in make_samples(n, seed, ss):
         inputs = adapter.prepare(Image.fromarray(s.image), s.prompt)
         gen = adapter.generate(inputs, settings.generation)
         hits = [w for w in gen.words if w.text == word]

@@ -8,9 +8,9 @@ Issue 17's false finding: the shipped *clean* model, audited on images carrying 
 never saw, reads the marker as an extra object in some answers; the audit used to raise a
 confirmed `clever_hans` (shortcut) flag for it, exactly as for a model trained on the
 shortcut. This audits the model on such data (the cue zoo's machinery,
-`benchmarks/cue_zoo.audit_entry`, default `BiasSettings`), measures the behaviour directly
+`diffcam.evaluation.zoo_eval.audit_entry`, default `BiasSettings`), measures the behaviour directly
 (erase the marker: does the word vanish? does the answer name fewer objects?
-`benchmarks/cue_dependence.py`, `cue_zoo.extra_object_count`, on the same images) and prints
+`diffcam.evaluation.cue_dependence`, `zoo_recipes.extra_object_count`, on the same images) and prints
 the dataset-level flags by kind with their counterfactual verdicts. The default marker is
 the cue zoo's calibration `marker-object-b` marker; the default model is the shipped clean
 checkpoint, a calibration model (the zoo's held-out models are not used here).
@@ -25,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from diffcam.evaluation import zoo_eval, zoo_recipes
 
-from benchmarks import cue_zoo  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CUE = {"word": "circle", "pos": "top-right", "size": 12, "color": "purple", "p": 1.0}
 
@@ -46,22 +44,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from benchmarks.cue_dependence import cue_dependence
-    from diffcam_core.bias_settings import BiasSettings
-    from diffcam_core.models.base import load_adapter
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.core.models.base import load_adapter
+    from diffcam.evaluation.cue_dependence import cue_dependence
 
     torch.set_num_threads(a.threads)
     entry = {"name": f"{a.model.name}-marker", "kind": "marker_as_object", "source": "shipped", "split": "calibration",
              "path": str(a.model), "data": "fixed_cue", "audit_cue": a.cue}
-    rec = cue_zoo.load_recipes()
+    rec = zoo_recipes.load_recipes()
     t0 = time.perf_counter()
-    samples, synth = cue_zoo.audit_samples(entry, a.n, a.seed)
+    samples, synth = zoo_recipes.audit_samples(entry, a.n, a.seed)
     adapter = load_adapter(a.model)
     truth = {"cue_dependence": cue_dependence(adapter, samples, synth, a.seed),
-             "extra_objects": cue_zoo.extra_object_count(adapter, samples, synth)}
+             "extra_objects": zoo_recipes.extra_object_count(adapter, samples, synth)}
     t_truth = time.perf_counter() - t0
     cache = Path(tempfile.mkdtemp(prefix="diffcam-marker-object-"))
-    res = cue_zoo.audit_entry(entry, rec, REPO / "models" / "zoo", cache, a.seed, a.n, BiasSettings(), device="cpu",
+    res = zoo_eval.audit_entry(entry, rec, REPO / "models" / "zoo", cache, a.seed, a.n, BiasSettings(), device="cpu",
                               threads=a.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
     dataset = []
     for r in res["rows"]:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_method.py [--n 200] [--model DIR] [--json FILE] [--no-sweep]
                                                 [--sweep-n N] [--faith-n N] [--clutter-n N]
 
-(the same as `diffcam bench method`; the logic lives in tasks/bench_method.py).
+(the same as `diffcam bench method`; the logic lives in evaluation/method_table.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.paths import DEFAULT_MODEL
-from tasks.bench_method import main
+from diffcam.evaluation.method_table import main
+from diffcam.flows.paths import DEFAULT_MODEL
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

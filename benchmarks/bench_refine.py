@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         lit_out = []
         for H in maps:
             ks.append(refine.akd_kernel_size(H, args.n_steps))
-            tv, ov = timed(lambda: refine.refine(H, "full", n_steps=args.n_steps), args.repeat)
-            tl, ol = timed(lambda: literal.refine_full(H, args.n_steps), 1)
+            tv, ov = timed(lambda H=H: refine.refine(H, "full", n_steps=args.n_steps), args.repeat)
+            tl, ol = timed(lambda H=H: literal.refine_full(H, args.n_steps), 1)
             t_vec.append(tv)
             t_lit.append(tl)
             lit_out.append(ol)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(order) - args.words + 1, args.words):
             idx = order[start : start + args.words]
             stack = np.stack([maps[i] for i in idx])
-            ts, os_ = timed(lambda: refine.refine_stack(stack, "full", n_steps=args.n_steps), args.repeat)
+            ts, os_ = timed(lambda stack=stack: refine.refine_stack(stack, "full", n_steps=args.n_steps), args.repeat)
             t_stack.append(ts / args.words)
             diff = max(diff, max(float(np.abs(os_[j] - lit_out[i]).max()) for j, i in enumerate(idx)))
         vec_ms, lit_ms = 1e3 * float(np.median(t_vec)), 1e3 * float(np.median(t_lit))

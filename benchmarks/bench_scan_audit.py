@@ -1,11 +1,11 @@
-"""The audit's discovery scan (`tasks.bias_scan`) on the shipped calibration pair: what it finds, what it costs.
+"""The audit's discovery scan (`diffcam.tasks.bias.scan`) on the shipped calibration pair: what it finds, what it costs.
 
     .venv/bin/python benchmarks/bench_scan_audit.py [--n 64] [--seed 2] [--planted models/tiny-shapes-cue]
         [--clean models/tiny-shapes] [--cue SPEC] [--threads 1] [--json FILE]
 
 For each model: audit ``n`` held-out images carrying the shipped cue in-process
-(`tasks.audit_in_process`, the three dataset methods), then run the bias step
-(`tasks.bias.run_dataset_flags`) twice on the same run: with the default `BiasSettings` (scan
+(`diffcam.evaluation.audit_in_process`, the three dataset methods), then run the bias step
+(`diffcam.tasks.bias.step.run_dataset_flags`) twice on the same run: with the default `BiasSettings` (scan
 on) and with ``scan_max_samples=0``. Reports per model the dataset-level flags of both, the
 scan's time and number of scanned images (seconds per scanned image: generation + 1 + 64
 scored images on the 8×8 grid), the bias step's time with and without it, and per word the
@@ -18,28 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from diffcam.core.methods import methods_for
+from diffcam.training.shipped import CUE as DEFAULT_CUE
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_bias import DEFAULT_CUE  # noqa: E402  (the shipped cue, one definition)
-
-METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
+METHODS = methods_for("bias-dataset")  # the maps the bias audit reads
 
 
 def bench_model(model: Path, ds_dir: Path, store_dir: Path, threads: int) -> dict:
     import torch
 
-    from diffcam_core.bias_settings import BiasSettings
-    from diffcam_core.settings import CamSettings
-    from storage.store import Store
-    from tasks.audit_in_process import audit_in_process
-    from tasks.bias import run_dataset_flags
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.core.settings import CamSettings
+    from diffcam.evaluation.audit_in_process import audit_in_process
+    from diffcam.storage.store import Store
+    from diffcam.tasks.bias.step import run_dataset_flags
 
     torch.set_num_threads(threads)
     st = Store(store_dir)
@@ -80,9 +78,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
-    from diffcam_core.bias_settings import BiasSettings
-    from diffcam_core.synthetic import CueSpec, SynthSettings
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     s = BiasSettings()
     out = {"n": a.n, "seed": a.seed, "cue": a.cue, "threads": a.threads,

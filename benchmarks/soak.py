@@ -58,13 +58,15 @@ VOLATILE = {"t_generate_s", "t_attribution_s", "t_total_s"}
 
 def build_dataset(out: Path, n: int, rng: random.Random) -> tuple[Path, dict[str, str]]:
     """Synthetic dataset + hostile inputs; returns (root, {failure key: expected reason prefix})."""
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     root = write_synthetic_dataset(out, n, 0)
     lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
     victims = rng.sample(range(n), 4)
     expected: dict[str, str] = {}
-    img = lambda i: root / lines[i]["image"]  # noqa: E731
+    def img(i: int) -> Path:
+        return root / lines[i]["image"]
+
     data = img(victims[0]).read_bytes()
     img(victims[0]).write_bytes(data[: len(data) // 2])
     expected[lines[victims[0]]["sample_id"]] = "[load/truncated]"
@@ -173,7 +175,7 @@ def run_attempt(cmd: list[str], env: dict[str, str], store: Path, run_id: str, *
 
 
 def comparable(st, run_id: str) -> dict[str, list]:
-    from storage.schemas import KEYS
+    from diffcam.storage.schemas import KEYS
 
     out = {}
     for name in ("samples", "token_maps"):
@@ -202,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
-    from storage.schemas import KEYS
-    from storage.store import Store
+    from diffcam.storage.schemas import KEYS
+    from diffcam.storage.store import Store
 
     rng = random.Random(args.seed)
     work = args.keep or Path(tempfile.mkdtemp(prefix="diffcam-soak-"))

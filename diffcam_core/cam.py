@@ -19,7 +19,7 @@ Choices docs/METHOD.md leaves open, made here:
   canvas), at the distractor's own positions and generated ids. `previous` falls back to
   no contrast for the first content word (nothing precedes it).
 - Which canvas, layer and score each map method reads is declared by the method itself
-  (`diffcam_core.methods`); this module only groups the work by those needs. A word's
+  (`diffcam.core.methods`); this module only groups the work by those needs. A word's
   reported `target_score` / `distractor_score` come from its attribution canvas when a
   method reads it (contrastive before plain), else from the final canvas.
 """
@@ -28,18 +28,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import torch
 
-from diffcam_core import methods as registry
-from diffcam_core.evidence import cover_grid
-from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
-from diffcam_core.methods import (ATTRIBUTION, CHOSEN, CONTRASTIVE, FINAL, TARGET, GradientMethod, ImageMethod,
-                                  WordSetMethod)
-from diffcam_core.models.base import Generation
-from diffcam_core.settings import CamSettings
-from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
+from diffcam.core import methods as registry
+from diffcam.core.evidence import cover_grid
+from diffcam.core.faithfulness import adapter_scorer, word_faithfulness
+from diffcam.core.methods import ATTRIBUTION, CHOSEN, CONTRASTIVE, FINAL, TARGET, GradientMethod, ImageMethod, WordSetMethod
+from diffcam.core.models.base import Generation
+from diffcam.core.settings import CamSettings
+from diffcam.core.types import SampleExplanation, WordMaps, WordSpan
 
 
 def explain(
@@ -137,7 +137,7 @@ def _distractors(words: tuple[WordSpan, ...], mode: str) -> dict[int, list[WordS
 
 
 def _canvas(generation: Generation, key: int | str):
-    return generation.final_canvas() if key == "final" else generation.step_canvas(key)
+    return generation.final_canvas() if key == "final" else generation.step_canvas(cast(int, key))
 
 
 def attribution_canvas(generation: Generation, word: WordSpan, attribution_step: str):
@@ -231,7 +231,7 @@ def attribute(adapter, inputs, generation: Generation, settings: CamSettings) ->
                             scores[w.index] = (float(target.detach()),
                                                None if distractor is None else float(distractor.detach()))
                         if group.methods:
-                            values.append(target - distractor if ds else target)
+                            values.append(target - distractor if distractor is not None else target)
                             slots.append((group, w))
             if not values:
                 continue
@@ -252,14 +252,14 @@ def attribute(adapter, inputs, generation: Generation, settings: CamSettings) ->
     wanted = set(settings.methods)
     result = []
     for w in words:
-        target, distractor = scores[w.index]
+        target_score, distractor_score = scores[w.index]
         ds = distractors[w.index]
         result.append(
             WordMaps(
                 word=w,
                 distractor=(ds[0].text if len(ds) == 1 else f"mean of {len(ds)} words") if ds else None,
-                target_score=target,
-                distractor_score=distractor,
+                target_score=target_score,
+                distractor_score=distractor_score,
                 # image-only methods are added by `with_chance_maps`, not here
                 maps={m.name: maps[w.index][m.name] for m in plan if m.name in wanted and m.name in maps[w.index]},
                 zero_map=any(m.flags_zero_map and float(maps[w.index][m.name].max()) <= 0.0

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffcam_core.metrics import upsample_bilinear, validate_map, validate_mask
+from diffcam.core.metrics import upsample_bilinear, validate_map, validate_mask
 
 __all__ = [
     "CHANCE_METHODS",
@@ -48,7 +48,7 @@ def cell_boxes(shape: tuple[int, int], grid: tuple[int, int]) -> tuple[np.ndarra
     """Pixel edges of the grid's cells: rows ``[r[i], r[i+1])``, cols ``[c[j], c[j+1])``.
 
     Cell (i, j) covers rows ⌊i·H/h⌋ … ⌊(i+1)·H/h⌋ (exclusive), the same rule as
-    `diffcam_core.bias_windows.cell_coverage`, so a map cell and the pixels it stands for agree
+    `diffcam.core.bias.windows.cell_coverage`, so a map cell and the pixels it stands for agree
     everywhere in the project.
     """
     H, W = int(shape[0]), int(shape[1])

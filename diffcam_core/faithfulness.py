@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffcam_core.evidence import background_colour, cell_boxes
-from diffcam_core.metrics import validate_map
+from diffcam.core.evidence import background_colour, cell_boxes
+from diffcam.core.metrics import validate_map
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -117,7 +117,7 @@ def normalised_curve(scores: Sequence[float], intact: float, blank: float) -> np
     return np.clip((np.asarray(scores, dtype=np.float64) - float(blank)) / gap, 0.0, 1.0)
 
 
-def curve_auc(fractions: Sequence[float], values: Sequence[float]) -> float:
+def curve_auc(fractions: Sequence[float], values: Sequence[float] | np.ndarray) -> float:
     """Trapezoid area under ``values`` over ``fractions`` (which must run from 0 to 1)."""
     f = np.asarray(fractions, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -184,7 +184,7 @@ def word_faithfulness(
 
     said_cache: dict[bytes, bool] = {}
     out: dict[str, FaithfulnessResult] = {}
-    for method, (start, n, order) in layout.items():
+    for method, (start, n, _order) in layout.items():
         dele = [intact, *scores[start:start + n], empty]
         ins = [empty, *scores[start + n:start + 2 * n], intact]
         vanished = None

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_windows import as_mask
+from diffcam.core.bias.windows import as_mask
 
 __all__ = ["box_mask", "dilate", "erase_mask", "erase_region"]
 

@@ -21,14 +21,15 @@ registered names, and maps are reported in registration order.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 
-from diffcam_core import evidence
-from diffcam_core.refine import refine_stack
-from diffcam_core.types import WordSpan
+from diffcam.core import evidence
+from diffcam.core.refine import refine_stack
+from diffcam.core.types import WordSpan
 
 ATTRIBUTION, FINAL = "attribution", "final"
 CHOSEN, IMAGE_FEATURES = "chosen", "image-features"
@@ -57,6 +58,9 @@ class MapMethod:
     name: ClassVar[str]
     #: An all-zero map of this method marks the word (`WordMaps.zero_map`).
     flags_zero_map: ClassVar[bool] = False
+    #: Where diffcam uses the method by default (`ROLES`): the one place a method joins a
+    #: benchmark table or the bias audit, so adding a method is one class.
+    roles: ClassVar[frozenset[str]] = frozenset()
 
 
 class GradientMethod(MapMethod):
@@ -81,6 +85,10 @@ class ImageMethod(MapMethod):
         raise NotImplementedError
 
 
+#: The default uses of a map method: a row of the paper-style method table, the maps the
+#: bias audit's sample-level rules read, and those its dataset-level analysis reads.
+ROLES = ("method-table", "bias-sample", "bias-dataset")
+
 _REGISTRY: dict[str, MapMethod] = {}
 
 
@@ -88,6 +96,8 @@ def register_method(cls: type[MapMethod]) -> type[MapMethod]:
     """Class decorator: make `cls.name` a valid `CamSettings.methods` entry."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is already registered")
+    if not cls.roles <= set(ROLES):
+        raise ValueError(f"method {cls.name!r} has unknown roles {sorted(cls.roles - set(ROLES))}; known: {ROLES}")
     if issubclass(cls, WordSetMethod) and cls.source not in _REGISTRY:
         raise ValueError(f"method {cls.name!r} refines {cls.source!r}, which is not registered")
     _REGISTRY[cls.name] = cls()
@@ -101,6 +111,13 @@ def unregister_method(name: str) -> None:
 
 def method_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def methods_for(role: str) -> tuple[str, ...]:
+    """The registered methods with `role` (one of `ROLES`), in registration order."""
+    if role not in ROLES:
+        raise ValueError(f"unknown method role {role!r}; known: {ROLES}")
+    return tuple(n for n, m in _REGISTRY.items() if role in m.roles)
 
 
 def resolve(names: Sequence[str]) -> list[MapMethod]:
@@ -140,6 +157,7 @@ class DiffusionCamRaw(GradientMethod):
     """Diffusion-CAM before refinement: the contrastive score on the word's attribution canvas."""
 
     name = "diffusion-cam-raw"
+    roles = frozenset({"method-table"})
     needs = Needs(ATTRIBUTION, CHOSEN, CONTRASTIVE)
     flags_zero_map = True
 
@@ -156,6 +174,7 @@ class DiffusionCam(WordSetMethod):
     """
 
     name = "diffusion-cam"
+    roles = frozenset({"method-table", "bias-sample", "bias-dataset"})
     source = "diffusion-cam-raw"
 
     def word_maps(self, source, words, n_steps, settings):
@@ -181,6 +200,7 @@ class GradCam(GradientMethod):
     """
 
     name = "gradcam"
+    roles = frozenset({"method-table"})
     needs = Needs(FINAL, CHOSEN, TARGET)
 
     def word_map(self, features, grads, grid):
@@ -193,6 +213,7 @@ class TokenGradNorm(GradientMethod):
     """Per-image-token ‖G_p‖₂ at the image features: no channel pooling, so a one-token cue is not washed out."""
 
     name = "token-gradnorm"
+    roles = frozenset({"method-table", "bias-sample", "bias-dataset"})
     needs = Needs(FINAL, IMAGE_FEATURES, TARGET)
 
     def word_map(self, features, grads, grid):
@@ -204,6 +225,7 @@ class TokenGradXInput(GradientMethod):
     """Per-image-token ReLU(Σ_c G_pc F_pc) at the image features."""
 
     name = "token-gradxinput"
+    roles = frozenset({"bias-dataset"})
     needs = Needs(FINAL, IMAGE_FEATURES, TARGET)
 
     def word_map(self, features, grads, grid):

@@ -24,15 +24,15 @@ Deviations from the authors' reference code (docs/METHOD.md §7), each repeated 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from diffcam_core.settings import Settings
+from diffcam.core.settings import Settings
 
 __all__ = [
     "PRESETS",
@@ -77,17 +77,17 @@ class RefineSettings(Settings):
     dacg_p_default: float = 85.0
     dacg_zeta_empty: float = 1e-6  # ζ when the map has no strictly positive value
     dacg_kernel: int = 3
-    dacg_sigma: float = Field(1.0, gt=0)
+    dacg_sigma: float = Field(default=1.0, gt=0)
     # CBA: δ = w_p50_nz·P50(nz) + w_p60_all·P60(all) + w_mean_nz·mean(nz) + w_max·max(H)
     cba_w_p50_nz: float = 0.15
     cba_w_p60_all: float = 0.15
     cba_w_mean_nz: float = 0.20
     cba_w_max: float = 0.015
-    cba_floor: float = Field(0.5, gt=0, le=1)  # in (0, 1]
+    cba_floor: float = Field(default=0.5, gt=0, le=1)  # in (0, 1]
     # clip + min-max between CBA and SICD (the §2 normalisation epsilon)
     minmax_eps: float = 1e-8
     # SICD
-    sicd_alpha_max: float = Field(0.5, ge=0)
+    sicd_alpha_max: float = Field(default=0.5, ge=0)
     sicd_keep_ratio: float = 0.9
     heur_repeat_coef: float = 0.05  # I = heur_repeat_coef·r + heur_spike_coef·1[H > μ + kσ]
     heur_spike_coef: float = 0.02
@@ -483,12 +483,12 @@ def sicd(H: np.ndarray, interference: np.ndarray, settings: RefineSettings = DEF
     return _sicd(a[None], i[None], settings)[0]
 
 
-def _sicd(X: np.ndarray, I: np.ndarray, settings: RefineSettings) -> np.ndarray:
+def _sicd(X: np.ndarray, Z: np.ndarray, settings: RefineSettings) -> np.ndarray:
     """Per map of an (m, h, w) stack with its own (m, h, w) interference."""
-    ii = (I * I).sum(axis=(1, 2))
+    ii = (Z * Z).sum(axis=(1, 2))
     active = ii > 0.0  # an all-zero interference leaves the map unchanged
-    alpha = np.minimum(np.maximum((X * I).sum(axis=(1, 2)) / np.where(active, ii, 1.0), 0.0), settings.sicd_alpha_max)
-    out = np.maximum(X - alpha[:, None, None] * I, 0.0)
+    alpha = np.minimum(np.maximum((X * Z).sum(axis=(1, 2)) / np.where(active, ii, 1.0), 0.0), settings.sicd_alpha_max)
+    out = np.maximum(X - alpha[:, None, None] * Z, 0.0)
     def ptp(a: np.ndarray) -> np.ndarray:
         return a.max(axis=(1, 2)) - a.min(axis=(1, 2))
 
@@ -557,7 +557,7 @@ def refine_stack(
     shares = np.array([float(r) for r in _per_map(repeat_share, m, "repeat_share")])
     if not ((shares >= 0.0) & (shares <= 1.0)).all():
         raise ValueError(f"repeat_share must be in [0, 1], got {repeat_share!r}")
-    given = [None] * m if interference is None else list(interference)
+    given: list[np.ndarray | None] = [None] * m if interference is None else list(interference)
     if len(given) != m:
         raise ValueError(f"interference has {len(given)} entries for {m} maps")
     for j, i in enumerate(given):
@@ -578,11 +578,11 @@ def refine_stack(
     X = _clip_minmax(X, raw_max, settings)
     if spec.sicd:
         if all(i is None for i in given):
-            I = _heuristic_interference(X, shares, settings)
+            Z = _heuristic_interference(X, shares, settings)
         else:
-            I = np.stack([_heuristic_interference(X[j : j + 1], shares[j : j + 1], settings)[0] if i is None else i
+            Z = np.stack([_heuristic_interference(X[j : j + 1], shares[j : j + 1], settings)[0] if i is None else i
                           for j, i in enumerate(given)])
-        X = _sicd(X, I, settings)
+        X = _sicd(X, Z, settings)
     return X
 
 

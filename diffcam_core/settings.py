@@ -50,7 +50,7 @@ class GenerationSettings(Settings):
     """
 
     seed: int = 0
-    max_denoising_steps: int = Field(16, ge=1)
+    max_denoising_steps: int = Field(default=16, ge=1)
     entropy_bound: float = 0.1
     t_min: float = 0.4
     t_max: float = 0.8
@@ -70,12 +70,12 @@ class CamSettings(Settings):
     entering the LM; `encoder.<i>`, `vision.<i>`, ... as the family's `adapter.layers()`
     describes them). `None` uses the adapter's default, chosen by the layer sweep in
     `benchmarks/bench_method.py`.
-    `methods`: names registered in `diffcam_core.methods`; they include the chance maps
+    `methods`: names registered in `diffcam.core.methods`; they include the chance maps
     `random` and `objectness` (computed from the image alone, no model): every method
     table carries them so a method can be judged against what no model achieves.
     `faithfulness`: the share of samples (chosen by a hash of the sample id, so the same
     samples in every run) whose words get deletion / insertion curves and the vanish test
-    (`diffcam_core.faithfulness`); 0 skips it.
+    (`diffcam.core.faithfulness`); 0 skips it.
     `canvas_batch`: how many denoising canvases are decoded, and back-propagated, as one
     batch when attributing an answer's words (a cost knob, not a result one: lower it when
     a large model runs out of memory in attribution).
@@ -88,7 +88,7 @@ class CamSettings(Settings):
     methods: tuple[str, ...] = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness")
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     faithfulness: float = 0.1
-    canvas_batch: int = Field(8, ge=1)
+    canvas_batch: int = Field(default=8, ge=1)
 
     @field_validator("faithfulness", mode="before")
     @classmethod
@@ -100,9 +100,9 @@ class CamSettings(Settings):
     @field_validator("methods")
     @classmethod
     def _registered_methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from diffcam_core.methods import method_names
+        from diffcam.core.methods import method_names
 
-        valid = method_names()  # the registry (`diffcam_core.methods`), plug-ins included
+        valid = method_names()  # the registry (`diffcam.core.methods`), plug-ins included
         unknown = [m for m in v if m not in valid]
         if unknown or not v:
             raise ValueError(f"unknown method(s) {unknown} in {list(v)}; valid: {valid}")
@@ -111,7 +111,7 @@ class CamSettings(Settings):
     @field_validator("refine_preset")
     @classmethod
     def _preset(cls, v: str) -> str:
-        from diffcam_core.refine import PRESETS
+        from diffcam.core.refine import PRESETS
 
         if v not in PRESETS:
             raise ValueError(f"refine_preset {v!r} is not one of {sorted(PRESETS)}")
@@ -127,9 +127,9 @@ def run_settings(cam: CamSettings, bias: Any = None) -> dict[str, Any]:
     """Every setting that shapes a run's numbers, as the run row's config records them:
     CamSettings at the top level (as before) plus ``refine`` (`RefineSettings`), ``stats``
     (`StatsSettings`) and ``bias`` (`BiasSettings`; None: the defaults)."""
-    from diffcam_core.bias_settings import BiasSettings
-    from diffcam_core.refine import DEFAULT_SETTINGS
-    from diffcam_core.stats import DEFAULT_STATS_SETTINGS
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.core.refine import DEFAULT_SETTINGS
+    from diffcam.core.stats import DEFAULT_STATS_SETTINGS
 
     return {
         **cam.model_dump(mode="json"),

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import Field
 
-from diffcam_core import metrics
-from diffcam_core.settings import Settings
+from diffcam.core import metrics
+from diffcam.core.settings import Settings
 
 __all__ = ["STAT_KEYS", "StatKey", "StatsSettings", "band_cells", "border_mask", "centre_mask", "gini", "map_stats"]
 
@@ -98,8 +98,8 @@ class StatsSettings(Settings):
     ±centre_fraction/2 of 0.5 on both axes (0.5 → the middle half of each side).
     """
 
-    border_fraction: float = Field(0.125, gt=0.0, le=0.5)
-    centre_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    border_fraction: float = Field(default=0.125, gt=0.0, le=0.5)
+    centre_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
 DEFAULT_STATS_SETTINGS = StatsSettings()

@@ -31,9 +31,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from diffcam_core.settings import Settings
-
-from diffcam_core.inpaint import dilate
+from diffcam.core.inpaint import dilate
+from diffcam.core.settings import Settings
 
 __all__ = [
     "SHAPES",
@@ -300,24 +299,24 @@ class SynthSettings(Settings):
       ``(0, 0)`` (default) draws none and leaves the random stream as before.
     """
 
-    image_size: int = Field(64, ge=8)
+    image_size: int = Field(default=64, ge=8)
     count_probs: tuple[Annotated[float, Field(ge=0.0)], ...] = (0.45, 0.45, 0.1)
     size_range: tuple[int, int] = (18, 26)
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = SHAPES
     background: tuple[Byte, Byte, Byte] = (40, 40, 40)
-    background_noise: float = Field(4.0, ge=0.0)
-    clutter: float = Field(0.01, ge=0.0, le=1.0)
+    background_noise: float = Field(default=4.0, ge=0.0)
+    clutter: float = Field(default=0.01, ge=0.0, le=1.0)
     clutter_dot: tuple[int, int] = (1, 2)
     clutter_gray: tuple[Byte, Byte] = (70, 130)
-    min_gap: int = Field(2, ge=0)
-    min_dx: float = Field(4.0, ge=0.0)
-    edge_margin: int = Field(1, ge=0)
-    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
+    min_gap: int = Field(default=2, ge=0)
+    min_dx: float = Field(default=4.0, ge=0.0)
+    edge_margin: int = Field(default=1, ge=0)
+    prompts: tuple[str, ...] = Field(default=DEFAULT_PROMPTS, min_length=1)
     cue: CueSpec | None = None
-    cue_margin: int = Field(2, ge=0)
-    max_attempts: int = Field(100, ge=1)
-    max_layouts: int = Field(50, ge=1)
+    cue_margin: int = Field(default=2, ge=0)
+    max_attempts: int = Field(default=100, ge=1)
+    max_layouts: int = Field(default=50, ge=1)
     unnamed_objects: tuple[int, int] = (0, 0)
     unnamed_gray: tuple[Byte, Byte] = (100, 160)
 

@@ -45,7 +45,7 @@ class WordMaps:
     distractor_score: float | None
     maps: dict[str, np.ndarray]
     zero_map: bool
-    #: method -> `diffcam_core.faithfulness.FaithfulnessResult`, for the words and samples
+    #: method -> `diffcam.core.faithfulness.FaithfulnessResult`, for the words and samples
     #: where faithfulness was measured (empty otherwise).
     faithfulness: dict = field(default_factory=dict)
 

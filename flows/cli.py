@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from diffcam_core.settings import AttributionStep, Distractor
-from flows.cli_common import fail
-from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
+from diffcam.core.settings import AttributionStep, Distractor
+from diffcam.flows.cli_common import fail
+from diffcam.flows.paths import DEFAULT_MODEL
 
 app = typer.Typer(
     name="diffcam",
@@ -42,7 +41,7 @@ def data_synth(
     out: Path = typer.Option(..., "--out", help="New folder to write (must not exist or be empty)."),
     n: int = typer.Option(300, "--n", min=1, help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Seed: same seed, same dataset, byte for byte."),
-    cue: Optional[str] = typer.Option(
+    cue: str | None = typer.Option(
         None,
         "--cue",
         help=(
@@ -53,8 +52,8 @@ def data_synth(
     ),
 ) -> None:
     """Write a synthetic grounded dataset: manifest.jsonl + images/ + masks/ + dataset.json."""
-    from diffcam_core.synthetic import CueSpec, SynthSettings
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     try:
         settings = SynthSettings(cue=CueSpec.parse(cue) if cue else None)
@@ -73,23 +72,26 @@ def train_tiny_cmd(
     data: Path = typer.Option(..., "--data", help="Synthetic dataset folder (from `diffcam data synth`)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write."),
     steps: int = typer.Option(2500, "--steps", min=1, help="Optimiser steps (fixed: the same command makes the same model)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-time cap; stopping early is recorded."),
-    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out dataset folder to score answers on (colour, shape, exact match)."),
+    minutes: float | None = typer.Option(None, "--minutes", help="Wall-time cap; stopping early is recorded."),
+    heldout: Path | None = typer.Option(
+        None, "--heldout", help="Held-out dataset folder to score answers on (colour, shape, exact match)."),
     seed: int = typer.Option(0, "--seed", help="Training seed: initialisation, batches and noise."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads (results are reproducible for a fixed value)."),
     lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Peak AdamW learning rate (linear warm-up, cosine decay)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Examples per step (drawn from one prompt length)."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue training this checkpoint (a later stage of a recipe)."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Continue training this checkpoint (a later stage of a recipe)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (noise and batches are drawn on the CPU either way)."),
     compile_: bool = typer.Option(
         False, "--compile",
         help="torch.compile the training step: ~1.4x faster per step on CPU after a few minutes of compiling "
              "(worth it from ~1,000 steps). Reproducible against another compiled run, not against an eager one.",
     ),
-    spec: Optional[str] = typer.Option(
+    spec: str | None = typer.Option(
         None, "--spec",
-        help='JSON overrides of the architecture for a new model, e.g. \'{"max_soft_tokens": 280, "position_init_std": 0.5}\' '
-             "(fields: see TinyModelSpec in diffcam_core/models/tiny.py; unknown fields are refused).",
+        help="Overrides of the architecture for a new model: a .json or .toml file, a JSON object, or "
+             "key=value pairs, e.g. max_soft_tokens=280,position_init_std=0.5 "
+             "(fields: see TinyModelSpec in training/tiny_gemma.py; unknown fields and wrong types are refused).",
     ),
 ) -> None:
     """Train the tiny DiffusionGemma on a synthetic dataset and save it (safetensors).
@@ -99,12 +101,13 @@ def train_tiny_cmd(
     one process (one compile for all; how the default is trained), `scripts/train_shipped.py`
     one stage (how the planted-cue model is trained).
     """
-    from diffcam_core.models.tiny import TinyModelSpec
-    from tasks.train_tiny import TrainSettings, run_train_tiny
+    from diffcam.training.gemma import TrainSettings, run_train_tiny
+    from diffcam.training.overrides import read_overrides
+    from diffcam.training.tiny_gemma import TinyModelSpec
 
     try:
-        arch = TinyModelSpec.from_overrides(json.loads(spec) if spec else {})
-    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        arch = TinyModelSpec.model_validate(read_overrides(spec))
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
         fail(f"--spec: {e}")
     try:
         report = run_train_tiny(
@@ -126,7 +129,7 @@ def explain_cmd(
     prompt: str = typer.Option(..., "--prompt", help="Question or instruction about the image."),
     model: Path = typer.Option(DEFAULT_MODEL, "--model", help="Local checkpoint folder (safetensors)."),
     out: Path = typer.Option(Path("explain-out"), "--out", help="Folder for overlays and explain.json."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (see explain.json `layers`)."),
+    layer: str | None = typer.Option(None, "--layer", help="Layer to hook (see explain.json `layers`)."),
     distractor: Distractor = typer.Option(
         "others-mean", "--distractor", help="Contrast target (others-mean: the default, best on the benchmark)."),
     attribution_step: AttributionStep = typer.Option(
@@ -134,8 +137,8 @@ def explain_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Answer PROMPT about IMAGE; write one overlay PNG per word (raw | refined) and explain.json."""
-    from storage.images import SampleError
-    from tasks.explain import run_explain
+    from diffcam.flows.explain import run_explain
+    from diffcam.storage.images import SampleError
 
     try:
         summary = run_explain(image, prompt, model, out, layer=layer, distractor=distractor,
@@ -152,15 +155,15 @@ def explain_cmd(
 def bench_method_cmd(
     n: int = typer.Option(200, "--n", help="Held-out synthetic images."),
     model: Path = typer.Option(DEFAULT_MODEL, "--model"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the tables as JSON."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep",
                                help="Run the tuning sweeps (layer, distractor, attribution step, DACG sigma) on the "
                                     "tuning seed."),
-    sweep_n: Optional[int] = typer.Option(None, "--sweep-n", min=1, help="Tuning-seed images (default n/2)."),
-    faith_n: Optional[int] = typer.Option(None, "--faith-n", min=0,
+    sweep_n: int | None = typer.Option(None, "--sweep-n", min=1, help="Tuning-seed images (default n/2)."),
+    faith_n: int | None = typer.Option(None, "--faith-n", min=0,
                                           help="Report images with faithfulness curves and vanish test "
                                                "(default min(n, 100); ~0.15 s per word and map on the tiny model)."),
-    clutter_n: Optional[int] = typer.Option(None, "--clutter-n", min=0,
+    clutter_n: int | None = typer.Option(None, "--clutter-n", min=0,
                                             help="Images of the clutter split (unnamed grey shapes; default n)."),
 ) -> None:
     """Method table with the evidence that maps are right (docs/EVALUATION.md).
@@ -171,14 +174,14 @@ def bench_method_cmd(
 
     Choices are swept on the tuning seed (11); the table is reported on the report seed (2). The JSON says which.
     """
-    from tasks.bench_method import main as bench_main
+    from diffcam.evaluation.method_table import main as bench_main
 
     bench_main(n=n, model=model, json_out=json_out, sweep=sweep, sweep_n=sweep_n, faith_n=faith_n,
                clutter_n=clutter_n)
 
 
 def _register_optional() -> None:
-    for mod in ("flows.cli_pipeline", "flows.cli_ops"):
+    for mod in ("diffcam.flows.cli_pipeline", "diffcam.flows.cli_ops"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from flows.cli_common import fail
-from flows.paths import DEFAULT_STORE
+from diffcam.flows.cli_common import fail
+from diffcam.flows.paths import DEFAULT_STORE
 
 __all__ = ["register"]
 
@@ -33,9 +33,13 @@ def _need_server(what: str) -> None:
 
 # --------------------------------------------------------------------------- compare
 
-_COMPARE_HELP = """Regression report of run B (candidate) against run A (baseline): per word and overall changes in localisation metrics and map statistics (KS test, Wasserstein distance, Benjamini–Hochberg q-values), new and resolved flags, and a pass/fail verdict against gates.
+_COMPARE_HELP = """Regression report of run B (candidate) against run A (baseline): per word and overall changes in localisation
+metrics and map statistics (KS test, Wasserstein distance, Benjamini–Hochberg q-values), new and resolved
+flags, and a pass/fail verdict against gates.
 
-Writes compare.md and compare.json (default STORE/compare/RUN_A__RUN_B/). Gates come from --gates FILE (.toml with a [gates] table, or .json) and the flags below; defaults: Obj-IoU may drop < 2 points, no new confirmed flag of kind clever_hans, failure rate +5 points at most, both runs succeeded on the same dataset.
+Writes compare.md and compare.json (default STORE/compare/RUN_A__RUN_B/). Gates come from --gates FILE (.toml
+with a [gates] table, or .json) and the flags below; defaults: Obj-IoU may drop < 2 points, no new confirmed
+flag of kind clever_hans, failure rate +5 points at most, both runs succeeded on the same dataset.
 
 Examples:
   diffcam compare nightly-0412 nightly-0413
@@ -50,23 +54,23 @@ def compare_cmd(
     run_a: str = typer.Argument(..., help="Baseline run id (the previous checkpoint)."),
     run_b: str = typer.Argument(..., help="Candidate run id."),
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default STORE/compare/RUN_A__RUN_B/)."),
-    gates_file: Optional[Path] = typer.Option(None, "--gates", help="Gates file (.toml [gates] table or .json)."),
-    max_obj_iou_drop: Optional[float] = typer.Option(
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default STORE/compare/RUN_A__RUN_B/)."),
+    gates_file: Path | None = typer.Option(None, "--gates", help="Gates file (.toml [gates] table or .json)."),
+    max_obj_iou_drop: float | None = typer.Option(
         None, "--max-obj-iou-drop", min=0.0,
         help="Overall Obj-IoU may drop by less than this many points (default 2)."),
-    max_word_obj_iou_drop: Optional[float] = typer.Option(
+    max_word_obj_iou_drop: float | None = typer.Option(
         None, "--max-word-obj-iou-drop", min=0.0, help="Per-word Obj-IoU drop limit in points (default: off)."),
-    flag_kinds: Optional[list[str]] = typer.Option(
+    flag_kinds: list[str] | None = typer.Option(
         None, "--fail-on-new-flag",
         help="Flag kind pattern whose new flags fail the gate (repeatable; default clever_hans)."),
     any_flag: bool = typer.Option(False, "--unconfirmed-flags-count",
                                   help="Count new flags of those kinds even when not confirmed."),
-    method: Optional[str] = typer.Option(None, "--method", help="CAM method to compare (default diffusion-cam)."),
+    method: str | None = typer.Option(None, "--method", help="CAM method to compare (default diffusion-cam)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON verdict on stdout instead of the summary."),
 ) -> None:
-    from flows.compare import CompareGates, compare_runs, default_out_dir, load_gates, write_comparison
-    from storage.store import RUN_ID_RE, Store
+    from diffcam.flows.compare import CompareGates, compare_runs, default_out_dir, load_gates, write_comparison
+    from diffcam.storage.store import RUN_ID_RE, Store
 
     for rid in (run_a, run_b):
         if not RUN_ID_RE.match(rid):
@@ -116,8 +120,8 @@ def compare_cmd(
 # ------------------------------------------------------------------- sweep / deploy
 
 
-def _ops_config(config: Optional[Path], **overrides: Any):
-    from flows.deploy import OpsConfig
+def _ops_config(config: Path | None, **overrides: Any):
+    from diffcam.flows.deploy import OpsConfig
 
     audit_options = {k: overrides.pop(k) for k in ("workers", "gpus_per_worker", "ray_address")
                      if overrides.get(k) is not None}
@@ -138,7 +142,9 @@ def _ops_config(config: Optional[Path], **overrides: Any):
     return cfg
 
 
-_SWEEP_HELP = """Audit, once and now, every checkpoint of the registry not yet audited with these settings (what the scheduled deployment does each night); already-audited (checkpoint hash, dataset, settings) triples are skipped unless --force.
+_SWEEP_HELP = """Audit, once and now, every checkpoint of the registry not yet audited with these settings (what the scheduled
+deployment does each night); already-audited (checkpoint hash, dataset, settings) triples are skipped unless
+--force.
 
 Examples:
   diffcam sweep --registry /models/registry --store runs/
@@ -147,19 +153,19 @@ Examples:
 
 
 def sweep_cmd(
-    registry: Optional[str] = typer.Option(None, "--registry", help="Registry folder (of checkpoint folders)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store (default: the config's, else diffcam-store)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="ops.toml ([ops] table)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder/manifest (default: built-in)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    registry: str | None = typer.Option(None, "--registry", help="Registry folder (of checkpoint folders)."),
+    store: Path | None = typer.Option(None, "--store", help="Store (default: the config's, else diffcam-store)."),
+    config: Path | None = typer.Option(None, "--config", help="ops.toml ([ops] table)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Dataset folder/manifest (default: built-in)."),
+    limit: int | None = typer.Option(None, "--limit", min=1),
     force: bool = typer.Option(False, "--force", help="Audit again even when already audited."),
     settle_s: float = typer.Option(60.0, "--settle-s", min=0.0, help="Skip checkpoints modified in the last N s."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep result as JSON here."),
+    workers: int | None = typer.Option(None, "--workers", min=1),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the sweep result as JSON here."),
 ) -> None:
     cfg = _ops_config(config, registry=registry, store=None if store is None else str(store),
                       dataset=None if dataset is None else str(dataset), limit=limit, workers=workers)
-    from flows.deploy import audit_new_checkpoints
+    from diffcam.flows.deploy import audit_new_checkpoints
 
     state = audit_new_checkpoints(
         registry=cfg.registry, store=cfg.store, dataset=cfg.dataset, settings=cfg.settings, limit=cfg.limit,
@@ -180,9 +186,12 @@ def sweep_cmd(
         fail(f"sweep: {state.message}", code=1)
 
 
-_DEPLOY_HELP = """Create the two Prefect deployments: the nightly sweep (cron) and the audit triggered by the `diffcam.model.registered` event (its payload becomes the flow's parameters).
+_DEPLOY_HELP = """Create the two Prefect deployments: the nightly sweep (cron) and the audit triggered by the
+`diffcam.model.registered` event (its payload becomes the flow's parameters).
 
-With --work-pool: registers them on the server in PREFECT_API_URL for that pool's workers (a team's server; workers need the diffcam package installed). Without: use `diffcam serve` (one machine). --dry-run prints what would be created and needs no server.
+With --work-pool: registers them on the server in PREFECT_API_URL for that pool's workers (a team's server;
+workers need the diffcam package installed). Without: use `diffcam serve` (one machine). --dry-run prints what
+would be created and needs no server.
 
 Examples:
   diffcam deploy --registry /models/registry --store /data/diffcam-store --dry-run
@@ -191,27 +200,29 @@ Examples:
 """
 
 
+_RAY_ADDRESS_HELP = (
+    "Ray cluster the audits use: HOST:PORT as `ray start --head` prints it (or auto). A cluster with token "
+    "authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] in the environment of whatever runs the "
+    "flows (the worker, or `diffcam serve`).")
+
+
 def deploy_cmd(
-    registry: Optional[str] = typer.Option(None, "--registry", help="Registry folder."),
-    store: Optional[str] = typer.Option(None, "--store", help="Store folder (shared storage for a team)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="ops.toml ([ops], [ops.gates], [ops.settings])."),
-    dataset: Optional[str] = typer.Option(None, "--dataset"),
-    cron: Optional[str] = typer.Option(None, "--cron", help="Sweep schedule (default '0 2 * * *')."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0.0),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address",
-        help="Ray cluster the audits use: HOST:PORT as `ray start --head` prints it (or auto). A cluster with "
-             "token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] in the environment of "
-             "whatever runs the flows (the worker, or `diffcam serve`)."),
-    work_pool: Optional[str] = typer.Option(None, "--work-pool", help="Prefect work pool to register on."),
-    image: Optional[str] = typer.Option(None, "--image", help="Pre-built image (Docker/Kubernetes pools)."),
+    registry: str | None = typer.Option(None, "--registry", help="Registry folder."),
+    store: str | None = typer.Option(None, "--store", help="Store folder (shared storage for a team)."),
+    config: Path | None = typer.Option(None, "--config", help="ops.toml ([ops], [ops.gates], [ops.settings])."),
+    dataset: str | None = typer.Option(None, "--dataset"),
+    cron: str | None = typer.Option(None, "--cron", help="Sweep schedule (default '0 2 * * *')."),
+    limit: int | None = typer.Option(None, "--limit", min=1),
+    workers: int | None = typer.Option(None, "--workers", min=1),
+    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP),
+    work_pool: str | None = typer.Option(None, "--work-pool", help="Prefect work pool to register on."),
+    image: str | None = typer.Option(None, "--image", help="Pre-built image (Docker/Kubernetes pools)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployments as JSON; change nothing."),
 ) -> None:
     cfg = _ops_config(config, registry=registry, store=store, dataset=dataset, cron=cron, limit=limit,
                       workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, work_pool=work_pool)
-    from flows.deploy import deploy_to_work_pool, describe_deployments
+    from diffcam.flows.deploy import deploy_to_work_pool, describe_deployments
 
     if dry_run:
         typer.echo(json.dumps(describe_deployments(cfg), indent=1, default=str))
@@ -225,7 +236,8 @@ def deploy_cmd(
                f"diffcam-audit-checkpoint/{cfg.event_name} (on diffcam.model.registered)")
 
 
-_SERVE_HELP = """Create the two deployments (nightly sweep + event-triggered audit) on the Prefect server in PREFECT_API_URL and run their flow runs from this process until Ctrl-C (which pauses their schedules).
+_SERVE_HELP = """Create the two deployments (nightly sweep + event-triggered audit) on the Prefect server in PREFECT_API_URL
+and run their flow runs from this process until Ctrl-C (which pauses their schedules).
 
 One machine:
   prefect server start --host 127.0.0.1 &            # UI at http://127.0.0.1:4200
@@ -236,34 +248,37 @@ One machine:
 
 
 def serve_cmd(
-    registry: Optional[str] = typer.Option(None, "--registry", help="Registry folder."),
-    store: Optional[str] = typer.Option(None, "--store", help="Store folder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="ops.toml."),
-    dataset: Optional[str] = typer.Option(None, "--dataset"),
-    cron: Optional[str] = typer.Option(None, "--cron"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Samples per audit (default: all)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0.0),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address",
-        help="Ray cluster the audits use: HOST:PORT as `ray start --head` prints it (or auto). A cluster with "
-             "token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN[_PATH] in the environment of "
-             "whatever runs the flows (the worker, or `diffcam serve`)."),
-    max_runs: Optional[int] = typer.Option(None, "--max-runs", min=1, help="Flow runs at a time in this process."),
+    registry: str | None = typer.Option(None, "--registry", help="Registry folder."),
+    store: str | None = typer.Option(None, "--store", help="Store folder."),
+    config: Path | None = typer.Option(None, "--config", help="ops.toml."),
+    dataset: str | None = typer.Option(None, "--dataset"),
+    cron: str | None = typer.Option(None, "--cron"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Samples per audit (default: all)."),
+    workers: int | None = typer.Option(None, "--workers", min=1),
+    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP),
+    max_runs: int | None = typer.Option(None, "--max-runs", min=1, help="Flow runs at a time in this process."),
 ) -> None:
     cfg = _ops_config(config, registry=registry, store=store, dataset=dataset, cron=cron, limit=limit,
                       workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address)
     _need_server("diffcam serve")
-    from flows.deploy import serve_deployments
+    from diffcam.flows.deploy import serve_deployments
 
     serve_deployments(cfg, limit=max_runs)
 
 
-_WEBHOOK_HELP = """Run the registry webhook receiver: verifies signed notifications (MLflow model-registry webhooks at /hooks/mlflow, a plain JSON form at /hooks/registry) and emits the Prefect event diffcam.model.registered. It never runs an audit.
+_WEBHOOK_HELP = """Run the registry webhook receiver: verifies signed notifications (MLflow model-registry webhooks at
+/hooks/mlflow, a plain JSON form at /hooks/registry) and emits the Prefect event diffcam.model.registered. It
+never runs an audit.
 
-The HMAC secret is read from $DIFFCAM_WEBHOOK_SECRET (at least 16 characters). Listens on 127.0.0.1 by default: put a TLS reverse proxy in front of it to expose it. Every delivery is logged on stderr with its id: accepted, ignored, MLflow test delivery, or rejected with the reason.
+The HMAC secret is read from $DIFFCAM_WEBHOOK_SECRET (at least 16 characters). Listens on 127.0.0.1 by
+default: put a TLS reverse proxy in front of it to expose it. Every delivery is logged on stderr with its id:
+accepted, ignored, MLflow test delivery, or rejected with the reason.
 
-MLflow side (its server's environment): MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true for a receiver on http or a private address; a fixed MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY (else a restarted MLflow server cannot use the secret). Point --registry at the MLflow server's --artifacts-destination so runs:/ and models:/ sources resolve (docs/OPERATIONS.md).
+MLflow side (its server's environment): MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and
+MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true for a receiver on http or a private address; a fixed
+MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY (else a restarted MLflow server cannot use the secret). Point --registry
+at the MLflow server's --artifacts-destination so runs:/ and models:/ sources resolve (docs/OPERATIONS.md).
 
 Example:
   export DIFFCAM_WEBHOOK_SECRET=...   PREFECT_API_URL=http://127.0.0.1:4200/api
@@ -276,10 +291,10 @@ def webhook_cmd(
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder (holds the replay cache)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8787, "--port", min=1, max=65535),
-    extra_root: Optional[list[str]] = typer.Option(None, "--extra-root", help="Another allowed checkpoint root."),
-    dataset_root: Optional[list[str]] = typer.Option(
+    extra_root: list[str] | None = typer.Option(None, "--extra-root", help="Another allowed checkpoint root."),
+    dataset_root: list[str] | None = typer.Option(
         None, "--dataset-root", help="Folder a notification's dataset may point into (default: none allowed)."),
-    alias: Optional[list[str]] = typer.Option(None, "--alias", help="Only these MLflow aliases trigger (default all)."),
+    alias: list[str] | None = typer.Option(None, "--alias", help="Only these MLflow aliases trigger (default all)."),
     tolerance_s: int = typer.Option(300, "--tolerance-s", min=1, help="Allowed clock skew of the timestamp."),
     max_body_bytes: int = typer.Option(65536, "--max-body-bytes", min=256),
     secret_env: str = typer.Option("DIFFCAM_WEBHOOK_SECRET", "--secret-env", help="Variable holding the secret."),
@@ -287,7 +302,7 @@ def webhook_cmd(
         "info", "--log-level",
         help="Level of the receiver's own lines on stderr (info: one line per delivery, with its id)."),
 ) -> None:
-    from flows.webhook import WebhookSettings, configure_logging, create_app
+    from diffcam.flows.webhook import WebhookSettings, configure_logging, create_app
 
     _need_server("diffcam webhook")
     try:

@@ -13,14 +13,14 @@ import json
 import sys
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import typer
 
-from diffcam_core.settings import AttributionStep, Distractor
-from flows.cli_common import fail
-from flows.paths import DEFAULT_MODEL, DEFAULT_STORE
-from storage.jsonable import jsonable
+from diffcam.core.settings import AttributionStep, Distractor
+from diffcam.flows.cli_common import fail
+from diffcam.flows.paths import DEFAULT_MODEL, DEFAULT_STORE
+from diffcam.storage.jsonable import jsonable
 
 __all__ = ["register", "format_table"]
 
@@ -31,7 +31,10 @@ OutputFormat = Literal["table", "csv", "json", "parquet"]
 
 _AUDIT_HELP = """Audit a model on a dataset: per-word Diffusion-CAM maps and statistics → tables, validation, report.
 
-Every sample of the manifest ends in exactly one of the `samples` / `failures` tables; `token_maps` holds one row per (answer word, method). With no arguments: the shipped tiny model on a built-in synthetic dataset (200 samples, generated once into STORE/datasets/), store ./diffcam-store. The run is split into shards committed atomically: re-running with the same --run-id resumes an interrupted run without redoing committed shards.
+Every sample of the manifest ends in exactly one of the `samples` / `failures` tables; `token_maps` holds one
+row per (answer word, method). With no arguments: the shipped tiny model on a built-in synthetic dataset (200
+samples, generated once into STORE/datasets/), store ./diffcam-store. The run is split into shards committed
+atomically: re-running with the same --run-id resumes an interrupted run without redoing committed shards.
 
 Examples:
   diffcam audit
@@ -46,24 +49,24 @@ Exit codes: 0 succeeded; 1 failed or validation failed (see the report); 2 bad i
 
 def audit_cmd(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", help="Checkpoint folder (config.json + *.safetensors)."),
-    dataset: Optional[Path] = typer.Option(
+    dataset: Path | None = typer.Option(
         None, "--dataset",
         help="Dataset folder or manifest (.jsonl/.csv/.parquet, or COCO instances*.json). "
              "Default: the built-in synthetic dataset.",
     ),
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder (created if missing)."),
-    run_id: Optional[str] = typer.Option(
+    run_id: str | None = typer.Option(
         None, "--run-id", help="Run id (letters, digits, . _ -). Default: a new timestamped id. "
                                "An existing id resumes that run."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Audit only the first N samples of the manifest."),
-    workers: Optional[int] = typer.Option(
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Audit only the first N samples of the manifest."),
+    workers: int | None = typer.Option(
         None, "--workers", min=1, help="Model workers (Ray actors). Default: one per GPU, else min(CPUs, 4)."),
     gpus_per_worker: float = typer.Option(
         1.0, "--gpus-per-worker", min=0.0,
         help="GPUs per worker, used only if the Ray cluster has them (else workers run on CPU)."),
-    ray_address: Optional[str] = typer.Option(
+    ray_address: str | None = typer.Option(
         None, "--ray-address", help="Connect to this Ray cluster (e.g. auto, ray://host:10001). Default: a local Ray."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Layer to hook (default: the model's own default)."),
+    layer: str | None = typer.Option(None, "--layer", help="Layer to hook (default: the model's own default)."),
     distractor: Distractor = typer.Option(
         "others-mean", "--distractor", help="Contrast target (others-mean: the default, best on the benchmark)."),
     attribution_step: AttributionStep = typer.Option(
@@ -77,14 +80,14 @@ def audit_cmd(
     shard_size: int = typer.Option(
         16, "--shard-size", min=1, help="Samples per shard (the unit of commit and resume)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Samples per worker call."),
-    cpus_per_worker: Optional[int] = typer.Option(
+    cpus_per_worker: int | None = typer.Option(
         None, "--cpus-per-worker", min=1,
         help="CPUs (= torch threads) per worker. Default: local CPUs // workers; 1 on a cluster or with GPUs."),
     synthetic_n: int = typer.Option(200, "--synthetic-n", min=1, help="Size of the built-in synthetic dataset."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON to this file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON to this file."),
 ) -> None:
-    from diffcam_core.settings import CamSettings, GenerationSettings
-    from storage.store import RUN_ID_RE
+    from diffcam.core.settings import CamSettings, GenerationSettings
+    from diffcam.storage.store import RUN_ID_RE
 
     # Cheap checks first: Prefect and Ray take seconds to start.
     if run_id is not None and not RUN_ID_RE.match(run_id):
@@ -95,8 +98,8 @@ def audit_cmd(
         fail(f"--dataset {dataset}: does not exist")
     ds = None
     if dataset is not None:  # validate before Prefect and Ray start (seconds); the flow reuses it
-        from storage.datasets import load_dataset
-        from storage.samples import ManifestError
+        from diffcam.storage.datasets import load_dataset
+        from diffcam.storage.samples import ManifestError
 
         try:
             ds = load_dataset(dataset)
@@ -114,8 +117,8 @@ def audit_cmd(
     except ValueError as e:
         fail(str(e))
 
-    from flows.audit import AuditConfigError, audit, remember_dataset
-    from storage.samples import ManifestError
+    from diffcam.flows.audit import AuditConfigError, audit, remember_dataset
+    from diffcam.storage.samples import ManifestError
 
     if ds is not None:
         remember_dataset(dataset, ds)
@@ -156,7 +159,8 @@ def audit_cmd(
 
 _SQL_HELP = """Run one read-only SQL query (DuckDB) over the store's tables.
 
-Tables: runs, samples, token_maps, flags, failures — views over the committed Parquet files of every run in the store (column meanings: storage/schemas.py).
+Tables: runs, samples, token_maps, flags, failures — views over the committed Parquet files of every run in
+the store (column meanings: storage/schemas.py).
 
 Examples:
   diffcam sql "SELECT run_id, status, n_samples FROM runs"
@@ -164,7 +168,8 @@ Examples:
   diffcam sql "SELECT * FROM failures" --format json --out failures.json
   diffcam sql "SELECT * FROM samples" --format parquet --out samples.parquet
 
-Writing statements (COPY, CREATE, INSERT, ATTACH, SET, ...) are refused. The `map` column holds grid_h*grid_w uint8 bytes (shown as <N bytes> in tables, hex in CSV/JSON).
+Writing statements (COPY, CREATE, INSERT, ATTACH, SET, ...) are refused. The `map` column holds grid_h*grid_w
+uint8 bytes (shown as <N bytes> in tables, hex in CSV/JSON).
 """
 
 
@@ -214,7 +219,7 @@ def sql_cmd(
     query: str = typer.Argument(..., help="One read-only SQL statement (quote it)."),
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder."),
     fmt: OutputFormat = typer.Option("table", "--format", "-f", help="Output format."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", "-o", help="Write here instead of stdout (required for parquet on a terminal)."),
     max_rows: int = typer.Option(100, "--max-rows", min=1, help="Rows shown by --format table."),
 ) -> None:
@@ -224,8 +229,8 @@ def sql_cmd(
         fail("--format parquet writes binary: give --out FILE (or redirect stdout)")
     import duckdb
 
-    from storage.catalog import ReadOnlyError, run_sql
-    from storage.store import StoreCorruptError
+    from diffcam.storage.catalog import ReadOnlyError, run_sql
+    from diffcam.storage.store import StoreCorruptError
 
     try:
         table = run_sql(store, query)
@@ -275,10 +280,10 @@ Examples:
 def report_cmd(
     run_id: str = typer.Argument(..., help="Run id (see `diffcam sql \"SELECT run_id, status FROM runs\"`)."),
     store: Path = typer.Option(DEFAULT_STORE, "--store", help="Store folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default STORE/reports/RUN_ID/)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default STORE/reports/RUN_ID/)."),
 ) -> None:
-    from storage.report import build_report
-    from storage.store import RUN_ID_RE, Store
+    from diffcam.storage.report import build_report
+    from diffcam.storage.store import RUN_ID_RE, Store
 
     if not RUN_ID_RE.match(run_id):
         fail(f"run id {run_id!r} must match {RUN_ID_RE.pattern}")

@@ -1,7 +1,7 @@
 """Checkpoint-to-checkpoint regression report: ``diffcam compare RUN_A RUN_B``.
 
 Run A is the baseline (the previous checkpoint), run B the candidate. Both are read from
-the store through `storage.catalog` (DuckDB, bound parameters). The report holds:
+the store through `diffcam.storage.catalog` (DuckDB, bound parameters). The report holds:
 
 - **overall** and **per word** (lower-cased), for one CAM method (default
   ``diffusion-cam``): localisation metrics over words with a ground-truth mask
@@ -34,8 +34,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from diffcam_core.settings import Settings
-from storage.jsonable import jsonable
+from diffcam.core.settings import Settings
+from diffcam.storage.jsonable import jsonable
 
 __all__ = [
     "CompareGates",
@@ -77,7 +77,7 @@ class CompareGates(Settings):
     #: failure rate (failures / samples) may rise by at most this many points
     max_failure_rate_increase_points: Points | None = 5.0
     #: flag kinds (glob patterns) that must not appear in B unless already in A. ``clever_hans``
-    #: is the spurious-correlation flag of tasks/bias.py (docs/BIAS.md; ``confirmed`` = the
+    #: is the spurious-correlation flag of tasks/bias/step.py (docs/BIAS.md; ``confirmed`` = the
     #: counterfactual's verdict). Add patterns (e.g. ``suspect_*``) to gate on other kinds.
     fail_on_new_flag_kinds: tuple[str, ...] = ("clever_hans",)
     #: count only flags with confirmed = true for the gate above
@@ -210,7 +210,7 @@ def _md_escape(s: str) -> str:
 
 def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     """The report's markdown table with this report's cell format; "(none)" for no rows."""
-    from storage.report import md_table
+    from diffcam.storage.report import md_table
 
     return md_table(rows, cols, fmt=_fmt) if rows else "(none)"
 
@@ -328,8 +328,8 @@ def compare_runs(store: Any, run_a: str, run_b: str, gates: CompareGates | None 
     `KeyError` when a run is not in the store."""
     from scipy import stats
 
-    from storage import catalog
-    from storage.store import Store
+    from diffcam.storage import catalog
+    from diffcam.storage.store import Store
 
     gates = gates or CompareGates()
     st = store if isinstance(store, Store) else Store(store)
@@ -456,7 +456,7 @@ def write_comparison(cmp: Comparison, out_dir: str | os.PathLike[str]) -> tuple[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = (out / "compare.md", out / "compare.json")
-    from storage.store import write_text_atomic
+    from diffcam.storage.store import write_text_atomic
 
     for path, text in zip(paths, (cmp.to_markdown(), cmp.to_json() + "\n")):
         write_text_atomic(path, text)

@@ -1,18 +1,18 @@
 """diffcam as a service: the sweep and checkpoint flows, and their Prefect deployments.
 
-Two flows wrap `flows.audit.audit` (called as a subflow, so its run and parameters show in
+Two flows wrap `diffcam.flows.audit.audit` (called as a subflow, so its run and parameters show in
 Prefect as usual):
 
 - `audit_new_checkpoints` (the **sweep**; deployment ``diffcam-sweep`` on a cron schedule):
-  lists the registry (`flows.registry`), skips every (checkpoint hash, dataset hash,
+  lists the registry (`diffcam.flows.registry`), skips every (checkpoint hash, dataset hash,
   settings hash) the store's ledger already holds, audits the rest one after another;
 - `audit_checkpoint` (deployment ``diffcam-on-registered``, triggered by the Prefect event
-  `EVENT_REGISTERED` that `flows.webhook` emits): the event's payload becomes the
+  `EVENT_REGISTERED` that `diffcam.flows.webhook` emits): the event's payload becomes the
   flow's parameters (`TRIGGER_PARAMETERS`); it re-checks that the checkpoint lies inside
   the registry roots, claims it in the ledger, audits it.
 
 After each audit both compare it with the previous audit of the same model line (same
-dataset and settings; `flows.compare`), write ``<store>/compare/<A>__<B>/compare.{md,json}``,
+dataset and settings; `diffcam.flows.compare`), write ``<store>/compare/<A>__<B>/compare.{md,json}``,
 record the verdict in the ledger and the run row's ``parent_run_id``, and emit
 `EVENT_COMPARE_PASSED` or `EVENT_COMPARE_FAILED` (build Prefect automations on the latter,
 e.g. a notification). A failed
@@ -21,7 +21,7 @@ gate makes the flow run end Failed (``fail_on_regression``), so it is red in the
 Deployments are built by `build_deployments` from one typed `OpsConfig` and either
 served from this process (`serve_deployments`: one machine, ``diffcam serve``) or
 registered on a work pool (`deploy_to_work_pool`: a team's server and workers, ``diffcam
-deploy --work-pool``). Entry points are module paths (``flows.deploy.audit_checkpoint``),
+deploy --work-pool``). Entry points are module paths (``diffcam.flows.deploy.audit_checkpoint``),
 so a worker needs the ``diffcam`` package installed, not this checkout's working directory.
 """
 
@@ -36,16 +36,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.env import set_env_defaults
+from diffcam.flows.env import set_env_defaults
 
 set_env_defaults()  # before prefect is imported (flows/env.py)
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402 - after set_env_defaults()
+from prefect.cache_policies import NO_CACHE  # noqa: E402 - after set_env_defaults()
 
-from diffcam_core.settings import CamSettings, Settings  # noqa: E402
-from flows.compare import CompareGates  # noqa: E402
-from flows.paths import DEFAULT_STORE  # noqa: E402
+from diffcam.core.settings import CamSettings, Settings  # noqa: E402 - after set_env_defaults()
+from diffcam.flows.compare import CompareGates  # noqa: E402 - after set_env_defaults()
+from diffcam.flows.paths import DEFAULT_STORE  # noqa: E402 - after set_env_defaults()
 
 __all__ = [
     "EVENT_REGISTERED",
@@ -98,7 +98,7 @@ class RegisteredPayload(BaseModel):
 PAYLOAD_FIELDS = tuple(RegisteredPayload.model_fields)
 #: The event deployment's trigger parameters: one single-expression template per payload key
 #: (Prefect renders those with ``| tojson``, so dicts, ints, booleans and null keep their type).
-TRIGGER_PARAMETERS = {k: "{{ event.payload.%s }}" % k for k in PAYLOAD_FIELDS}
+TRIGGER_PARAMETERS = {k: "{{ event.payload." + k + " }}" for k in PAYLOAD_FIELDS}
 
 
 def validate_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -130,9 +130,9 @@ def validate_payload(payload: dict[str, Any]) -> dict[str, Any]:
 class OpsConfig(Settings):
     """Everything the two deployments need; ``diffcam deploy/serve --config ops.toml``
     reads it from the ``[ops]`` table (with ``[ops.settings]`` = CamSettings and
-    ``[ops.gates]`` = `flows.compare.CompareGates`)."""
+    ``[ops.gates]`` = `diffcam.flows.compare.CompareGates`)."""
 
-    registry: str  #: registry source URI or folder (flows.registry.open_source)
+    registry: str  #: registry source URI or folder (diffcam.flows.registry.open_source)
     store: str = str(DEFAULT_STORE)
     dataset: str | None = None  #: None: the built-in synthetic dataset of the store
     settings: CamSettings | None = None  #: the fields set are the deployments' settings; None = defaults
@@ -187,7 +187,7 @@ class OpsConfig(Settings):
         return super().with_(**{k: v for k, v in kw.items() if v is not None})
 
     def registry_roots(self) -> list[str]:
-        from flows.registry import open_source
+        from diffcam.flows.registry import open_source
 
         roots = [str(r) for r in open_source(self.registry).roots]
         return roots + [str(Path(r).expanduser().resolve()) for r in self.extra_registry_roots]
@@ -206,12 +206,12 @@ _AUDIT_CORE = {"model", "dataset", "store", "run_id", "limit", "settings", "trig
 
 
 def _check_audit_options(options: dict[str, Any] | None) -> None:
-    from flows.audit import audit
+    from diffcam.flows.audit import audit
 
     allowed = set(inspect.signature(getattr(audit, "fn", audit)).parameters) - _AUDIT_CORE
     unknown = set(options or {}) - allowed
     if unknown:
-        raise ValueError(f"audit option(s) {sorted(unknown)} are not parameters of flows.audit.audit; "
+        raise ValueError(f"audit option(s) {sorted(unknown)} are not parameters of diffcam.flows.audit.audit; "
                          f"allowed: {sorted(allowed)}")
 
 
@@ -220,8 +220,8 @@ def _check_audit_options(options: dict[str, Any] | None) -> None:
 
 @task(name="compare-with-previous", cache_policy=NO_CACHE)
 def compare_task(store: str, run_a: str, run_b: str, gates: CompareGates | None) -> dict[str, Any]:
-    """`flows.compare.compare_runs` + `write_comparison` into ``<store>/compare/<A>__<B>/``."""
-    from flows.compare import compare_runs, default_out_dir, write_comparison
+    """`diffcam.flows.compare.compare_runs` + `write_comparison` into ``<store>/compare/<A>__<B>/``."""
+    from diffcam.flows.compare import compare_runs, default_out_dir, write_comparison
 
     cmp = compare_runs(store, run_a, run_b, gates)
     md, js = write_comparison(cmp, default_out_dir(store, run_a, run_b))
@@ -238,9 +238,9 @@ def _who() -> str:
 
 
 def _resolve_dataset(store: str, dataset: str | None) -> tuple[str, str]:
-    """(dataset path, content hash) — the same dataset `flows.audit.audit` would load."""
-    from flows.audit import default_dataset
-    from storage.datasets import load_dataset
+    """(dataset path, content hash) — the same dataset `diffcam.flows.audit.audit` would load."""
+    from diffcam.flows.audit import default_dataset
+    from diffcam.storage.datasets import load_dataset
 
     path = Path(dataset) if dataset else default_dataset(store)
     ds = load_dataset(path)
@@ -252,10 +252,10 @@ def _audit_one(*, checkpoint: Path, model_line: str, name: str, content_hash: st
                source: dict[str, Any], audit_options: dict[str, Any], compare: bool, gates: CompareGates | None,
                stale_after_s: float) -> dict[str, Any]:
     """Claim → audit (subflow) → compare with the previous audit of the line. Inside a flow."""
-    from flows.audit import audit
-    from flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
-    from storage.catalog import write_catalog_file
-    from storage.store import Store
+    from diffcam.flows.audit import audit
+    from diffcam.flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
+    from diffcam.storage.catalog import write_catalog_file
+    from diffcam.storage.store import Store
 
     logger = get_run_logger()
     s_hash, s_json = settings_key(settings, limit)
@@ -353,7 +353,7 @@ def audit_new_checkpoints(
     ``max_audits`` caps the audits of one sweep (the rest wait). One failing checkpoint does
     not stop the others; the flow ends Failed if any audit failed or (with
     ``fail_on_regression``) any comparison failed its gates."""
-    from flows.registry import HashCache, open_source
+    from diffcam.flows.registry import HashCache, open_source
 
     logger = get_run_logger()
     audit_options = dict(audit_options or {})
@@ -415,7 +415,7 @@ def audit_checkpoint(
     checkpoint folder. ``dataset`` / ``settings`` / ``limit`` null: ``defaults`` (the
     deployment's). Skipped when already audited with the same dataset and settings,
     unless ``force``."""
-    from flows.registry import HashCache, contained_path, is_checkpoint_dir
+    from diffcam.flows.registry import HashCache, contained_path, is_checkpoint_dir
 
     logger = get_run_logger()
     audit_options = dict(audit_options or {})

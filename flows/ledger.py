@@ -3,7 +3,7 @@
 The **ledger** is the store's record of which (checkpoint hash, dataset hash, settings
 hash) were audited, by which run: one JSON file per audit under
 ``<store>/ops/audits/<run_id>.json``. It never copies a run's status: the status is read
-from the run row that `flows.audit` maintains (``<store>/runs/run_id=<id>/runs``), so
+from the run row that `diffcam.flows.audit` maintains (``<store>/runs/run_id=<id>/runs``), so
 the two cannot disagree. `AuditLedger.claim` decides, under a file lock, whether a
 (checkpoint, dataset, settings) triple still needs auditing:
 
@@ -15,7 +15,7 @@ one succeeded / validation_failed       ``skip`` (unless forced: a new run id)
 one running or just claimed             ``skip`` (in progress), unless older than
                                         ``stale_after_s`` (then ``resume`` it)
 only failed ones                        ``resume`` the newest (committed shards
-                                        are kept; `flows.audit` resumes a run id)
+                                        are kept; `diffcam.flows.audit` resumes a run id)
 =====================================  ===========================================
 """
 
@@ -28,7 +28,7 @@ import re
 import uuid
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def settings_key(settings: Any, limit: int | None) -> tuple[str, str]:
     """(hash, canonical JSON) of what decides an audit's result besides model and dataset:
     the full `CamSettings` (given as one or as a dict; defaults filled in, so ``{}`` and the
     explicit defaults are the same key) and ``limit``. Execution options (workers, GPUs, shard size) are not part of it."""
-    from diffcam_core.settings import CamSettings
+    from diffcam.core.settings import CamSettings
 
     cam = CamSettings.model_validate(settings or {}).model_dump(mode="json")
     canonical = json.dumps({"cam": cam, "limit": limit}, sort_keys=True, separators=(",", ":"))
@@ -56,7 +56,7 @@ def settings_key(settings: Any, limit: int | None) -> tuple[str, str]:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -104,14 +104,14 @@ class AuditLedger:
     """The store's audit ledger (module doc). Status comes from the store's run rows."""
 
     def __init__(self, store_root: str | os.PathLike[str], *, stale_after_s: float = 12 * 3600.0) -> None:
-        from storage.store import Store
+        from diffcam.storage.store import Store
 
         self.store = Store(store_root)
         self.dir = self.store.root / "ops" / "audits"
         self.stale_after_s = stale_after_s
 
     def _lock(self) -> AbstractContextManager[None]:
-        from storage.store import file_lock
+        from diffcam.storage.store import file_lock
 
         self.dir.mkdir(parents=True, exist_ok=True)
         return file_lock(self.dir.parent / ".audits.lock")
@@ -122,7 +122,7 @@ class AuditLedger:
 
     def _write(self, rec: AuditRecord) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        from storage.store import write_text_atomic
+        from diffcam.storage.store import write_text_atomic
 
         write_text_atomic(self._path(rec.run_id), json.dumps(asdict(rec), indent=1, sort_keys=True))
 

@@ -19,12 +19,12 @@ The two MLflow layouts are what an MLflow tracking server writes under its
 ``--artifacts-destination`` (or a local ``--default-artifact-root``): point the registry
 there and both the sweep and `FolderRegistry.resolve_source` find MLflow's checkpoints.
 
-A checkpoint folder holds ``config.json`` and ``*.safetensors`` (what `flows.audit` loads).
-Its identity is `flows.audit.model_hash` (sha256 over every file). A folder whose newest
+A checkpoint folder holds ``config.json`` and ``*.safetensors`` (what `diffcam.flows.audit` loads).
+Its identity is `diffcam.flows.audit.model_hash` (sha256 over every file). A folder whose newest
 file is younger than ``settle_s`` is left for the next sweep: it may still be being copied
 (copying to a temporary name and renaming it into the registry avoids the wait).
 
-The audit ledger (which checkpoint was audited with what) is `flows.ledger`.
+The audit ledger (which checkpoint was audited with what) is `diffcam.flows.ledger`.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def contained_path(path: str | os.PathLike[str], roots: Sequence[str | os.PathLi
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    """A folder `flows.audit` can load: ``config.json`` and at least one ``*.safetensors``."""
+    """A folder `diffcam.flows.audit` can load: ``config.json`` and at least one ``*.safetensors``."""
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def _visible_files(root: Path) -> list[Path]:
-    # The same file set as flows.audit.model_hash (hidden files and folders are ignored).
+    # The same file set as diffcam.flows.audit.model_hash (hidden files and folders are ignored).
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
@@ -139,7 +139,7 @@ class Checkpoint:
     line: str  #: model line (MLflow: the registered model name)
     name: str  #: checkpoint name within its line (folder name; MLflow run artifacts: <run>/<path>)
     path: Path  #: local folder (resolved)
-    content_hash: str  #: flows.audit.model_hash of the folder
+    content_hash: str  #: diffcam.flows.audit.model_hash of the folder
     source: str  #: URI of the source that found it
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +188,7 @@ class HashCache:
         return h.hexdigest()
 
     def content_hash(self, folder: Path) -> str:
-        from flows.audit import model_hash
+        from diffcam.flows.audit import model_hash
 
         fp = self.fingerprint(folder)
         if fp not in self._data:
@@ -199,7 +199,7 @@ class HashCache:
     def _save(self) -> None:
         if self.path is None:
             return
-        from storage.store import write_text_atomic
+        from diffcam.storage.store import write_text_atomic
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self._data, sort_keys=True))

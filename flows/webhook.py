@@ -7,7 +7,7 @@
   own test delivery, model ``example_model``, is answered 200 "test" once its signature is
   verified, unless the registry really has an ``example_model`` line). A version whose
   ``source`` is not a local path is mapped to a folder by the registry
-  (`flows.registry.FolderRegistry.resolve_source`: ``runs:/``, ``models:/``,
+  (`diffcam.flows.registry.FolderRegistry.resolve_source`: ``runs:/``, ``models:/``,
   ``mlflow-artifacts:/`` URIs, then ``<registry>/<name>/[v]<version>``). Headers
   ``X-MLflow-Delivery-Id``, ``X-MLflow-Timestamp`` (unix seconds) and ``X-MLflow-Signature:
   v1,<base64 HMAC-SHA256(secret, "{delivery_id}.{timestamp}.{raw body}")>``.
@@ -37,7 +37,7 @@ Every answer is logged with the delivery id (a refused request's id is the heade
 "unverified"); `configure_logging` makes those lines visible whatever the root logger's level.
 Only an accepted (or ignored) delivery stays in the replay cache; a refused one is released,
 so its retry gets the same answer. Accepted → 202 with the event id. The receiver never runs an audit: it emits
-`flows.deploy.EVENT_REGISTERED` with a payload validated by `flows.deploy.validate_payload`,
+`diffcam.flows.deploy.EVENT_REGISTERED` with a payload validated by `diffcam.flows.deploy.validate_payload`,
 and the event deployment does the rest. The HMAC secret is read from the environment
 (``DIFFCAM_WEBHOOK_SECRET`` by default) when the app is created and is never logged.
 """
@@ -61,7 +61,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from diffcam_core.settings import Settings
+from diffcam.core.settings import Settings
 
 __all__ = [
     "WebhookSettings",
@@ -99,7 +99,7 @@ def signature_header(secret: str, delivery_id: str, timestamp: str, body: bytes)
 class WebhookSettings(Settings):
     """Receiver configuration (the secret itself is read from ``secret_env``)."""
 
-    registry: str  #: registry source (flows.registry.open_source): its roots + version lookup
+    registry: str  #: registry source (diffcam.flows.registry.open_source): its roots + version lookup
     store: str  #: where the replay cache lives (``<store>/ops/webhook-deliveries``)
     extra_registry_roots: tuple[str, ...] = ()
     #: folders a plain-form ``dataset`` may point into; empty: notifications cannot pick a dataset
@@ -221,8 +221,8 @@ def create_app(settings: WebhookSettings, *, emit: Emitter | None = None, clock:
     """The FastAPI app (module doc). ``emit`` defaults to `prefect_emitter`; ``clock`` and
     ``environ`` are for tests. Raises ValueError when the secret is missing or shorter than
     `MIN_SECRET_LEN` characters, or the registry does not exist."""
-    from flows.deploy import EVENT_REGISTERED, RESOURCE_PREFIX, PayloadError, validate_payload
-    from flows.registry import PathNotAllowed, contained_path, is_checkpoint_dir, open_source
+    from diffcam.flows.deploy import EVENT_REGISTERED, RESOURCE_PREFIX, PayloadError, validate_payload
+    from diffcam.flows.registry import PathNotAllowed, contained_path, is_checkpoint_dir, open_source
 
     env = os.environ if environ is None else environ
     secret = env.get(settings.secret_env, "")

@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
+from transformers import DiffusionGemmaForBlockDiffusion
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import DiffusionGemmaForBlockDiffusion  # noqa: E402
-
-import diffcam_core.cam as cam  # noqa: E402
-from diffcam_core.models.diffusion_gemma import DiffusionGemmaAdapter  # noqa: E402
-from diffcam_core.models.tiny import TinyModelSpec, build_config, build_image_processor, build_tokenizer  # noqa: E402
-from diffcam_core.settings import CamSettings, GenerationSettings  # noqa: E402
+import diffcam.core.cam as cam
+from diffcam.core.models.diffusion_gemma import DiffusionGemmaAdapter
+from diffcam.core.settings import CamSettings, GenerationSettings
+from diffcam.training.tiny_gemma import TinyModelSpec, build_config, build_image_processor, build_tokenizer
 
 SIZES = {
     "mid": dict(image_size=672, patch_size=16, pooling_kernel_size=3, max_soft_tokens=280, vision_hidden=512,

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
-from diffcam_core.synthetic import COLORS, SHAPES, CueSpec, SynthSettings, make_samples, vocabulary  # noqa: E402
-from tasks.train_tiny import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny  # noqa: E402
-from train_shipped import CUE  # noqa: E402  (scripts/ is on sys.path: the shipped cue, one definition)
+from diffcam.core.synthetic import COLORS, SHAPES, CueSpec, SynthSettings, make_samples, vocabulary
+from diffcam.training.gemma import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny
+from diffcam.training.shipped import CUE
+from diffcam.training.tiny_gemma import TinyModelSpec
 
 
 def examples(n: int, seed: int, settings: SynthSettings) -> list[TrainExample]:
@@ -53,7 +50,7 @@ if __name__ == "__main__":
     overrides = json.loads(a.spec)
     if a.position_init_std is not None:
         overrides["position_init_std"] = a.position_init_std
-    spec = TinyModelSpec.from_overrides(overrides)
+    spec = TinyModelSpec.model_validate(overrides)
     synth = SynthSettings(cue=CueSpec.parse(CUE) if a.cue else None)
     t0 = time.time()
     train = examples(a.n_train, 1, synth)
@@ -63,7 +60,8 @@ if __name__ == "__main__":
                              device=a.device, threads=a.threads, seed=a.seed, compile=a.compile)
     adapter, info = train_tiny(
         train, vocabulary(synth), settings, spec=spec,
-        progress=lambda s, loss, acc: print(f"[{a.name}] step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
+        progress=lambda s, loss, acc: print(
+            f"[{a.name}] step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
     )
     t1 = time.time()
     ev = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python scripts/train_llada_shipped.py --out models/tiny-llada-shapes
 
-What it trains: `tasks.train_llada` builds a LLaDA-V-layout model (SigLIP tower of 2 layers,
+What it trains: `diffcam.training.llada` builds a LLaDA-V-layout model (SigLIP tower of 2 layers,
 patch 4 on 64x64 images = a 16x16 image-token grid; mlp2x_gelu projector; a 4-layer
 bidirectional Llama LM of hidden 128 with a `<|mdm_mask|>` token). First the tower alone
 learns, at every image token, which shape covers it (`--vision-stage`, 800 steps on the
@@ -39,15 +39,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffcam_core.synthetic import SynthSettings  # noqa: E402
-from tasks.train_llada import LladaSpec, LladaTrainSettings, VisionStage, run_llada_stages  # noqa: E402
-from tasks.train_tiny import Stage  # noqa: E402
+from diffcam.core.synthetic import SynthSettings
+from diffcam.training.gemma import Stage
+from diffcam.training.llada import LladaTrainSettings, VisionStage, run_llada_stages
+from diffcam.training.overrides import read_overrides
+from diffcam.training.tiny_llada import LladaSpec
 
 #: The recipe (see the module docstring and docs/TRAINING.md §5 for the measurements behind it):
 #: a 2-layer tower pretrained on per-token shape labels, then frozen while the LM trains.
@@ -76,9 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="keep the SigLIP tower fixed while the LM trains (default: on with a vision stage "
                          "or --init-from, off otherwise)")
     ap.add_argument("--spec", default=None,
-                    help=f"JSON overrides of tasks.train_llada.LladaSpec (default: {json.dumps(DEFAULT_SPEC)}; "
-                         "'{}' is the 1-layer identity-initialised tower of the first shipped model), "
-                         "e.g. '{\"patch_size\": 5, \"image_size\": 60}' for a 12x12 grid")
+                    help=f"overrides of diffcam.training.tiny_llada.LladaSpec: a .json/.toml file, a JSON object or "
+                         f"key=value pairs (default: {json.dumps(DEFAULT_SPEC)}; '{{}}' is the 1-layer "
+                         "identity-initialised tower of the first shipped model), e.g. patch_size=5,image_size=60 "
+                         "for a 12x12 grid")
     ap.add_argument("--vision-stage", default=None, metavar="STEPS:LR:TRAIN_SEED[:SEED]",
                     help=f"pretrain the SigLIP tower on per-token shape labels first, then keep it frozen "
                          f"(default: {DEFAULT_VISION_STAGE}; 'none' trains tower and LM together from scratch, "
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.init_from is not None and (a.vision_stage or "none").lower() != "none":
             raise ValueError("--vision-stage cannot run on a continued checkpoint (--init-from): its tower is trained")
         spec = (None if a.init_from is not None  # the continued checkpoint's own spec
-                else LladaSpec.from_overrides(json.loads(a.spec) if a.spec is not None else DEFAULT_SPEC))
+                else LladaSpec.model_validate(read_overrides(a.spec) if a.spec is not None else DEFAULT_SPEC))
         vision_text = a.vision_stage or ("none" if a.init_from is not None else DEFAULT_VISION_STAGE)
         vision = None if vision_text.lower() == "none" else VisionStage.parse(vision_text)
     except ValueError as e:  # json.JSONDecodeError is a ValueError

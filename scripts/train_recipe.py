@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
-from diffcam_core.synthetic import CueSpec, SynthSettings  # noqa: E402
-from tasks.train_tiny import Stage, TrainSettings, _stage_records, run_train_stages  # noqa: E402
-from train_shipped import CUE, RECIPE  # noqa: E402  (scripts/ is on sys.path)
+from diffcam.core.synthetic import CueSpec, SynthSettings
+from diffcam.training.gemma import Stage, TrainSettings, _stage_records, run_train_stages
+from diffcam.training.overrides import read_overrides
+from diffcam.training.shipped import CUE, RECIPE
+from diffcam.training.tiny_gemma import TinyModelSpec
 
 
 def main() -> None:
@@ -48,7 +46,7 @@ def main() -> None:
     a = ap.parse_args()
     try:
         stages = [Stage.parse(s) for s in a.stage]
-        spec = TinyModelSpec.from_overrides(json.loads(a.spec))
+        spec = TinyModelSpec.model_validate(read_overrides(a.spec))
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         ap.error(str(e))
     synth = SynthSettings(cue=CueSpec.parse(CUE) if a.which == "cue" else None)
@@ -57,7 +55,8 @@ def main() -> None:
     report = run_train_stages(
         stages, a.out, synth, base, spec=spec, n_train=a.n_train, heldout_seed=RECIPE["heldout_seed"],
         n_heldout=a.n_heldout, stage_dir=a.stage_dir,
-        progress=lambda k, s, loss, acc: print(f"stage {k} step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
+        progress=lambda k, s, loss, acc: print(
+            f"stage {k} step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
     )
     for k, record in enumerate(reversed(list(_stage_records(a.out))), start=1):
         print(f"stage {k}: " + json.dumps(record["heldout_eval"]), flush=True)

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffcam_core.models.tiny import TinyModelSpec  # noqa: E402
-from diffcam_core.synthetic import CueSpec, SynthSettings  # noqa: E402
-from storage.synthetic_writer import write_synthetic_dataset  # noqa: E402
-from tasks.train_tiny import TrainSettings, run_train_tiny  # noqa: E402
-
-CUE = "word=circle,pos=top-left,size=6,color=magenta,p=0.9"
-RECIPE = {"n_train": 12000, "train_seed": 1, "n_heldout": 200, "heldout_seed": 2}
+from diffcam.core.synthetic import CueSpec, SynthSettings
+from diffcam.storage.synthetic_writer import write_synthetic_dataset
+from diffcam.training.gemma import TrainSettings, run_train_tiny
+from diffcam.training.overrides import read_overrides
+from diffcam.training.shipped import CUE, RECIPE
+from diffcam.training.tiny_gemma import TinyModelSpec
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -47,7 +43,8 @@ if __name__ == "__main__":
     ap.add_argument("--init-from", type=Path, default=None, help="continue training this checkpoint")
     ap.add_argument("--train-seed", type=int, default=RECIPE["train_seed"], help="dataset seed of this stage")
     ap.add_argument("--seed", type=int, default=0, help="training seed (noise, batches, init)")
-    ap.add_argument("--spec", default=None, help="JSON overrides of TinyModelSpec (new models only)")
+    ap.add_argument("--spec", default=None,
+                    help="overrides of TinyModelSpec: a .json/.toml file, a JSON object or key=value pairs (new models only)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time cap (stopping early is recorded)")
     ap.add_argument("--n-train", type=int, default=RECIPE["n_train"], help="only for smoke tests")
     ap.add_argument("--n-heldout", type=int, default=RECIPE["n_heldout"], help="only for smoke tests")
@@ -60,11 +57,12 @@ if __name__ == "__main__":
         print(f"data written in {time.time() - t0:.1f}s", flush=True)
         report = run_train_tiny(
             data, a.out,
-            TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes, batch_size=a.batch_size,
+            TrainSettings(seed=a.seed, steps=a.steps, threads=a.threads, device=a.device, lr=a.lr, minutes=a.minutes,
+                          batch_size=a.batch_size,
                           compile=a.compile),
             heldout=held,
             init_from=a.init_from,
-            spec=TinyModelSpec.from_overrides(json.loads(a.spec) if a.spec else {}),
+            spec=TinyModelSpec.model_validate(read_overrides(a.spec)),
             progress=lambda s, loss, acc: print(f"step {s} loss {loss:.4f} acc {acc:.4f} t {time.time() - t0:.0f}s", flush=True),
         )
     print(json.dumps(report["heldout_eval"]), flush=True)

@@ -13,19 +13,16 @@ The optimizer step is not included (it is the same in both).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from diffcam.core.models.base import load_adapter
+from diffcam.core.synthetic import SynthSettings, make_samples
+from diffcam.training.gemma import TrainExample, _encode_examples
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from diffcam_core.models.base import load_adapter  # noqa: E402
-from diffcam_core.synthetic import SynthSettings, make_samples  # noqa: E402
-from tasks.train_tiny import TrainExample, _encode_examples  # noqa: E402
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from storage.schemas import TABLES
-from storage.store import Store, file_lock
+from diffcam.storage.schemas import TABLES
+from diffcam.storage.store import Store, file_lock
 
 __all__ = ["ReadOnlyError", "VIEWS", "CATALOG_FILE", "connect", "run_sql", "check_read_only", "write_catalog_file"]
 

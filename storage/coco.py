@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from storage.dataset_hash import dataset_hash
-from storage.manifest import file_problem, resolve_rel
-from storage.samples import Dataset, ManifestError, ManifestProblem, Sample
+from diffcam.storage.dataset_hash import dataset_hash
+from diffcam.storage.manifest import file_problem, resolve_rel
+from diffcam.storage.samples import Dataset, ManifestError, ManifestProblem, Sample
 
 __all__ = [
     "DEFAULT_COCO_PROMPT",
@@ -219,7 +219,8 @@ def load_coco(path: Path, images_dir: Path | None) -> Dataset:
         for name in ("id", "width", "height"):
             v = im.get(name)
             if isinstance(v, bool) or not isinstance(v, int) or (name != "id" and v <= 0):
-                problems.append(ManifestProblem(line, name, f"must be {'an' if name == 'id' else 'a positive'} integer, got {v!r}", where))
+                kind = "an" if name == "id" else "a positive"
+                problems.append(ManifestProblem(line, name, f"must be {kind} integer, got {v!r}", where))
                 bad = True
         if not isinstance(im.get("file_name"), str) or not im["file_name"].strip():
             problems.append(ManifestProblem(line, "file_name", f"missing or empty: {im.get('file_name')!r}", where))
@@ -227,7 +228,8 @@ def load_coco(path: Path, images_dir: Path | None) -> Dataset:
         if bad:
             continue
         if im["id"] in images:
-            problems.append(ManifestProblem(line, "id", f"duplicate image id {im['id']} (first at images {images[im['id']][0]})", where))
+            first = images[im["id"]][0]
+            problems.append(ManifestProblem(line, "id", f"duplicate image id {im['id']} (first at images {first})", where))
             continue
         images[im["id"]] = (line, im)
 

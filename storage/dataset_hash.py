@@ -9,7 +9,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from storage.store import file_sha256
+from diffcam.storage.store import file_sha256
 
 __all__ = ["dataset_hash"]
 

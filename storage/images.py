@@ -127,7 +127,7 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
 def load_image_sha256(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
     """`load_image` and the sha256 of the file's bytes, from one read of the file (the
     worker records both). Same checks and reasons as `load_image`."""
-    from storage.store import file_sha256
+    from diffcam.storage.store import file_sha256
 
     path = _check_image_file(path)
     with _decoding("load", "image", path):

@@ -42,8 +42,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage.dataset_hash import dataset_hash
-from storage.samples import Dataset, ManifestError, ManifestProblem, Sample
+from diffcam.storage.dataset_hash import dataset_hash
+from diffcam.storage.samples import Dataset, ManifestError, ManifestProblem, Sample
 
 __all__ = ["MAX_PROMPT_CHARS", "MAX_SAMPLE_ID_CHARS", "load_manifest", "resolve_rel", "file_problem"]
 

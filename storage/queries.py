@@ -20,8 +20,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from storage import catalog
-from storage.store import Store
+from diffcam.storage import catalog
+from diffcam.storage.store import Store
 
 __all__ = ["NamedQuery", "QUERIES", "REQUIRED", "run_query", "STAT_COLUMNS"]
 

@@ -1,6 +1,6 @@
 """Self-contained HTML report and Markdown summary of one run.
 
-Every number comes from a named DuckDB query (`storage.queries`) over the catalog, so
+Every number comes from a named DuckDB query (`diffcam.storage.queries`) over the catalog, so
 the report agrees with ``diffcam sql``. The HTML has inline CSS and base64 PNG images
 only (no scripts, no external URLs) and can be mailed or attached to a CI run.
 
@@ -33,12 +33,11 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from storage import catalog
-from storage.queries import STAT_COLUMNS, run_query
-from storage.schemas import dequantize_map
-from storage.store import write_text_atomic
-from storage.store import Store
-from storage.validation import ValidationResult
+from diffcam.storage import catalog
+from diffcam.storage.queries import STAT_COLUMNS, run_query
+from diffcam.storage.schemas import dequantize_map
+from diffcam.storage.store import Store, write_text_atomic
+from diffcam.storage.validation import ValidationResult
 
 __all__ = [
     "ReportContext", "Section", "SectionContent", "DEFAULT_SECTIONS", "build_report",

@@ -1,6 +1,6 @@
 """What a loaded dataset is: `Sample`, `Dataset`, and the problems found while loading one.
 
-The loaders (`storage.manifest`, `storage.coco`, entry point `storage.datasets.load_dataset`)
+The loaders (`diffcam.storage.manifest`, `diffcam.storage.coco`, entry point `diffcam.storage.datasets.load_dataset`)
 build these; the audit plans, runs and records them. A sample known to be unusable before
 any file is opened keeps its place as a `Sample` with ``problem`` set, so that every
 manifest line ends in exactly one of the ``samples`` / ``failures`` tables.
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from storage.images import SampleError, load_mask
+from diffcam.storage.images import SampleError, load_mask
 
 if TYPE_CHECKING:
-    from storage.coco import CocoRegion
+    from diffcam.storage.coco import CocoRegion
 
 __all__ = ["LINE_PROBLEM_KINDS", "ManifestProblem", "ManifestError", "Sample", "Dataset"]
 

@@ -2,7 +2,7 @@
 
 One `pa.schema` per table, with nullability spelled out (inferred schemas drift between
 shards: an all-null column becomes `null`-typed, an int column becomes double after a
-NaN). Field metadata carries the contract that `storage.validation` turns into
+NaN). Field metadata carries the contract that `diffcam.storage.validation` turns into
 expectations, so ranges and allowed values live in exactly one place:
 
 - ``range``  ``"lo,hi"`` (either side may be empty: ``"0,"`` means ``>= 0``),
@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from diffcam.core.methods import method_names
+from diffcam.core.stats import STAT_KEYS
+
 __all__ = [
     "RUNS", "SAMPLES", "TOKEN_MAPS", "FLAGS", "FAILURES",
     "TABLES", "KEYS", "SHARDED_TABLES", "RUN_STATUSES", "TRIGGERS", "FAILURE_STAGES", "METHODS",
@@ -41,8 +44,9 @@ SCHEMA_VERSION = 2
 RUN_STATUSES = ("running", "succeeded", "failed", "validation_failed")
 TRIGGERS = ("manual", "schedule", "event")
 FAILURE_STAGES = ("load", "validate", "generate", "attribute", "write", "worker")
-#: Methods the core computes today (CONTRACTS.md). The column is open: other names are valid.
-METHODS = ("gradcam", "diffusion-cam-raw", "diffusion-cam", "token-gradnorm", "random", "objectness")
+#: The map methods registered in the core (`diffcam.core.methods`). The column is open: a
+#: plug-in's method names are valid too.
+METHODS = tuple(method_names())
 
 _UNIT = "0,1"  # the closed unit interval
 _NONNEG = "0,"
@@ -67,6 +71,15 @@ def _f(
     return pa.field(name, type_, nullable=nullable, metadata=meta or None)
 
 
+#: What each per-map statistic means, from its one definition (`diffcam.core.stats.STAT_KEYS`).
+_STAT_DOC = {k.name: k.doc for k in STAT_KEYS}
+
+
+def _stat(name: str, type_: pa.DataType, nullable: bool = False, *, range: str | None = None) -> pa.Field:  # noqa: A002 - as _f
+    """A column that stores a `diffcam.core.stats` statistic as computed: its doc is that statistic's."""
+    return _f(name, type_, nullable, range=range, doc=_STAT_DOC[name])
+
+
 TS = pa.timestamp("us", tz="UTC")
 S, I16, I32, I64, F32, F64, B = pa.string(), pa.int16(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
 
@@ -76,7 +89,7 @@ RUNS = pa.schema([
     _f("model_hash", S, doc="content hash of the model folder (the checkpoint identity)"),
     _f("dataset_uri", S),
     _f("dataset_hash", S, doc="content hash of the validated manifest"),
-    _f("config_json", S, doc="every setting that shaped the run's numbers, as JSON (diffcam_core.settings."
+    _f("config_json", S, doc="every setting that shaped the run's numbers, as JSON (diffcam.core.settings."
                              "run_settings: the CamSettings fields at the top level, the refine, stats and bias "
                              "settings under those keys) and the run options under audit (audit.pool: what "
                              "happened to the Ray workers)"),
@@ -132,25 +145,25 @@ TOKEN_MAPS = pa.schema([
     _f("distractor", S, True),
     _f("target_score", F32),
     _f("distractor_score", F32, True),
-    _f("method", S, doc="gradcam | diffusion-cam-raw | diffusion-cam | token-gradnorm | random | objectness (chance maps) | other"),
+    _f("method", S, doc=" | ".join(METHODS) + " (random, objectness: chance maps) | a plug-in's name"),
     _f("grid_h", I16, range="1,"),
     _f("grid_w", I16, range="1,"),
     _f("map", pa.binary(), doc="h*w uint8, row-major, round(255*m/max) (zeros for a zero map)"),
     _f("map_max", F32, range=_NONNEG, doc="max of the float map; 0 for a zero map"),
-    # per-map statistics (diffcam_core.stats); coordinates are normalised to [0, 1]
+    # per-map statistics (diffcam.core.stats); coordinates are normalised to [0, 1]
     _f("mass", F32, range=_NONNEG, doc="mean map value (map normalised to max 1)"),
-    _f("zero_map", B),
-    _f("com_x", F32, True, range=_UNIT, doc="centre of mass, x / width; null for a zero map"),
-    _f("com_y", F32, True, range=_UNIT),
-    _f("com_dist", F32, True, range=_NONNEG, doc="distance of the centre of mass from the image centre"),
-    _f("spread", F32, True, range=_NONNEG, doc="mass-weighted std of distance to the centre of mass"),
+    _stat("zero_map", B),
+    _stat("com_x", F32, True, range=_UNIT),
+    _stat("com_y", F32, True, range=_UNIT),
+    _stat("com_dist", F32, True, range=_NONNEG),
+    _stat("spread", F32, True, range=_NONNEG),
     _f("peak_x", I16, True, range=_NONNEG, doc="grid column of the argmax"),
     _f("peak_y", I16, True, range=_NONNEG, doc="grid row of the argmax"),
-    _f("entropy", F32, True, range=_UNIT, doc="Shannon entropy of the mass / log(h*w)"),
-    _f("gini", F32, True, range=_UNIT),
-    _f("border_frac", F32, True, range=_UNIT),
-    _f("border_enrichment", F32, True, range=_NONNEG),
-    _f("centre_frac", F32, True, range=_UNIT),
+    _stat("entropy", F32, True, range=_UNIT),
+    _stat("gini", F32, True, range=_UNIT),
+    _stat("border_frac", F32, True, range=_UNIT),
+    _stat("border_enrichment", F32, True, range=_NONNEG),
+    _stat("centre_frac", F32, True, range=_UNIT),
     # metrics against the mask of the object the word names (null when has_mask is false)
     _f("has_mask", B),
     _f("inside_frac", F32, True, range=_UNIT, doc="share of map mass inside the mask"),
@@ -167,7 +180,7 @@ TOKEN_MAPS = pa.schema([
     _f("specificity", F32, True, range=_UNIT,
        doc="mass per area on the named object / (that + mass per area on the other objects); 0.5 = no preference"),
     _f("multi_pointing", B, True, doc="argmax on the named object and on no other object"),
-    # faithfulness (diffcam_core.faithfulness): only on the samples selected by --faithfulness
+    # faithfulness (diffcam.core.faithfulness): only on the samples selected by --faithfulness
     _f("deletion_auc", F32, True, range=_UNIT,
        doc="normalised area under the word's score as top-ranked cells are removed; lower = more faithful"),
     _f("insertion_auc", F32, True, range=_UNIT,
@@ -330,7 +343,7 @@ def parse_evidence(text: str) -> dict[str, Any]:
 
 
 def flag_row(run_id: str, flag: Any) -> dict[str, Any]:
-    """A ``flags`` row from a typed flag (`diffcam_core.bias_flags.Flag`): the one place a
+    """A ``flags`` row from a typed flag (`diffcam.core.bias.flags.Flag`): the one place a
     flag's region and evidence become the stored text. Dataset-level evidence (no
     ``sample_id``) has always been stored ASCII-escaped and sample-level evidence as UTF-8;
     both are kept so the stored strings do not change."""

@@ -7,7 +7,7 @@ Layout (``<root>`` is the store folder)::
     <root>/runs/run_id=<id>/_commits/shard=<k>.json         commit marker: rows + sha256 per file
     <root>/runs/run_id=<id>/_tmp/                           in-flight commits (ignored, cleaned)
     <root>/catalog.duckdb                                   DuckDB views for the CLI: never written here;
-                                                            the flows call storage.catalog.write_catalog_file
+                                                            the flows call diffcam.storage.catalog.write_catalog_file
 
 ``<k>`` is the integer shard id, or a name such as ``dataset`` for dataset-level flags.
 
@@ -34,14 +34,14 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schemas import SHARDED_TABLES, TABLES, conform_table, empty_table, table_from_rows
+from diffcam.storage.schemas import SHARDED_TABLES, TABLES, conform_table, empty_table, table_from_rows
 
 __all__ = ["Store", "ShardId", "RUN_ID_RE", "write_parquet", "StoreCorruptError", "file_sha256", "file_lock",
            "write_text_atomic"]
@@ -351,7 +351,7 @@ class Store:
                     "format": _MARKER_FORMAT,
                     "run_id": run_id,
                     "shard": shard_id,
-                    "committed_at": datetime.now(timezone.utc).isoformat(),
+                    "committed_at": datetime.now(UTC).isoformat(),
                     "tables": entries,
                 }
                 marker_path.parent.mkdir(exist_ok=True)
@@ -413,7 +413,7 @@ class Store:
         problems = []
         for shard in self.committed_shards(run_id):
             marker = self.shard_marker(run_id, shard) or {}
-            for name, entry in marker.get("tables", {}).items():
+            for entry in marker.get("tables", {}).values():
                 if not entry["path"]:
                     continue
                 path = self.run_dir(run_id) / entry["path"]

@@ -1,5 +1,5 @@
-"""The synthetic dataset writer: samples of `diffcam_core.synthetic` as a manifest dataset
-folder that `storage.datasets.load_dataset` reads like any other."""
+"""The synthetic dataset writer: samples of `diffcam.core.synthetic` as a manifest dataset
+folder that `diffcam.storage.datasets.load_dataset` reads like any other."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffcam_core.synthetic import (
+from diffcam.core.synthetic import (
     SynthSettings,
     cue_region,
     make_samples,
@@ -77,7 +77,7 @@ def write_synthetic_dataset(
             if progress is not None:
                 progress(i + 1)
         meta = {
-            "generator": "diffcam_core.synthetic",
+            "generator": "diffcam.core.synthetic",
             "format_version": 1,
             "seed": seed,
             "n": n,

@@ -33,10 +33,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage import catalog
-from storage.jsonable import jsonable
-from storage.schemas import KEYS, TABLES, field_range, field_values
-from storage.store import Store
+from diffcam.storage import catalog
+from diffcam.storage.jsonable import jsonable
+from diffcam.storage.schemas import KEYS, TABLES, field_range, field_values
+from diffcam.storage.store import Store
 
 __all__ = ["ValidationResult", "validate_run", "MASK_METRICS"]
 

@@ -2,7 +2,7 @@
 
 An *answerer* is ``answer(images, prompts, sample_ids=None) -> texts``: one generated
 answer per (image, prompt), in order, with the run's generation settings bound. The
-counterfactuals (`tasks.bias_counterfactual`) depend on this callable only, so the same
+counterfactuals (`diffcam.tasks.bias.counterfactual`) depend on this callable only, so the same
 code runs on a model loaded in this process (`local_answerer`: tests, benchmarks, scripts)
 or on the audit's Ray workers (`pool_answerer`: the flow, where the model already is —
 on the GPU when there is one — instead of a second copy loaded on the driver's CPU).
@@ -61,7 +61,7 @@ def local_answerer(adapter: Any, generation: Any) -> Answerer:
 
 
 def pool_answerer(pool: Any, generation: Any, log: Callable[[str], None] | None = None) -> Answerer:
-    """An answerer on the workers of a `tasks.pool.CamPool` (`CamPool.answer`).
+    """An answerer on the workers of a `diffcam.tasks.pool.CamPool` (`CamPool.answer`).
 
     A pool that was not started (a resumed run whose shards were all committed) is started
     on the first call, so the workers load the model only when a counterfactual needs it;

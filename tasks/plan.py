@@ -4,7 +4,7 @@ A plan is a pure function of (dataset samples in manifest order, shard size, lim
 shard ``k`` holds samples ``[k*size, (k+1)*size)`` of the (limited) manifest. The same
 dataset with the same settings therefore gives the same shard ids on every run, which is
 what lets a re-run of a run id skip the shards that are already committed
-(`storage.store.Store.is_committed`). Changing ``shard_size`` or ``limit`` changes the
+(`diffcam.storage.store.Store.is_committed`). Changing ``shard_size`` or ``limit`` changes the
 plan; the audit flow refuses to resume a run with different plan settings.
 
 Samples whose `Sample.problem` is set (a bad manifest line: unsafe path, duplicate or
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.samples import Sample
+from diffcam.storage.samples import Sample
 
 __all__ = ["DEFAULT_SHARD_SIZE", "Shard", "plan_shards", "work_item", "item_sample"]
 

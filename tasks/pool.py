@@ -1,12 +1,12 @@
-"""`CamPool`: a pool of `tasks.worker.CamWorker` Ray actors, and how it survives their faults.
+"""`CamPool`: a pool of `diffcam.tasks.worker.CamWorker` Ray actors, and how it survives their faults.
 
-`CamPool` owns the Ray side: connects to ``ray_address`` (`tasks.ray_cluster` checks the
+`CamPool` owns the Ray side: connects to ``ray_address`` (`diffcam.tasks.ray_cluster` checks the
 address first) or starts a local Ray (``include_dashboard=False``, CPUs = workers × CPUs per
 worker) and shuts down only what it started; asks for GPUs only if the cluster has them (an
 actor asking for a GPU that does not exist stays pending forever); creates the actors with
 ``max_restarts`` so that a killed actor restarts in place (reloading the model); and
-schedules batches over them itself (not ``ray.util.ActorPool``, which cannot tell which
-batch failed):
+schedules batches over them itself (`diffcam.tasks.pool_schedule`; not ``ray.util.ActorPool``,
+which cannot tell which batch failed):
 
 - a call that fails because its worker died (``RayActorError``: SIGKILL, segfault, the
   kernel's OOM killer, a call past ``call_timeout_s`` whose worker the pool kills) or
@@ -31,15 +31,15 @@ import logging
 import math
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from diffcam_core.settings import CamSettings
-from tasks.ray_cluster import RayClusterError, check_ray_cluster, connect_failure
-from tasks.rows import failure_row
-from tasks.worker import FAULTS_ENV, CamWorker, parse_faults
+from diffcam.core.settings import CamSettings
+from diffcam.tasks.pool_schedule import BatchRun, WorkerCrash, WorkerTimeout
+from diffcam.tasks.ray_cluster import RayClusterError, check_ray_cluster, connect_failure
+from diffcam.tasks.worker import FAULTS_ENV, CamWorker, parse_faults
 
 __all__ = ["CamPool", "PoolConfig", "WorkerCrash", "WorkerTimeout", "POOL_STATS"]
 
@@ -47,14 +47,6 @@ log = logging.getLogger(__name__)
 
 #: The counters of `CamPool.stats` (module docstring), reported in the audit's log and run row.
 POOL_STATS = ("worker_deaths", "replaced", "retried", "isolated", "task_errors", "timeouts", "poison")
-
-
-class WorkerCrash(RuntimeError):
-    """A sample whose worker died (or raised out of `CamWorker.process`) every time it ran alone."""
-
-
-class WorkerTimeout(WorkerCrash):
-    """A sample whose call ran past ``call_timeout_s`` every time it ran alone."""
 
 
 @dataclass(frozen=True)
@@ -84,14 +76,6 @@ class PoolConfig:
     call_timeout_s: float | None = None
     restart_timeout_s: float = 300.0
     faults: dict[str, Any] | None = None
-
-
-@dataclass
-class _Call:
-    slot: int
-    items: list[dict[str, Any]]
-    started: float
-    timed_out: bool = False
 
 
 class CamPool:
@@ -248,151 +232,14 @@ class CamPool:
     def run(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Audit ``items`` on the pool; exactly one result per item, in completion order.
 
-        Worker deaths and calls that raise are handled as the module docstring says: the
-        samples of a failed call are retried alone, a sample that fails alone
-        ``max_attempts`` times becomes a ``worker`` failure row, dead actors are replaced.
-        Raises RuntimeError only when no worker can be (re)started.
+        Worker deaths and calls that raise are handled as the module docstring says
+        (`diffcam.tasks.pool_schedule`): the samples of a failed call are retried alone, a
+        sample that fails alone ``max_attempts`` times becomes a ``worker`` failure row, dead
+        actors are replaced. Raises RuntimeError only when no worker can be (re)started.
         """
-        import ray
-        from ray.exceptions import RayActorError, RayError
-
         if not self.actors:
             raise RuntimeError("CamPool is not started (use it as a context manager)")
-        cfg = self.config
-        bs = cfg.batch_size
-        queue: deque[list[dict[str, Any]]] = deque(list(items[i:i + bs]) for i in range(0, len(items), bs))
-        attempts: Counter[str] = Counter()  # calls that carried the sample
-        alone_failures: Counter[str] = Counter()
-        out: list[dict[str, Any]] = []
-        calls: dict[Any, _Call] = {}
-        probes: dict[Any, int] = {}
-        reprobe: list[tuple[float, int]] = []
-        idle: deque[int] = deque()
-        start_failures: Counter[int] = Counter()
-
-        def probe(slot: int) -> None:
-            probes[self.actors[slot].info.remote()] = slot
-
-        for slot in range(len(self.actors)):
-            if self._ready[slot]:
-                idle.append(slot)
-            else:
-                probe(slot)
-
-        def call_failed(call: _Call, exc: BaseException) -> None:
-            if call.timed_out:
-                desc = f"timed out after {cfg.call_timeout_s:g} s per sample (worker killed)"
-            else:
-                desc = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-            if len(call.items) > 1:
-                self.stats["isolated"] += len(call.items)
-                for it in call.items:
-                    queue.append([it])
-                return
-            it = call.items[0]
-            sid = it["sample_id"]
-            alone_failures[sid] += 1
-            if alone_failures[sid] < cfg.max_attempts:
-                self.stats["retried"] += 1
-                queue.append([it])
-                return
-            self.stats["poison"] += 1
-            cls = WorkerTimeout if call.timed_out else WorkerCrash
-            err = cls(f"the worker failed {alone_failures[sid]} time(s) auditing this sample alone "
-                      f"(max_attempts={cfg.max_attempts}); last: {desc}")
-            self._log(f"sample {sid}: {err}")
-            out.append({
-                "sample_id": sid, "samples": None, "token_maps": [],
-                "failures": failure_row(it["run_id"], it["shard_id"], sid, it.get("line_no"), "worker", err,
-                                        attempts=min(attempts[sid], 32767)),
-            })
-
-        while queue or calls:
-            while queue and idle:
-                slot = idle.popleft()
-                batch = queue.popleft()
-                ref = self.actors[slot].process.remote(batch)
-                calls[ref] = _Call(slot, batch, time.monotonic())
-                for it in batch:
-                    attempts[it["sample_id"]] += 1
-            now = time.monotonic()
-            for due in [r for r in reprobe if r[0] <= now]:
-                reprobe.remove(due)
-                probe(due[1])
-            waitables = list(calls) + list(probes)
-            deadlines = [t for t, _ in reprobe]
-            if cfg.call_timeout_s is not None:
-                deadlines += [c.started + cfg.call_timeout_s * len(c.items) for c in calls.values() if not c.timed_out]
-            timeout = None if not deadlines else min(max(min(deadlines) - now, 0.01), 5.0)
-            if not waitables:
-                if not reprobe:  # cannot happen: every slot is idle, in a call, probing or due a probe
-                    raise RuntimeError("no worker is available and none is being started")
-                time.sleep(timeout or 0.1)
-                continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=timeout)
-            if not ready:
-                if cfg.call_timeout_s is not None:
-                    now = time.monotonic()
-                    for c in calls.values():
-                        if not c.timed_out and now - c.started > cfg.call_timeout_s * len(c.items):
-                            c.timed_out = True
-                            self.stats["timeouts"] += 1
-                            self._log(f"call on worker {c.slot} ran past {cfg.call_timeout_s:g} s per sample "
-                                      f"({[it['sample_id'] for it in c.items][:5]}): killing the worker")
-                            ray.kill(self.actors[c.slot], no_restart=False)
-                continue
-            ref = ready[0]
-            if ref in probes:
-                slot = probes.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
-                    down = self._down_since[slot] or time.monotonic()
-                    if time.monotonic() - down > cfg.restart_timeout_s:
-                        self._replace(slot, f"unavailable for more than {cfg.restart_timeout_s:g} s")
-                        probe(slot)
-                    else:
-                        reprobe.append((time.monotonic() + 0.5, slot))
-                except RayError as exc:  # dead for good (restarts used up), or it cannot start
-                    if self._fresh[slot]:
-                        start_failures[slot] += 1
-                        if start_failures[slot] >= 2:
-                            raise RuntimeError(f"worker {slot} could not be replaced: a new actor died before "
-                                               f"it was ready twice: {type(exc).__name__}: {exc}") from exc
-                    self._replace(slot, f"{type(exc).__name__}")
-                    probe(slot)
-                else:
-                    self._ready[slot] = True
-                    self._down_since[slot] = None
-                    self._fresh[slot] = False
-                    if slot < len(self.worker_info):
-                        self.worker_info[slot] = info
-                    idle.append(slot)
-                continue
-            call = calls.pop(ref)
-            try:
-                results = ray.get(ref)
-            except RayActorError as exc:  # the worker died (or was killed) during the call
-                self.stats["worker_deaths"] += 1
-                self._ready[call.slot] = False
-                self._down_since[call.slot] = time.monotonic()
-                probe(call.slot)
-                call_failed(call, exc)
-            except RayError as exc:  # raised out of process(), or a result that cannot be fetched
-                self.stats["task_errors"] += 1
-                self._ready[call.slot] = False
-                self._down_since[call.slot] = time.monotonic()
-                probe(call.slot)  # alive or not: the probe decides
-                call_failed(call, exc)
-            else:
-                out.extend(results)
-                idle.append(call.slot)
-        # Probes still in flight are dropped: those actors are probed again at the next run.
-        for slot in probes.values():
-            self._ready[slot] = False
-        for _, slot in reprobe:
-            self._ready[slot] = False
-        return out
+        return BatchRun(self, items).run()
 
     def answer(self, images: Sequence[Any], prompts: Sequence[str], generation: Any,
                sample_ids: Sequence[str] | None = None) -> list[str]:
@@ -408,7 +255,7 @@ class CamPool:
     def scan(self, images: Sequence[Any], prompts: Sequence[str], words: Sequence[str], generation: Any,
              attribution_step: str, window_size: float, sample_ids: Sequence[str] | None = None) -> list[Any]:
         """The discovery scan of each (image, prompt, word), in order, on the workers
-        (`CamWorker.scan`, `tasks.scan`), spread and failing as `answer` does: a failed call
+        (`CamWorker.scan`, `diffcam.tasks.scan`), spread and failing as `answer` does: a failed call
         raises `WorkerCrash` / `WorkerTimeout` naming its samples (``call_timeout_s`` per
         image), never a scan with holes."""
         if not (len(prompts) == len(words) == len(images)):

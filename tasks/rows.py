@@ -1,8 +1,8 @@
 """Rows for the ``samples``, ``token_maps`` and ``failures`` tables, as pure functions.
 
-Input: one `SampleExplanation` (what `diffcam_core.cam.explain` returns) plus what the
+Input: one `SampleExplanation` (what `diffcam.core.cam.explain` returns) plus what the
 worker knows about the sample (its work item, image size and hash, object masks).
-Output: plain dicts whose keys are exactly the columns of `storage.schemas` (the store
+Output: plain dicts whose keys are exactly the columns of `diffcam.storage.schemas` (the store
 validates and casts them with `table_from_rows` / `conform_table`). Nothing here opens a
 file, imports torch, or knows about Ray or Prefect.
 
@@ -18,23 +18,23 @@ case-insensitively with surrounding punctuation stripped. Limitation: if the mod
 the objects in another order than the manifest, occurrence order still decides; it is a
 positional match, not a semantic one.
 
-Column conventions where `diffcam_core.stats` and the table schema differ (the schema is
+Column conventions where `diffcam.core.stats` and the table schema differ (the schema is
 the contract readers use):
 - ``mass`` = mean of the map normalised to max 1 (= total_mass / (h·w·peak); 0 for a zero map);
 - ``peak_x``/``peak_y`` = grid column/row of the first row-major maximum (null for a zero map);
 - ``enrichment`` = stats ``inside_enrichment``;
 - zero map with a mask: ``inside_frac`` = 0 and ``enrichment`` = 0, the §5 concentration of
   a map that points nowhere (`metrics.concentration`), where `map_stats` gives null. The
-  table contract (`storage.validation.MASK_METRICS`: a masked word has all its mask
+  table contract (`diffcam.storage.validation.MASK_METRICS`: a masked word has all its mask
   metrics) wins over the stats module here; ``zero_map`` tells these rows apart;
 - ``contrast`` = `metrics.contrast` (``inf`` when the map is zero outside the mask and
   positive inside, as that module defines it); when the mask covers the whole image the
   contrast is undefined and ``contrast``, ``contrast_score`` and ``f3`` are null;
 - ``obj_iou_any`` = best Obj-IoU over every distinct mask of the image (the reference's
   variant), only for words that have a mask of their own.
-- ``specificity`` / ``multi_pointing`` (`diffcam_core.evidence`): only for a word with a
+- ``specificity`` / ``multi_pointing`` (`diffcam.core.evidence`): only for a word with a
   mask in an image with at least one other distinct mask; null otherwise.
-- ``deletion_auc`` / ``insertion_auc`` / ``vanished`` (`diffcam_core.faithfulness`): only
+- ``deletion_auc`` / ``insertion_auc`` / ``vanished`` (`diffcam.core.faithfulness`): only
   on the samples and content words where faithfulness was measured; the AUCs are also
   null when the word's score does not depend on the image.
 
@@ -51,12 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core import evidence, metrics
-from diffcam_core.stats import map_stats
-from diffcam_core.types import SampleExplanation
-from diffcam_core.words import normalise_word
-from storage.images import SampleError
-from storage.schemas import FAILURE_STAGES, quantize_map
+from diffcam.core import evidence, metrics
+from diffcam.core.stats import map_stats
+from diffcam.core.types import SampleExplanation
+from diffcam.core.words import normalise_word
+from diffcam.storage.images import SampleError
+from diffcam.storage.schemas import FAILURE_STAGES, quantize_map
 
 __all__ = [
     "SUMMARY_METHOD",
@@ -227,7 +227,7 @@ def sample_row(
     n_objects: int | None,
     token_rows: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """The ``samples`` row of one audited sample (``item`` is its `tasks.plan.work_item`)."""
+    """The ``samples`` row of one audited sample (``item`` is its `diffcam.tasks.plan.work_item`)."""
     summary = [r for r in token_rows if r["method"] == SUMMARY_METHOD and r["has_mask"]]
     t = explanation.timings
     return {

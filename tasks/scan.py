@@ -3,17 +3,17 @@
 A *scanner* is ``scan(images, prompts, words, sample_ids=None) -> [ImageScan | None]``:
 for each (image, prompt, word), in order, the answer is generated with the run's
 generation settings, the word's first occurrence in it is found (compared as
-`diffcam_core.words.normalise_word` forms), and every window of the image-token grid is
+`diffcam.core.words.normalise_word` forms), and every window of the image-token grid is
 erased in turn and the word re-scored on its attribution canvas
-(`diffcam_core.discovery.window_scan` with `diffcam_core.faithfulness.adapter_scorer`'s
+(`diffcam.core.bias.discovery.window_scan` with `diffcam.core.faithfulness.adapter_scorer`'s
 score function, the same scoring as the faithfulness curves). None where the regenerated
 answer lacks the word: there is nothing to score.
 
-The scan is the saliency-free discovery step of the bias audit (`tasks.bias_scan`); this
-module mirrors `tasks.answers`: the same code runs on a model loaded in this process
-(`local_scanner`) or on the audit's Ray workers (`pool_scanner` → `tasks.pool.CamPool.scan`
-→ `tasks.worker.CamWorker.scan`). The window side is derived from each image's own grid
-(`diffcam_core.bias_windows.window_cells` of ``window_size``, the fraction of the image side
+The scan is the saliency-free discovery step of the bias audit (`diffcam.tasks.bias.scan`); this
+module mirrors `diffcam.tasks.answers`: the same code runs on a model loaded in this process
+(`local_scanner`) or on the audit's Ray workers (`pool_scanner` → `diffcam.tasks.pool.CamPool.scan`
+→ `diffcam.tasks.worker.CamWorker.scan`). The window side is derived from each image's own grid
+(`diffcam.core.bias.windows.window_cells` of ``window_size``, the fraction of the image side
 the saliency regions use), never a constant.
 """
 
@@ -59,11 +59,11 @@ def scan_one(adapter: Any, generation: Any, attribution_step: str, window_size: 
     import torch
     from PIL import Image
 
-    from diffcam_core.bias_windows import window_cells
-    from diffcam_core.cam import attribution_canvas
-    from diffcam_core.discovery import window_scan
-    from diffcam_core.faithfulness import adapter_scorer
-    from diffcam_core.words import normalise_word
+    from diffcam.core.bias.discovery import window_scan
+    from diffcam.core.bias.windows import window_cells
+    from diffcam.core.cam import attribution_canvas
+    from diffcam.core.faithfulness import adapter_scorer
+    from diffcam.core.words import normalise_word
 
     t0 = time.perf_counter()
     arr = np.asarray(image)
@@ -112,8 +112,8 @@ def local_scanner(adapter: Any, generation: Any, attribution_step: str, window_s
 
 def pool_scanner(pool: Any, generation: Any, attribution_step: str, window_size: float,
                  log: Callable[[str], None] | None = None) -> Scanner:
-    """A scanner on the workers of a `tasks.pool.CamPool` (`CamPool.scan`); a pool that was
-    not started is started on the first call (as `tasks.answers.pool_answerer`)."""
+    """A scanner on the workers of a `diffcam.tasks.pool.CamPool` (`CamPool.scan`); a pool that was
+    not started is started on the first call (as `diffcam.tasks.answers.pool_answerer`)."""
 
     def scan(images: Sequence[Any], prompts: Sequence[str], words: Sequence[str],
              sample_ids: Sequence[str] | None = None) -> list[ImageScan | None]:

@@ -17,9 +17,9 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.schemas import table_from_rows
-from storage.store import Store
-from tasks.plan import Shard
+from diffcam.storage.schemas import table_from_rows
+from diffcam.storage.store import Store
+from diffcam.tasks.plan import Shard
 
 __all__ = ["ShardResult", "assemble_tables", "run_shard"]
 
@@ -79,7 +79,7 @@ def assemble_tables(run_id: str, shard: Shard, results: Sequence[dict[str, Any]]
 @task(name="audit-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="shard-{shard.shard_id}")
 def run_shard(store_root: str, run_id: str, shard: Shard, pool: Any) -> ShardResult:
-    """Audit one shard on ``pool`` (a started `tasks.pool.CamPool`) and commit it.
+    """Audit one shard on ``pool`` (a started `diffcam.tasks.pool.CamPool`) and commit it.
 
     Idempotent: an already committed shard returns status "skipped"; a commit that races
     another writer of the same shard is a no-op in `Store.commit_shard`.

@@ -1,16 +1,16 @@
 """The Ray actor of an audit: `CamWorker` loads the model once and audits samples into rows.
 
-`CamWorker` is a plain class: the pool (`tasks.pool.CamPool`) wraps it with ``ray.remote``
+`CamWorker` is a plain class: the pool (`diffcam.tasks.pool.CamPool`) wraps it with ``ray.remote``
 at the call site (the Ray Data callable-class pattern), so tests can call it in-process
 without Ray. The model is loaded once, in ``__init__``; `process` audits a batch of work
-items (`tasks.plan.work_item` + ``run_id`` / ``shard_id``); `answer` regenerates answers for
-the bias step's edited images (`tasks.answers`) and `scan` runs its discovery scan
-(`tasks.scan`). The worker opens the image and the masks itself, so the driver never holds
+items (`diffcam.tasks.plan.work_item` + ``run_id`` / ``shard_id``); `answer` regenerates answers for
+the bias step's edited images (`diffcam.tasks.answers`) and `scan` runs its discovery scan
+(`diffcam.tasks.scan`). The worker opens the image and the masks itself, so the driver never holds
 pixels. An exception in one sample becomes that sample's failure row
-(`tasks.rows.failure_row`) and the batch goes on; an out-of-memory error
+(`diffcam.tasks.rows.failure_row`) and the batch goes on; an out-of-memory error
 (``torch.OutOfMemoryError``, ``MemoryError``) too, after the worker frees what it can (the
 message says "out of memory during <stage>"). Inputs beyond the model's position tables are
-refused before the model runs (`diffcam_core.models.base.check_inputs`).
+refused before the model runs (`diffcam.core.models.base.check_inputs`).
 
 Fault injection (TEST-ONLY; docs/RELIABILITY.md): the environment variable
 ``DIFFCAM_FAULTS`` (JSON, read by the driver when the pool starts and handed to each
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffcam_core.settings import CamSettings
-from tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
+from diffcam.core.settings import CamSettings
+from diffcam.tasks.rows import failure_row, failure_stage, ground_words, sample_row, token_map_rows
 
 __all__ = ["CamWorker", "FAULTS_ENV", "parse_faults"]
 
@@ -82,7 +82,7 @@ class CamWorker:
                  faults: dict[str, Any] | str | None = None) -> None:
         import torch
 
-        from diffcam_core.models.base import load_adapter
+        from diffcam.core.models.base import load_adapter
 
         try:  # the per-actor "Loading weights" bar would interleave in the driver's log
             from transformers.utils import logging as hf_logging
@@ -125,16 +125,16 @@ class CamWorker:
                sample_ids: list[str] | None = None) -> list[str]:
         """Answers for edited images with ``generation`` (the run's settings, sent by the
         driver): the bias step's counterfactual regenerations, on this worker's model."""
-        from tasks.answers import generate_answers
+        from diffcam.tasks.answers import generate_answers
 
         return generate_answers(self.adapter, generation, images, prompts, sample_ids)
 
     def scan(self, images: list[Any], prompts: list[str], words: list[str], generation: Any, attribution_step: str,
              window_size: float, sample_ids: list[str] | None = None) -> list[Any]:
-        """The bias step's discovery scan (`tasks.scan.scan_images`) of each (image, prompt,
+        """The bias step's discovery scan (`diffcam.tasks.scan.scan_images`) of each (image, prompt,
         word) on this worker's model, with the run's ``generation`` settings and
         ``attribution_step``, windows of ``window_size`` (sent by the driver)."""
-        from tasks.scan import scan_images
+        from diffcam.tasks.scan import scan_images
 
         return scan_images(self.adapter, generation, attribution_step, window_size, images, prompts, words,
                            sample_ids)
@@ -148,12 +148,12 @@ class CamWorker:
 
         Exactly one of ``samples`` / ``failures`` is set.
         """
-        from diffcam_core.cam import explain
-        from diffcam_core.faithfulness import selected_for_faithfulness
-        from diffcam_core.models.base import check_inputs
-        from storage.images import load_image_sha256
-        from storage.schemas import table_from_rows
-        from tasks.plan import item_sample
+        from diffcam.core.cam import explain
+        from diffcam.core.faithfulness import selected_for_faithfulness
+        from diffcam.core.models.base import check_inputs
+        from diffcam.storage.images import load_image_sha256
+        from diffcam.storage.schemas import table_from_rows
+        from diffcam.tasks.plan import item_sample
 
         run_id, shard_id, sid = item["run_id"], item["shard_id"], item["sample_id"]
         stage = "load"
@@ -242,7 +242,7 @@ def _kill_self(sid: str) -> None:
         import ray
 
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no Ray runtime context: not in an actor
         in_actor = False
     if not in_actor:
         raise RuntimeError(f"{FAULTS_ENV}: refusing to kill a process that is not a Ray actor (sample {sid})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.env import set_env_defaults
+from diffcam.flows.env import set_env_defaults
 
 set_env_defaults()
 _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="diffcam-test-prefect-"))
@@ -47,7 +47,7 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     (found when a worker opens it: a ``load`` failure row). ``missing``: indices whose image
     file is deleted (found by `load_dataset`: ``Sample.problem``, a planned failure row).
     """
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     def make(n: int = 6, seed: int = 0, broken: tuple[int, ...] = (), missing: tuple[int, ...] = (),
              name: str = "ds") -> Path:

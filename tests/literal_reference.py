@@ -1,6 +1,6 @@
 """Slow, literal re-implementations of docs/METHOD.md §3, written from the text with loops.
 
-Tests compare `diffcam_core.refine` against these on seeded random maps; the benchmark
+Tests compare `diffcam.core.refine` against these on seeded random maps; the benchmark
 times them. Nothing here imports diffcam_core: the constants are copied from docs/METHOD.md
 so that a wrong default in `RefineSettings` is caught, not mirrored. Reflect padding is
 written as an index function; percentiles follow numpy's default 'linear' method (the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.store import file_lock, file_sha256
+from diffcam.storage.store import file_lock, file_sha256
 
 MLFLOW_VERSION = "3.17.2"
 REQUIREMENTS = Path(__file__).with_name("mlflow-requirements.txt")

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from diffcam_core.models.diffusion_gemma import DiffusionGemmaAdapter
-from diffcam_core.models.tiny import TinyModelSpec, build_config, build_image_processor, build_tokenizer
+from diffcam.core.models.diffusion_gemma import DiffusionGemmaAdapter
+from diffcam.training.tiny_gemma import TinyModelSpec, build_config, build_image_processor, build_tokenizer
 
 WORDS = "a and red blue circle square describe the image".split()
 

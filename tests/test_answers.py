@@ -1,4 +1,4 @@
-"""The bias step's answerers (`tasks.answers`) and scanners (`tasks.scan`): the Ray workers
+"""The bias step's answerers (`diffcam.tasks.answers`) and scanners (`diffcam.tasks.scan`): the Ray workers
 answer and scan edited images exactly as a model loaded in this process does, and a failed
 regeneration or scan names its sample.
 
@@ -11,17 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffcam_core.settings import CamSettings, GenerationSettings
-from flows.paths import DEFAULT_MODEL
+from diffcam.core.settings import CamSettings, GenerationSettings
+from diffcam.flows.paths import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
 
 def _edited_images(root, n: int = 4) -> tuple[list[np.ndarray], list[str], list[str]]:
     """Each sample's image, and the same image with a corner region and its first object erased."""
-    from diffcam_core.inpaint import erase_mask, erase_region
-    from storage.datasets import load_dataset
-    from storage.images import load_image
+    from diffcam.core.inpaint import erase_mask, erase_region
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.images import load_image
 
     ds = load_dataset(root)
     images, prompts, ids = [], [], []
@@ -38,10 +38,10 @@ def _edited_images(root, n: int = 4) -> tuple[list[np.ndarray], list[str], list[
 
 
 def test_pool_answers_and_scans_equal_local_ones_and_failures_name_the_sample(make_dataset) -> None:
-    from diffcam_core.models.base import load_adapter
-    from tasks.answers import local_answerer, pool_answerer
-    from tasks.pool import CamPool, PoolConfig, WorkerCrash
-    from tasks.scan import local_scanner, pool_scanner
+    from diffcam.core.models.base import load_adapter
+    from diffcam.tasks.answers import local_answerer, pool_answerer
+    from diffcam.tasks.pool import CamPool, PoolConfig, WorkerCrash
+    from diffcam.tasks.scan import local_scanner, pool_scanner
 
     images, prompts, ids = _edited_images(make_dataset(n=4))
     # the run's generation settings are sent with each call: a non-default seed must reach the workers

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffcam_core.models.base import check_safetensors, load_adapter
-from flows.paths import DEFAULT_MODEL
+from diffcam.core.models.base import check_safetensors, load_adapter
+from diffcam.flows.paths import DEFAULT_MODEL
 
 
 class _Evil:
@@ -93,7 +93,7 @@ def test_pickles_and_shipped_code_next_to_safetensors_are_ignored(hostile_models
 def test_trust_remote_code_needs_an_explicit_flag_no_command_passes():
     with pytest.raises(ValueError, match="trust_remote_code is never needed"):
         load_adapter(DEFAULT_MODEL, trust_remote_code=True)
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     for cmd in (["audit", "--help"], ["explain", "--help"], ["bench", "method", "--help"]):
         res = CliRunner().invoke(app, cmd)
@@ -118,7 +118,7 @@ def test_check_safetensors_rejects_truncated_and_zip(tmp_path):
 
 
 def test_audit_refuses_a_model_folder_without_safetensors(tmp_path):
-    from flows.audit import AuditConfigError, _resolve_model
+    from diffcam.flows.audit import AuditConfigError, _resolve_model
 
     d = tmp_path / "m"
     shutil.copytree(DEFAULT_MODEL, d)
@@ -132,7 +132,7 @@ def test_audit_refuses_a_model_folder_without_safetensors(tmp_path):
 
 @pytest.fixture
 def store(tmp_path) -> Path:
-    from storage.store import Store
+    from diffcam.storage.store import Store
     from tests.test_store import fabricate_run
 
     st = Store(tmp_path / "store")
@@ -163,7 +163,7 @@ def store(tmp_path) -> Path:
     "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'",
 ])
 def test_sql_refuses_every_writing_statement(store, tmp_path, sql):
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     out, db = store / "leak.csv", tmp_path / "x.duckdb"
     res = CliRunner().invoke(app, ["sql", sql.format(out=out, db=db), "--store", str(store)])
@@ -179,7 +179,7 @@ def test_sql_refuses_every_writing_statement(store, tmp_path, sql):
     "SELECT * FROM read_parquet('{store}/../ds/../../../etc/passwd')",
 ])
 def test_sql_cannot_read_outside_the_store(store, sql):
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     res = CliRunner().invoke(app, ["sql", sql.format(store=store), "--store", str(store)])
     assert res.exit_code == 2 and ("query failed" in res.output or "refused" in res.output), res.output
@@ -187,7 +187,7 @@ def test_sql_cannot_read_outside_the_store(store, sql):
 
 
 def test_sql_refuses_to_follow_a_forged_marker(store):
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     m = store / "runs" / "run_id=run-1" / "_commits" / "shard=0.json"
     marker = json.loads(m.read_text())

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from flows.paths import DEFAULT_MODEL
-from storage.catalog import run_sql
-from diffcam_core.settings import CamSettings
-from storage.schemas import KEYS
-from storage.store import Store
+from diffcam.core.settings import CamSettings
+from diffcam.flows.paths import DEFAULT_MODEL
+from diffcam.storage.catalog import run_sql
+from diffcam.storage.schemas import KEYS
+from diffcam.storage.store import Store
 
 
 def _keys(table, name):
@@ -29,9 +29,9 @@ def _manifest_ids(root):
 
 def test_worker_in_process(make_dataset):
     """One worker, no Ray: a broken image and a bad mask become failure rows, the rest rows."""
-    from storage.datasets import load_dataset
-    from tasks.plan import plan_shards
-    from tasks.worker import CamWorker
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.worker import CamWorker
 
     root = make_dataset(n=3, broken=(1,))
     (root / "masks" / "synth-000002_0.png").write_bytes(b"not a png")
@@ -50,7 +50,7 @@ def test_worker_in_process(make_dataset):
 
 
 def test_worker_rejects_unknown_layer():
-    from tasks.worker import CamWorker
+    from diffcam.tasks.worker import CamWorker
 
     with pytest.raises(ValueError, match="valid"):
         CamWorker(str(DEFAULT_MODEL), CamSettings(layer="encoder.99"))
@@ -58,7 +58,7 @@ def test_worker_rejects_unknown_layer():
 
 @pytest.mark.slow
 def test_audit_flow_end_to_end(prefect_harness, make_dataset, tmp_path):
-    from flows.audit import audit
+    from diffcam.flows.audit import audit
 
     root = make_dataset(n=6, broken=(2,), missing=(4,))
     store = tmp_path / "store"
@@ -117,15 +117,15 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
     import numpy as np
     import ray
 
-    import diffcam_core.models.base
-    import tasks.bias
-    from diffcam_core.bias_flags import Flag
-    from diffcam_core.bias_settings import BiasSettings
-    from flows.audit import audit
-    from storage.schemas import table_from_rows
+    import diffcam.core.models.base
+    import diffcam.tasks.bias.step
+    from diffcam.core.bias.flags import Flag
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.flows.audit import audit
+    from diffcam.storage.schemas import table_from_rows
 
-    real_flags, real_load, real_cf = tasks.bias.all_dataset_flags, diffcam_core.models.base.load_adapter, \
-        tasks.bias.counterfactual
+    real_flags, real_load, real_cf = diffcam.tasks.bias.step.all_dataset_flags, diffcam.core.models.base.load_adapter, \
+        diffcam.tasks.bias.step.counterfactual
     tested: list[dict] = []
 
     def with_suspect(analyses, settings):
@@ -147,9 +147,9 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
     def no_driver_model(*args, **kw):
         raise AssertionError("the bias step loaded the model in the driver")
 
-    monkeypatch.setattr(tasks.bias, "all_dataset_flags", with_suspect)
-    monkeypatch.setattr(tasks.bias, "counterfactual", spy)
-    monkeypatch.setattr(diffcam_core.models.base, "load_adapter", no_driver_model)
+    monkeypatch.setattr(diffcam.tasks.bias.step, "all_dataset_flags", with_suspect)
+    monkeypatch.setattr(diffcam.tasks.bias.step, "counterfactual", spy)
+    monkeypatch.setattr(diffcam.core.models.base, "load_adapter", no_driver_model)
     root = make_dataset(n=6)
     kw = dict(model=str(DEFAULT_MODEL), dataset=str(root), store=str(tmp_path / "store"), run_id="cf",
               workers=2, shard_size=3, cpus_per_worker=1)
@@ -163,9 +163,9 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
     assert summary["workers"] == 2 and len(tested) == 2  # started for the bias step alone
     assert tested[1]["examples"] == tested[0]["examples"]
 
-    monkeypatch.setattr(diffcam_core.models.base, "load_adapter", real_load)
+    monkeypatch.setattr(diffcam.core.models.base, "load_adapter", real_load)
     st = Store(tmp_path / "store")
-    local = tasks.bias.run_dataset_flags(st, "cf", None, root, BiasSettings(), adapter=real_load(DEFAULT_MODEL))
+    local = diffcam.tasks.bias.step.run_dataset_flags(st, "cf", None, root, BiasSettings(), adapter=real_load(DEFAULT_MODEL))
     assert tested[2]["examples"] == tested[1]["examples"]  # the same regenerated answers
     stored = st.read_table("flags", "cf").to_pylist()
     expected = table_from_rows("flags", local).to_pylist()
@@ -177,12 +177,12 @@ def test_bias_counterfactuals_run_on_the_workers(prefect_harness, make_dataset, 
 def test_interrupted_run_resumes_without_duplicates_or_recompute(prefect_harness, make_dataset, tmp_path, monkeypatch):
     """Shard 1 fails hard in the first run (every retry); shard 0 fails once and is retried.
     The re-run with the same id computes only shard 1."""
-    import tasks.shard
-    from flows.audit import audit
+    import diffcam.tasks.shard
+    from diffcam.flows.audit import audit
 
     root = make_dataset(n=6, missing=(5,))
     store = tmp_path / "store"
-    real = tasks.shard.assemble_tables
+    real = diffcam.tasks.shard.assemble_tables
     calls: Counter[int] = Counter()
 
     def flaky(run_id, shard, results):
@@ -191,7 +191,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recompute(prefect_harness
             raise RuntimeError(f"injected failure in shard {shard.shard_id}")
         return real(run_id, shard, results)
 
-    monkeypatch.setattr(tasks.shard, "assemble_tables", flaky)
+    monkeypatch.setattr(diffcam.tasks.shard, "assemble_tables", flaky)
     kw = dict(model=str(DEFAULT_MODEL), dataset=str(root), store=str(store), run_id="resume",
               workers=2, shard_size=2, shard_retries=1, shard_retry_delay_s=0)
     with pytest.raises(RuntimeError, match="1 of 3 shard"):
@@ -203,7 +203,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recompute(prefect_harness
     assert st.committed_shards("resume") == [0, 2]
     before = {k: st.shard_marker("resume", k) for k in (0, 2)}
 
-    monkeypatch.setattr(tasks.shard, "assemble_tables", real)
+    monkeypatch.setattr(diffcam.tasks.shard, "assemble_tables", real)
     summary = audit(**kw)
     assert summary["resumed"] is True and summary["status"] == "succeeded", summary["validation_failed"]
     assert summary["shards_committed"] == [1] and summary["shards_skipped"] == [0, 2]
@@ -222,14 +222,14 @@ def test_interrupted_run_resumes_without_duplicates_or_recompute(prefect_harness
 
 @pytest.mark.slow
 def test_resume_with_other_inputs_is_refused(prefect_harness, make_dataset, tmp_path):
-    from flows.audit import AuditConfigError, audit
+    from diffcam.flows.audit import AuditConfigError, audit
 
     root = make_dataset(n=2)
     store = tmp_path / "store"
     Store(store).write_run({
         "run_id": "x", "model_uri": "file:///m", "model_hash": "0" * 64, "dataset_uri": "file:///d",
         "dataset_hash": "1" * 64, "config_json": "{}", "code_version": "t",
-        "started_at": datetime.now(timezone.utc),
+        "started_at": datetime.now(UTC),
         "status": "failed", "n_samples": 2,
     })
     with pytest.raises(AuditConfigError, match="different inputs"):
@@ -248,9 +248,9 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
 
     import ray
 
-    from storage.datasets import load_dataset
-    from tasks.plan import plan_shards
-    from tasks.pool import CamPool, PoolConfig
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.pool import CamPool, PoolConfig
 
     root = make_dataset(n=8)  # enough work that the kill lands while the pool is still running
     ds = load_dataset(root)
@@ -294,7 +294,7 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
 def test_cli_bad_input_exits_2_with_a_message(args, message):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -304,7 +304,7 @@ def test_cli_bad_input_exits_2_with_a_message(args, message):
 def test_cli_rejects_a_broken_manifest_before_starting_anything(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     (tmp_path / "manifest.jsonl").write_text('{"sample_id": 1}\n')
     res = CliRunner().invoke(app, ["audit", "--dataset", str(tmp_path), "--store", str(tmp_path / "s")])
@@ -315,7 +315,7 @@ def test_cli_rejects_a_broken_manifest_before_starting_anything(tmp_path):
 def test_cli_sql_refuses_writes_and_formats_results(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     store = tmp_path / "store"
     store.mkdir()
@@ -375,10 +375,10 @@ def test_driver_killed_mid_run_resumes(make_dataset, tmp_path):
 
 def test_worker_measures_evidence_columns(make_dataset):
     """faithfulness=1: every content word × map gets AUCs/vanish; function words and chance rows behave."""
-    from storage.datasets import load_dataset
-    from storage.schemas import table_from_rows
-    from tasks.plan import plan_shards
-    from tasks.worker import CamWorker
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.schemas import table_from_rows
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.worker import CamWorker
 
     root = make_dataset(n=4)
     ds = load_dataset(root)

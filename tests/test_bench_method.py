@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from flows.paths import DEFAULT_MODEL
+from diffcam.flows.paths import DEFAULT_MODEL
 
 
 @pytest.mark.slow
 def test_bench_method_json_contract(tmp_path):
-    from tasks.bench_method import main
+    from diffcam.evaluation.method_table import main
 
     out_file = tmp_path / "bench.json"
     main(n=4, model=DEFAULT_MODEL, json_out=out_file, sweep=True, sweep_n=2, faith_n=2, clutter_n=2,
@@ -29,8 +29,8 @@ def test_bench_method_json_contract(tmp_path):
             assert r[f] is None or 0.0 <= r[f] <= 1.0, (r["method"], f, r[f])
     by = {r["method"]: r for r in doc["rows"]}
     # the oracle is the named object itself: on a multi-object image it points there every time
-    if by["oracle"]["multi_pointing"] is not None:
-        assert by["oracle"]["multi_pointing"] == 1.0 and by["oracle"]["specificity"] > 0.95
+    # (seed 2's first four images hold two with two objects, so the measure is defined)
+    assert by["oracle"]["multi_pointing"] == 1.0 and by["oracle"]["specificity"] > 0.95
     assert by["random"]["n_faithfulness"] == by["oracle"]["n_faithfulness"] > 0
     assert set(doc["tuning"]["chosen_on_tuning_seed"]) == {"layer", "distractor", "attribution_step", "dacg_sigma"}
     assert doc["clutter"]["n_images"] == 2

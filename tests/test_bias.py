@@ -15,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcam_core import bias_clusters, bias_dataset, bias_flags, bias_sample, bias_windows, inpaint
-from diffcam_core.bias_dataset import WordSample
-from diffcam_core.bias_flags import Flag
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import cell_coverage
-from diffcam_core.synthetic import CUE_COLORS, CueSpec, SynthSettings, answer_groundings, cue_region, make_samples
+from diffcam.core import inpaint
+from diffcam.core.bias import clusters as bias_clusters
+from diffcam.core.bias import dataset as bias_dataset
+from diffcam.core.bias import flags as bias_flags
+from diffcam.core.bias import sample as bias_sample
+from diffcam.core.bias import windows as bias_windows
+from diffcam.core.bias.dataset import WordSample
+from diffcam.core.bias.flags import Flag
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import cell_coverage
+from diffcam.core.synthetic import CUE_COLORS, CueSpec, SynthSettings, answer_groundings, cue_region, make_samples
 
 GRID = (8, 8)
 PLACEMENTS = [
@@ -82,7 +87,7 @@ def test_settings_roundtrip_and_validation() -> None:
 
 
 def test_flag_id_and_region_match_storage() -> None:
-    from storage.schemas import format_region, make_flag_id
+    from diffcam.storage.schemas import format_region, make_flag_id
 
     for args in [("off_object", "s1", 2, "circle", "token-gradnorm", None),
                  ("clever_hans", None, None, "circle", "diffusion-cam", "0.0000,0.0000,0.1250,0.1250")]:
@@ -168,10 +173,10 @@ def test_zero_and_flat_maps() -> None:
 
 
 def test_flag_rows_fit_the_flags_table_and_carry_evidence() -> None:
-    """`storage.schemas.flag_row` turns typed flags into ``flags`` rows; reading them back
+    """`diffcam.storage.schemas.flag_row` turns typed flags into ``flags`` rows; reading them back
     (`parse_region`, `parse_evidence`) gives the values again."""
-    from diffcam_core.stats import map_stats
-    from storage.schemas import flag_row, parse_evidence, parse_region, table_from_rows
+    from diffcam.core.stats import map_stats
+    from diffcam.storage.schemas import flag_row, parse_evidence, parse_region, table_from_rows
 
     ss, samples = _samples("circle", "top-left", "magenta", n=30)
     flags = []
@@ -231,7 +236,8 @@ def test_clever_hans_cluster_on_the_cue(word: str, pos: str, color: str, p: floa
     # the channel-pooled stand-in and the other words stay quiet
     assert bias_dataset.dataset_flags(bias_dataset.analyse_word(word, "diffusion-cam", _group(rows, word, "diffusion-cam"))) == []
     for other in {w for _, _, w, *_ in rows} - {word}:
-        assert bias_dataset.dataset_flags(bias_dataset.analyse_word(other, "token-gradnorm", _group(rows, other, "token-gradnorm"))) == []
+        other_maps = _group(rows, other, "token-gradnorm")
+        assert bias_dataset.dataset_flags(bias_dataset.analyse_word(other, "token-gradnorm", other_maps)) == []
 
 
 def test_hotspot_shared_by_every_word_is_not_a_cue() -> None:
@@ -427,12 +433,12 @@ class _StubbornAdapter(_HansAdapter):
 
 def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n: int = 40):
     """A dataset folder and a store whose token_maps come from the map sources."""
-    from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
-    from storage.datasets import load_dataset
-    from storage.synthetic_writer import write_synthetic_dataset
-    from storage.schemas import table_from_rows
-    from storage.store import Store
-    from tasks.rows import token_map_rows
+    from diffcam.core.types import SampleExplanation, WordMaps, WordSpan
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.schemas import table_from_rows
+    from diffcam.storage.store import Store
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.tasks.rows import token_map_rows
 
     ss = SynthSettings(cue=CueSpec(word=word, pos=pos, size=6, color=color, p=0.9))
     ds_dir = write_synthetic_dataset(tmp_path / "ds", n, 4, ss)
@@ -445,7 +451,7 @@ def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n:
                   "status": "succeeded", "n_samples": n})
     rng = np.random.default_rng(0)
     maps_rows, sample_rows = [], []
-    for k, (s, sample) in enumerate(zip(samples, ds.samples)):
+    for s, sample in zip(samples, ds.samples):
         words = []
         masks = []
         for wi, (w, m) in enumerate(answer_groundings(s)):
@@ -472,9 +478,9 @@ def _fake_run(tmp_path: Path, word: str, pos: str, color: str, planted: bool, n:
 
 
 def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
-    from storage.report import DEFAULT_SECTIONS, build_report
-    from tasks.bias import run_dataset_flags, write_dataset_flags
-    from tasks.bias_report import BIAS_SECTION
+    from diffcam.storage.report import DEFAULT_SECTIONS, build_report
+    from diffcam.tasks.bias.report import BIAS_SECTION
+    from diffcam.tasks.bias.step import run_dataset_flags, write_dataset_flags
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     adapter = _HansAdapter("circle", ss.cue.rgb)
@@ -517,7 +523,7 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
 
 
 def test_task_stubborn_model_is_not_confirmed(tmp_path: Path) -> None:
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
 
     st, ds_dir, ss, _ = _fake_run(tmp_path, "square", "bottom-right", "cyan", planted=True)
     info: dict = {}
@@ -532,7 +538,7 @@ def test_task_stubborn_model_is_not_confirmed(tmp_path: Path) -> None:
 
 
 def test_task_clean_run_has_no_flags_and_no_model_call(tmp_path: Path) -> None:
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
 
     st, ds_dir, ss, _ = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=False)
     adapter = _HansAdapter("circle", ss.cue.rgb)
@@ -607,11 +613,11 @@ class _FragileAdapter(_HansAdapter):
 def test_per_sample_counterfactual_has_a_control_erasure(tmp_path: Path) -> None:
     """Hans model: the word vanishes without the cue and stays without the control → dependence.
     Fragile model: the word vanishes whatever is erased → no dependence, no suspect_region raised."""
-    from storage.datasets import load_dataset
-    from storage.images import load_image
-    from tasks.answers import local_answerer
-    from tasks.bias_counterfactual import region_counterfactuals
-    from tasks.bias_read import load_run_maps, object_masks
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.images import load_image
+    from diffcam.tasks.answers import local_answerer
+    from diffcam.tasks.bias.counterfactual import region_counterfactuals
+    from diffcam.tasks.bias.read import load_run_maps, object_masks
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     run = load_run_maps(st, "r1", ["token-gradnorm"])

@@ -1,13 +1,14 @@
-"""Run-level centre bias against the images' own object prior (diffcam_core.bias_centre)."""
+"""Run-level centre bias against the images' own object prior (diffcam.core.bias.centre)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from diffcam_core.bias_centre import CentreSample, naming_z, run_centre_bias, run_centre_flags, run_naming_flag
-from diffcam_core.bias_dataset import centre_bias_index
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.stats import centre_mask
+
+from diffcam.core.bias.centre import CentreSample, naming_z, run_centre_bias, run_centre_flags, run_naming_flag
+from diffcam.core.bias.dataset import centre_bias_index
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.stats import centre_mask
 
 GRID = (8, 8)
 CENTRE = centre_mask(GRID)

@@ -5,7 +5,7 @@ Models: ``models/tiny-shapes-cue`` (trained with the cue
 ``word=circle,pos=top-left,size=6,color=magenta,p=0.9``) and ``models/tiny-shapes`` (clean).
 A missing model folder FAILS (with the path), it never skips. Held-out data: synthetic
 seed 2 (the method benchmark's held-out seed), with the same cue spec, audited in-process
-(`tasks.audit_in_process`, the worker's own code without Ray/Prefect).
+(`diffcam.evaluation.audit_in_process`, the worker's own code without Ray/Prefect).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.settings import CamSettings
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.settings import CamSettings
+from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def _require(model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSettings]:
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     ss = SynthSettings(cue=CueSpec.parse(CUE))
     return write_synthetic_dataset(tmp_path_factory.mktemp("bias") / "heldout", N, SEED, ss), ss
@@ -57,9 +57,9 @@ def _audit(tmp: Path, model: Path, ds_dir: Path,
            settings: BiasSettings = BiasSettings()) -> tuple[object, str, list[dict]]:
     import torch
 
-    from storage.store import Store
-    from tasks.audit_in_process import audit_in_process
-    from tasks.bias import run_dataset_flags, write_dataset_flags
+    from diffcam.evaluation.audit_in_process import audit_in_process
+    from diffcam.storage.store import Store
+    from diffcam.tasks.bias.step import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
     st = Store(tmp / "store")
@@ -166,7 +166,7 @@ def test_per_sample_counterfactual_confirms_the_reached_samples(planted, heldout
 def _off_centre_dataset(root: Path, n_keep: int = 40) -> Path:
     """Synthetic samples whose every object has < 30% of its pixels in the central box
     (the middle half of each side), and no cue."""
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     ss = SynthSettings()
     n_gen = 400

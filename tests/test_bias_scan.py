@@ -1,4 +1,4 @@
-"""The audit's saliency-free discovery scan (`tasks.scan`, `tasks.bias_scan`).
+"""The audit's saliency-free discovery scan (`diffcam.tasks.scan`, `diffcam.tasks.bias.scan`).
 
 A scripted model whose word depends on one known window (it says "circle", and gives it
 log-probability -0.1, exactly while the magenta cue pixels are in the image; -4.0 without
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffcam_core.bias_flags import Flag, make_flag
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import cell_coverage
-from diffcam_core.models.base import Generation, ImageSpan
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
-from diffcam_core.types import WordSpan
+from diffcam.core.bias.flags import Flag, make_flag
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import cell_coverage
+from diffcam.core.models.base import Generation, ImageSpan
+from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.core.types import WordSpan
 
 GRID = (8, 8)
 CUE = CueSpec(word="circle", pos="top-left", size=6, color="magenta", p=0.9)
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 class ScriptedModel:
     """Answers "a red circle" while pixels of the cue colour are in the image, else "a red
     thing"; scores "circle" at -0.1 with them and -4.0 without, "red" at -0.2 always. The
-    interface of a `diffcam_core.models.base.ModelAdapter` that the scan and the
+    interface of a `diffcam.core.models.base.ModelAdapter` that the scan and the
     counterfactual use: prepare, generate (words, canvases), image_span, canvas_log_probs."""
 
     VOCAB = {"a": 1, "red": 2, "circle": 3, "thing": 4}
@@ -72,9 +72,9 @@ class ScriptedModel:
 def _dataset(tmp_path: Path, n: int = 30):
     """A synthetic cue dataset and what the bias step reads of a run: samples (prompt and
     answer), image paths, object masks. The stored answers are the ground-truth ones."""
-    from storage.datasets import load_dataset
-    from storage.synthetic_writer import write_synthetic_dataset
-    from tasks.bias_read import object_masks
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.tasks.bias.read import object_masks
 
     ss = SynthSettings(cue=CUE)
     ds = load_dataset(write_synthetic_dataset(tmp_path / "ds", n, 4, ss))
@@ -96,9 +96,9 @@ def test_cue_region_is_one_cell() -> None:
 
 
 def test_scan_proposes_the_one_window_the_word_depends_on(tmp_path: Path) -> None:
-    from tasks.bias_counterfactual import control_box
-    from tasks.bias_scan import scan_order, scan_suspects
-    from tasks.scan import local_scanner
+    from diffcam.tasks.bias.counterfactual import control_box
+    from diffcam.tasks.bias.scan import scan_order, scan_suspects
+    from diffcam.tasks.scan import local_scanner
 
     ss, truth, samples, images, objects = _dataset(tmp_path)
     model = ScriptedModel(ss.cue.rgb)
@@ -138,8 +138,8 @@ def test_scan_proposes_the_one_window_the_word_depends_on(tmp_path: Path) -> Non
 
 
 def test_scan_skips_a_region_saliency_already_proposed_and_rare_words(tmp_path: Path) -> None:
-    from tasks.bias_scan import scan_suspects
-    from tasks.scan import local_scanner
+    from diffcam.tasks.bias.scan import scan_suspects
+    from diffcam.tasks.scan import local_scanner
 
     ss, _, samples, images, objects = _dataset(tmp_path)
     saliency = make_flag("clever_hans", 0.5, 0.1, {"window": [0, 0, 1, 1]}, word="circle", method="token-gradnorm",
@@ -161,7 +161,7 @@ def test_audit_confirms_what_only_the_scan_found(tmp_path: Path) -> None:
     """Clean maps (saliency proposes nothing) and a model that reads the cue: the scan's
     suspect is confirmed by the counterfactual, and the samples it reaches are flagged by
     their own counterfactual. With the scan off the same run raises nothing."""
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
     from tests.test_bias import _fake_run
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=False)
@@ -186,9 +186,9 @@ def test_audit_confirms_what_only_the_scan_found(tmp_path: Path) -> None:
     assert {tuple(json.loads(r["evidence_json"])["reached_by"]) for r in reached} == {("counterfactual",)}
     assert {json.loads(r["evidence_json"])["dataset_flag_id"] for r in reached} == {dataset[0]["flag_id"]}
     # the report shows it as any other dataset flag, with what the scan measured
-    from storage.report import DEFAULT_SECTIONS, build_report
-    from tasks.bias import write_dataset_flags
-    from tasks.bias_report import BIAS_SECTION
+    from diffcam.storage.report import DEFAULT_SECTIONS, build_report
+    from diffcam.tasks.bias.report import BIAS_SECTION
+    from diffcam.tasks.bias.step import write_dataset_flags
 
     assert write_dataset_flags(st, "r1", rows)
     page = build_report(st, "r1", tmp_path / "rep", sections=[*DEFAULT_SECTIONS, BIAS_SECTION])[0].read_text()
@@ -202,7 +202,7 @@ def test_audit_confirms_what_only_the_scan_found(tmp_path: Path) -> None:
 
 
 def test_answer_only_stand_in_is_not_scanned_and_says_so(tmp_path: Path) -> None:
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
     from tests.test_bias import _fake_run, _HansAdapter
 
     st, ds_dir, ss, _ = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=False)
@@ -213,8 +213,8 @@ def test_answer_only_stand_in_is_not_scanned_and_says_so(tmp_path: Path) -> None
 
 
 def test_scan_flag_reaches_samples_only_through_their_tests() -> None:
-    from diffcam_core.bias_sample import region_sample_flags
-    from tasks.bias_scan import flag_analysis
+    from diffcam.core.bias.sample import region_sample_flags
+    from diffcam.tasks.bias.scan import flag_analysis
 
     ev = {"found_by": "scan", "grid": [8, 8], "window": [0, 0, 1, 1]}
     flag = make_flag("clever_hans", 1.0, 0.5, ev, word="circle", method=None, region=CUE_BOX)
@@ -244,13 +244,13 @@ def test_local_scan_on_the_planted_checkpoint_finds_the_cue_cell() -> None:
     each drop is the word's score on the intact image minus on that window erased."""
     from PIL import Image
 
-    from diffcam_core.cam import attribution_canvas
-    from diffcam_core.discovery import window_cells_at
-    from diffcam_core.evidence import background_colour
-    from diffcam_core.faithfulness import adapter_scorer, perturbed
-    from diffcam_core.models.base import load_adapter
-    from diffcam_core.settings import CamSettings
-    from tasks.scan import local_scanner
+    from diffcam.core.bias.discovery import window_cells_at
+    from diffcam.core.cam import attribution_canvas
+    from diffcam.core.evidence import background_colour
+    from diffcam.core.faithfulness import adapter_scorer, perturbed
+    from diffcam.core.models.base import load_adapter
+    from diffcam.core.settings import CamSettings
+    from diffcam.tasks.scan import local_scanner
 
     torch.set_num_threads(1)
     adapter = load_adapter(_require(REPO / "models" / "tiny-shapes-cue"))
@@ -304,8 +304,8 @@ class SharedCueModel(ScriptedModel):
 def test_scan_finds_a_cue_shared_by_two_words(tmp_path: Path) -> None:
     """The saliency stage's specificity gate rejects a region that lights several words; the
     scan asks each word separately, so one cue behind two words is proposed for both."""
-    from tasks.bias_scan import scan_suspects
-    from tasks.scan import local_scanner
+    from diffcam.tasks.bias.scan import scan_suspects
+    from diffcam.tasks.scan import local_scanner
 
     ss, truth, _, images, objects = _dataset(tmp_path)
     carrying = {f"synth-{i:06d}": t for i, t in enumerate(truth) if t.cue_present}
@@ -326,8 +326,8 @@ def test_scan_does_not_find_a_cue_whose_position_varies(tmp_path: Path) -> None:
     the marker; the dataset-level flag does not exist for them.)"""
     from PIL import Image
 
-    from tasks.bias_scan import scan_suspects
-    from tasks.scan import local_scanner
+    from diffcam.tasks.bias.scan import scan_suspects
+    from diffcam.tasks.scan import local_scanner
 
     base = list(make_samples(12, 4, SynthSettings()))
     rng = np.random.default_rng(0)

@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcam_core.bias_verdict import (
-    NAMED_AS_OBJECT, UNCHANGED, WORD_CHANGED, answer_change, content_words, dependence_verdict,
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.verdict import (
+    NAMED_AS_OBJECT,
+    UNCHANGED,
+    WORD_CHANGED,
+    answer_change,
+    content_words,
+    dependence_verdict,
 )
-from diffcam_core.bias_settings import BiasSettings
 from tests.test_bias import _fake_run, _HansAdapter
 
 #: The scripted models here answer but cannot be scanned (no canvas): the discovery scan
@@ -95,7 +100,7 @@ def test_marker_read_as_an_object_is_a_hallucinated_object_not_a_shortcut(tmp_pa
     reported as a confirmed clever_hans (shortcut). The same run now yields one
     `hallucinated_object` flag on the marker's region, no clever_hans, and per-sample flags
     whose own counterfactual says "named_as_object"."""
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     namer = _NamerAdapter("circle", ss.cue.rgb, samples)
@@ -115,7 +120,7 @@ def test_marker_read_as_an_object_is_a_hallucinated_object_not_a_shortcut(tmp_pa
 
 
 def test_shortcut_model_stays_clever_hans_with_shortcut_sample_verdicts(tmp_path: Path):
-    from tasks.bias import run_dataset_flags
+    from diffcam.tasks.bias.step import run_dataset_flags
 
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     rows = run_dataset_flags(st, "r1", None, ds_dir, NO_SCAN, adapter=_HansAdapter("circle", ss.cue.rgb),
@@ -133,8 +138,8 @@ def test_an_untested_suspect_that_every_per_sample_test_contradicts_is_refuted()
     counterfactuals then test >= region_cf_refute_min samples and none depends on the
     region, it is refuted (the issue: such suspects were raised although each sample's own
     erase test showed no change)."""
-    from diffcam_core.bias_flags import make_flag
-    from tasks.bias import late_refutations
+    from diffcam.core.bias.flags import make_flag
+    from diffcam.tasks.bias.step import late_refutations
 
     def suspect(confirmed, n_tested, n_shortcut=0, n_named=0, word="circle"):
         f = make_flag("clever_hans", 0.1, 0.05, {"sample_counterfactuals": {
@@ -157,7 +162,7 @@ def test_the_erase_tests_erase_the_window_and_a_margin_and_the_control_has_that_
     still reads (measured on the shipped clean model: the test saw no change at all). The
     erase box is the window grown by `cf_region_margin` cells (clipped), and the control is
     a window of the same size in cells, off the objects and off the erased box."""
-    from tasks.bias_counterfactual import control_box, erase_box
+    from diffcam.tasks.bias.counterfactual import control_box, erase_box
 
     grid = (8, 8)
     box = erase_box((0.875, 0.0, 1.0, 0.125), grid, 1)
@@ -177,7 +182,7 @@ def test_erasing_a_region_around_the_objects_leaves_their_pixels():
     """`erase_region` inpaints every pixel of its box; the counterfactuals erase around the
     objects, so a grown erase box that reaches an object cannot clip it (which the scripted
     namer above would read as a changed object)."""
-    from diffcam_core.inpaint import erase_region_around
+    from diffcam.core.inpaint import erase_region_around
 
     img = np.full((64, 64, 3), 40, dtype=np.uint8)
     img[0:12, 52:64] = (160, 0, 200)  # the marker

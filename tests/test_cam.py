@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from diffcam_core.cam import attribute, explain
-from diffcam_core.methods import raw_diffusion_cam
-from diffcam_core.models.diffusion_gemma import PROJECTOR
-from diffcam_core.settings import CamSettings, GenerationSettings
-
+from diffcam.core.cam import attribute, explain
+from diffcam.core.methods import raw_diffusion_cam
+from diffcam.core.models.diffusion_gemma import PROJECTOR
+from diffcam.core.settings import CamSettings, GenerationSettings
 from tests.model_helpers import make_image, random_adapter
 
 GEN = GenerationSettings(seed=4, max_denoising_steps=5)

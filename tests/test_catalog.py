@@ -9,11 +9,15 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from storage import catalog, queries
-from storage.catalog import ReadOnlyError, check_read_only, connect, run_sql
-from storage.schemas import METHODS, TABLES, table_from_rows
-from storage.store import Store
+from diffcam.core.settings import CamSettings
+from diffcam.storage import catalog, queries
+from diffcam.storage.catalog import ReadOnlyError, check_read_only, connect, run_sql
+from diffcam.storage.schemas import TABLES, table_from_rows
+from diffcam.storage.store import Store
 from tests.test_store import build_rows, fabricate_run
+
+#: The methods a default run writes (what these tables are built with).
+METHODS = tuple(CamSettings().methods)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "QUERIES.md"
 

@@ -4,7 +4,7 @@ and the real clean vs planted-cue checkpoints (slow; runs once both checkpoints 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,10 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from flows.compare import CompareGates, compare_runs, flag_diff, load_gates, metric_row, write_comparison
-from flows.paths import CUE_MODEL, DEFAULT_MODEL
-from storage.schemas import make_flag_id, table_from_rows
-from storage.store import Store
+from diffcam.flows.compare import CompareGates, compare_runs, flag_diff, load_gates, metric_row, write_comparison
+from diffcam.flows.paths import CUE_MODEL, DEFAULT_MODEL
+from diffcam.storage.schemas import make_flag_id, table_from_rows
+from diffcam.storage.store import Store
 
 WORDS = ("circle", "square", "triangle")
 GRID = 4
@@ -40,7 +40,7 @@ def fabricate(store: Store, run_id: str, *, n: int = 12, iou: dict[str, float] |
     iou = {w: 0.5 for w in WORDS} | (iou or {})
     com_x = {w: 0.5 for w in WORDS} | (com_x or {})
     rng = np.random.default_rng(seed)
-    now = datetime(2026, 11, 26, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 26, tzinfo=UTC)
     store.write_run({
         "run_id": run_id, "model_uri": f"file:///models/{run_id}", "model_hash": run_id.ljust(64, "0"),
         "dataset_uri": "file:///d/manifest.jsonl", "dataset_hash": dataset_hash,
@@ -157,7 +157,7 @@ def test_flag_diff_confirmation_changes_and_patterns() -> None:
 
 
 def test_default_gate_catches_a_confirmed_clever_hans_flag(store: Store) -> None:
-    """`clever_hans` is the spurious-correlation kind of tasks/bias.py; an unconfirmed one
+    """`clever_hans` is the spurious-correlation kind of tasks/bias/step.py; an unconfirmed one
     (counterfactual refuted or not run) does not fail the default gate."""
     fabricate(store, "a", flags=[{"kind": "clever_hans", "word": "square", "confirmed": False}])
     fabricate(store, "b", flags=[{"kind": "clever_hans", "word": "square", "confirmed": False},
@@ -201,7 +201,7 @@ def test_outputs_are_json_and_markdown(store: Store, tmp_path: Path) -> None:
 
 
 def test_cli_exit_codes(store: Store, tmp_path: Path) -> None:
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     fabricate(store, "a")
     fabricate(store, "b", iou={"circle": 0.2})
@@ -231,13 +231,13 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     ``diffcam compare clean clean`` exits 0."""
     import torch
 
-    from diffcam_core.bias_settings import BiasSettings
-    from diffcam_core.settings import CamSettings
-    from diffcam_core.synthetic import CueSpec, SynthSettings
-    from flows.cli import app
-    from storage.synthetic_writer import write_synthetic_dataset
-    from tasks.audit_in_process import audit_in_process
-    from tasks.bias import run_dataset_flags, write_dataset_flags
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.core.settings import CamSettings
+    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.evaluation.audit_in_process import audit_in_process
+    from diffcam.flows.cli import app
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.tasks.bias.step import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
     ds = write_synthetic_dataset(tmp_path / "heldout", 64, 2, SynthSettings(cue=CueSpec.parse(CUE)))
@@ -252,7 +252,7 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
     raised = [(f["kind"], f["word"], f["method"], f["confirmed"]) for f in st.read_table("flags", "cue").to_pylist()
               if f["sample_id"] is None]
     if not any(k == "clever_hans" and w == "circle" and c for k, w, _, c in raised):
-        pytest.fail("precondition: the bias audit (tasks/bias.py, default BiasSettings) raised no confirmed "
+        pytest.fail("precondition: the bias audit (tasks/bias/step.py, default BiasSettings) raised no confirmed "
                     f"clever_hans flag on 'circle' for {CUE_MODEL.name}; its dataset-level flags: {raised}. "
                     "`diffcam compare` can only report flags that the audit raised.", pytrace=False)
     runner = CliRunner()

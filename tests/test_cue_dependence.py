@@ -1,18 +1,11 @@
-"""benchmarks/cue_dependence.py counts what it says, on scripted models with known behaviour."""
+"""`diffcam.evaluation.cue_dependence` counts what it says, on scripted models with known behaviour."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-from diffcam_core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
-
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "cue_dependence.py"
-_spec = importlib.util.spec_from_file_location("cue_dependence", _path)
-cue_dependence = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cue_dependence)
+from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.evaluation import cue_dependence
 
 SETTINGS = SynthSettings(cue=CueSpec.parse("word=circle,pos=top-left,size=6,color=magenta,p=0.9"))
 
@@ -92,16 +85,11 @@ def test_moving_marker_counts_follow_the_marker_wherever_it_sits():
     """The per-image marker goes through the same counting loop: a model that says the word
     iff the marker's colour shows anywhere loses it on every erase, keeps it under every
     control patch, and gains it on every paste; one that ignores the marker never moves."""
-    import sys
+    from diffcam.evaluation import zoo_recipes
 
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    from benchmarks import cue_zoo
-
-    cue = {"word": "circle", "pos": cue_zoo.MOVING, "size": 6, "color": "magenta", "p": 1.0}
-    rgb = np.asarray(cue_zoo._rgb(cue), dtype=np.uint8)
-    samples = cue_zoo.moving_cue_samples(40, 3, cue)
+    cue = {"word": "circle", "pos": zoo_recipes.MOVING, "size": 6, "color": "magenta", "p": 1.0}
+    rgb = np.asarray(zoo_recipes._rgb(cue), dtype=np.uint8)
+    samples = zoo_recipes.moving_cue_samples(40, 3, cue)
     carrying = [s for s in samples if s.cue_present]
     assert len({tuple(np.argwhere(s.cue_mask)[0]) for s in carrying}) > 1  # it does move
 
@@ -110,7 +98,7 @@ def test_moving_marker_counts_follow_the_marker_wherever_it_sits():
 
     reader = _ScriptedModel(shows_marker)
     settings = SynthSettings()
-    got = cue_zoo.moving_cue_dependence(reader, samples, cue, settings, seed=0)
+    got = zoo_recipes.moving_cue_dependence(reader, samples, cue, settings, seed=0)
     n_free = sum("circle" not in s.answer.split() for s in samples)
     assert got["erased"] == len(carrying) and got["vanished"] == len(carrying)
     assert got["controlled"] > 0 and got["control_vanished"] == 0 and got["net_vanish_rate"] == 1.0
@@ -122,6 +110,6 @@ def test_moving_marker_counts_follow_the_marker_wherever_it_sits():
     answers = ["circle" in s.answer.split() for s in samples]
     blind = _ScriptedModel(lambda image: answers[int(np.abs(originals - image.astype(np.int32)).sum(axis=(1, 2, 3))
                                                      .argmin())])
-    got = cue_zoo.moving_cue_dependence(blind, samples, cue, settings, seed=0)
+    got = zoo_recipes.moving_cue_dependence(blind, samples, cue, settings, seed=0)
     assert got["vanished"] == 0 and got["control_vanished"] == 0 and got["appeared"] == 0
     assert got["erased"] > 0 and got["pasted"] > 0 and got["net_vanish_rate"] == 0.0

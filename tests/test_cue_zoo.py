@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from diffcam.core.synthetic import CUE_CORNERS, SynthSettings, cue_region
+from diffcam.evaluation import zoo_eval, zoo_recipes, zoo_stats
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from benchmarks import cue_zoo, zoo_stats  # noqa: E402
-from diffcam_core.synthetic import CUE_CORNERS, SynthSettings, cue_region  # noqa: E402
-
-REC = cue_zoo.load_recipes()
+REC = zoo_recipes.load_recipes()
 ENTRIES = REC["entries"]
 
 
@@ -45,13 +42,13 @@ def test_cues_vary_word_position_colour_size_and_p():
     assert words & {"red", "green", "blue", "yellow"} and words & {"circle", "square", "triangle"}
     corners = {c["pos"] for c in cues if isinstance(c["pos"], str) and c["pos"] in CUE_CORNERS}
     assert corners == set(CUE_CORNERS)
-    assert any(c["pos"] == cue_zoo.MOVING for c in cues)
+    assert any(c["pos"] == zoo_recipes.MOVING for c in cues)
     n, cell = 64, 8
     kinds = set()
     for c in cues:
-        if c["pos"] == cue_zoo.MOVING:
+        if c["pos"] == zoo_recipes.MOVING:
             continue
-        x0, y0, x1, y1 = cue_region(SynthSettings(cue=cue_zoo.cue_spec(c)))
+        x0, y0, x1, y1 = cue_region(SynthSettings(cue=zoo_recipes.cue_spec(c)))
         cells = {(x // cell, y // cell) for x in range(x0, x1) for y in range(y0, y1)}
         cx = {a for a, _ in cells}
         cy = {b for _, b in cells}
@@ -68,11 +65,11 @@ def test_cues_vary_word_position_colour_size_and_p():
 
 
 def test_split_is_fixed_by_its_rule_disjoint_and_covers_every_kind():
-    assert cue_zoo.split_by_rule(ENTRIES) == {e["name"]: e["split"] for e in ENTRIES}
+    assert zoo_recipes.split_by_rule(ENTRIES) == {e["name"]: e["split"] for e in ENTRIES}
     calib = {e["name"] for e in ENTRIES if e["split"] == "calibration"}
     held = {e["name"] for e in ENTRIES if e["split"] == "heldout"}
     assert calib and held and not calib & held and calib | held == {e["name"] for e in ENTRIES}
-    for kind in cue_zoo.KINDS:
+    for kind in zoo_recipes.KINDS:
         assert {e["split"] for e in _kind(kind)} == {"calibration", "heldout"}, kind
     # a model and the audits that reuse it never sit on both sides
     for e in ENTRIES:
@@ -85,22 +82,22 @@ def test_split_is_fixed_by_its_rule_disjoint_and_covers_every_kind():
 
 def test_every_model_declares_a_size_limit_within_the_zoo_budget():
     trained = [e for e in ENTRIES if e["source"] == "train" and not e.get("cache_only")]
-    assert all(cue_zoo.size_limit_mb(e, REC) <= 2.0 for e in trained)
-    assert sum(cue_zoo.size_limit_mb(e, REC) for e in trained) <= REC["zoo_limit_mb"]
+    assert all(zoo_recipes.size_limit_mb(e, REC) <= 2.0 for e in trained)
+    assert sum(zoo_recipes.size_limit_mb(e, REC) for e in trained) <= REC["zoo_limit_mb"]
     # a model over the limit is a recipe built into a git-ignored cache, and says why
     cached = [e for e in ENTRIES if e.get("cache_only")]
     assert all(e.get("why") for e in cached)
     ignored = (REPO / ".gitignore").read_text().splitlines()
     assert all(f"models/zoo/{e['name']}/" in ignored for e in cached)
     for e in ENTRIES:
-        assert cue_zoo.size_limit_mb(e, REC) > 0
+        assert zoo_recipes.size_limit_mb(e, REC) > 0
     # the spec really fits the limit: parameters x 4 bytes (float32 safetensors)
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenizer
-    from diffcam_core.synthetic import vocabulary
+    from diffcam.core.synthetic import vocabulary
+    from diffcam.training.tiny_gemma import TinyModelSpec, build_config, build_tokenizer
 
-    model = DiffusionGemmaForBlockDiffusion(build_config(TinyModelSpec.from_overrides(REC["spec"]),
+    model = DiffusionGemmaForBlockDiffusion(build_config(TinyModelSpec.model_validate(REC["spec"]),
                                                          build_tokenizer(vocabulary(SynthSettings()))))
     assert 4 * sum(p.numel() for p in model.parameters()) / 1e6 < REC["size_limit_mb"]
 
@@ -115,8 +112,8 @@ def test_no_training_seed_is_an_audit_or_ground_truth_seed():
 
 
 def test_moving_marker_moves_and_avoids_objects():
-    cue = next(e["cue"] for e in _kind("cue", "train") if e["cue"]["pos"] == cue_zoo.MOVING)
-    samples = cue_zoo.moving_cue_samples(40, 3, cue)
+    cue = next(e["cue"] for e in _kind("cue", "train") if e["cue"]["pos"] == zoo_recipes.MOVING)
+    samples = zoo_recipes.moving_cue_samples(40, 3, cue)
     with_marker = [s for s in samples if s.cue_present]
     assert len(with_marker) >= 5
     assert len({tuple(np.argwhere(s.cue_mask)[0]) for s in with_marker}) >= 5
@@ -129,10 +126,10 @@ def test_moving_marker_moves_and_avoids_objects():
 
 def test_centre_data_names_only_the_object_in_the_central_box():
     settings = SynthSettings()
-    for s in cue_zoo.centre_samples(30, 4, settings):
-        assert len(s.objects) == 1 and cue_zoo.in_centre(s.objects[0], settings)
+    for s in zoo_recipes.centre_samples(30, 4, settings):
+        assert len(s.objects) == 1 and zoo_recipes.in_centre(s.objects[0], settings)
         assert s.answer == f"a {s.objects[0].color} {s.objects[0].shape}"
-        assert not any(cue_zoo.in_centre(o, settings) for o in s.unnamed)
+        assert not any(zoo_recipes.in_centre(o, settings) for o in s.unnamed)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -170,7 +167,7 @@ def _cal(name, relies, enrich=None, cons=None, spec=None, cf=None, others=(), ce
 
 
 def test_threshold_fitting_rule_on_synthetic_statistics():
-    from diffcam_core.bias_settings import BiasSettings
+    from diffcam.core.bias.settings import BiasSettings
 
     d = BiasSettings()
     defaults = {k: getattr(d, k) for k in zoo_stats.THRESHOLDS}
@@ -254,7 +251,7 @@ def _fake_audit(entry, rec, zoo, cache, seed, n, settings, **kw):
     """Scripted audits: a cue model gets its cue flagged (with the gate statistics the
     calibration reads); clean / marker models get nothing; centre models a centre score."""
     rows = []
-    box = cue_zoo.entry_cue_box(entry) or [0.25, 0.25, 0.375, 0.375]
+    box = zoo_eval.entry_cue_box(entry) or [0.25, 0.25, 0.375, 0.375]
     if entry["kind"] == "cue":
         ev = {"cluster_enrichment": 3.0, "consistency": 0.9, "specificity": 1.6,
               "counterfactual": {"persist": 0.5, "persist_both": 0.0, "vanish": 1.0, "vanish_control": 0.0}}
@@ -277,7 +274,7 @@ def _fake_audit(entry, rec, zoo, cache, seed, n, settings, **kw):
 
 def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
     zoo = _fake_zoo(tmp_path)
-    out = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=False, device="cpu", threads=1, audit=_fake_audit,
+    out = zoo_eval.evaluate(REC, zoo, tmp_path / "cache", quick=False, device="cpu", threads=1, audit=_fake_audit,
                            log=lambda m: None)
     h = out["heldout"]
     for key in ("n_models", "n_cue_models_relying", "recall", "recall_ci", "precision", "clean_false_flags",
@@ -310,7 +307,7 @@ def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
     clean_model = next(r for r in out["per_model"] if r["kind"] == "clean")
     assert clean_model["centre"]["naming_z"] < 1 and clean_model["centre"]["map_scores"]["token-gradnorm"] == -0.1
     json.dumps(out)  # serialisable
-    quick = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=True, device="cpu", threads=1, audit=_fake_audit,
+    quick = zoo_eval.evaluate(REC, zoo, tmp_path / "cache", quick=True, device="cpu", threads=1, audit=_fake_audit,
                              log=lambda m: None)
     assert quick["calibration"]["models"] == [e["name"] for e in ENTRIES if e["name"] in REC["quick"]["calibration"]]
     assert quick["heldout"]["n_models"] == len(REC["quick"]["heldout"])
@@ -318,7 +315,7 @@ def test_evaluation_writes_the_contract_on_fake_audits(tmp_path):
 
 def test_missing_zoo_names_the_folder_and_the_build_command(tmp_path):
     with pytest.raises(SystemExit) as err:
-        cue_zoo.evaluate(REC, tmp_path / "nozoo", tmp_path / "cache", quick=True, device="cpu", threads=1,
+        zoo_eval.evaluate(REC, tmp_path / "nozoo", tmp_path / "cache", quick=True, device="cpu", threads=1,
                          audit=_fake_audit, log=lambda m: None)
     msg = str(err.value)
     assert str(tmp_path / "nozoo" / "cue-circle-tl") in msg
@@ -330,7 +327,7 @@ def test_allow_missing_evaluates_the_built_models_and_lists_the_others(tmp_path)
     gone = ["cue-blue-br", "known-miss-default-recipe-cue"]
     for name in gone:
         (zoo / name / "config.json").unlink()
-    out = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=False, device="cpu", threads=1, audit=_fake_audit,
+    out = zoo_eval.evaluate(REC, zoo, tmp_path / "cache", quick=False, device="cpu", threads=1, audit=_fake_audit,
                            log=lambda m: None, allow_missing=True)
     assert sorted(out["not_built"]) == sorted(gone)
     assert "--only cue-blue-br" in out["not_built"]["cue-blue-br"]
@@ -343,7 +340,7 @@ def test_every_trained_recipe_draws_its_data_and_the_cue_shows_only_with_its_wor
     for e in ENTRIES:
         if e["source"] != "train":
             continue
-        samples, settings = cue_zoo.training_samples(e, 12, e["train_seed"])
+        samples, settings = zoo_recipes.training_samples(e, 12, e["train_seed"])
         assert len(samples) == 12, e["name"]
         cue = e.get("cue")
         if cue is not None:
@@ -359,7 +356,7 @@ def test_adding_a_heldout_model_reuses_the_recorded_thresholds_and_matches_a_ful
     evaluation with it would give; calibration entries and repeats are refused."""
     zoo = _fake_zoo(tmp_path)
     kw = dict(device="cpu", threads=1, log=lambda m: None)
-    full = cue_zoo.evaluate(REC, zoo, tmp_path / "cache", quick=False, audit=_fake_audit, **kw)
+    full = zoo_eval.evaluate(REC, zoo, tmp_path / "cache", quick=False, audit=_fake_audit, **kw)
     late = next(e["name"] for e in ENTRIES if e["source"] == "recipe_only")
     assert late in full["heldout_models"]
     # the evaluation as it stood before the late model existed
@@ -376,7 +373,7 @@ def test_adding_a_heldout_model_reuses_the_recorded_thresholds_and_matches_a_ful
         seen.append((entry["name"], a[-1]))  # settings is the last positional argument
         return _fake_audit(entry, *a, **k)
 
-    out = cue_zoo.evaluate_added(REC, zoo, tmp_path / "cache", before, [late], audit=audit, **kw)
+    out = zoo_eval.evaluate_added(REC, zoo, tmp_path / "cache", before, [late], audit=audit, **kw)
     assert [name for name, _ in seen] == [late]  # no calibration audit rerun
     assert seen[0][1].cf_confirm_min == 0.61 and seen[0][1].cluster_specificity_min == 1.3
     assert out["heldout"] == full["heldout"]
@@ -384,4 +381,4 @@ def test_adding_a_heldout_model_reuses_the_recorded_thresholds_and_matches_a_ful
     assert out["calibration"] == before["calibration"]
     for bad in ([next(e["name"] for e in ENTRIES if e["split"] == "calibration")], [full["heldout_models"][0]]):
         with pytest.raises(SystemExit):
-            cue_zoo.evaluate_added(REC, zoo, tmp_path / "cache", before, bad, audit=audit, **kw)
+            zoo_eval.evaluate_added(REC, zoo, tmp_path / "cache", before, bad, audit=audit, **kw)

@@ -1,5 +1,5 @@
-"""Tests of dataset input (storage.datasets and its loaders, storage.images, storage.coco,
-storage.synthetic_writer): formats, validation, path escapes, COCO masks, images, hashing."""
+"""Tests of dataset input (diffcam.storage.datasets and its loaders, diffcam.storage.images, diffcam.storage.coco,
+diffcam.storage.synthetic_writer): formats, validation, path escapes, COCO masks, images, hashing."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcam_core.synthetic import CueSpec, SynthSettings, make_samples
-from storage.coco import DEFAULT_COCO_PROMPT, coco_rle_counts_from_string, decode_coco_rle, rasterise_polygons
-from storage.datasets import load_dataset
-from storage.images import SampleError, load_image, load_mask
-from storage.samples import ManifestError
-from storage.synthetic_writer import write_synthetic_dataset
+from diffcam.core.synthetic import CueSpec, SynthSettings, make_samples
+from diffcam.storage.coco import DEFAULT_COCO_PROMPT, coco_rle_counts_from_string, decode_coco_rle, rasterise_polygons
+from diffcam.storage.datasets import load_dataset
+from diffcam.storage.images import SampleError, load_image, load_mask
+from diffcam.storage.samples import ManifestError
+from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
 SETTINGS = SynthSettings(cue=CueSpec(word="circle", pos="top-left", size=6, color="magenta", p=1.0))
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from diffcam_core.settings import CamSettings
-from flows.compare import CompareGates
-from flows.deploy import (
+from diffcam.core.settings import CamSettings
+from diffcam.flows.compare import CompareGates
+from diffcam.flows.deploy import (
     EVENT_COMPARE_FAILED,
     EVENT_REGISTERED,
     PAYLOAD_FIELDS,
@@ -39,9 +39,9 @@ from flows.deploy import (
     build_deployments,
     describe_deployments,
 )
-from flows.ledger import AuditLedger
-from flows.paths import DEFAULT_MODEL
-from storage.store import Store
+from diffcam.flows.ledger import AuditLedger
+from diffcam.flows.paths import DEFAULT_MODEL
+from diffcam.storage.store import Store
 from tests.test_compare import fabricate
 from tests.test_registry import make_ckpt
 
@@ -55,8 +55,8 @@ def test_deployments_schedule_trigger_and_parameters(tmp_path: Path) -> None:
                     settings={"methods": ["diffusion-cam"]}, audit_options={"workers": 1},
                     gates={"max_obj_iou_drop_points": 1.0})
     sweep, event = build_deployments(cfg)
-    assert sweep.entrypoint == "flows.deploy.audit_new_checkpoints"
-    assert event.entrypoint == "flows.deploy.audit_checkpoint"
+    assert sweep.entrypoint == "diffcam.flows.deploy.audit_new_checkpoints"
+    assert event.entrypoint == "diffcam.flows.deploy.audit_checkpoint"
     assert sweep.schedules[0].schedule.cron == "30 1 * * *" and not sweep.triggers
     assert sweep.parameters["store"] == str((Path.cwd() / "rel-store").absolute())  # absolute for the runner
     assert sweep.parameters["registry"] == str(reg) and sweep.parameters["limit"] == 3
@@ -85,7 +85,7 @@ def test_ops_config_from_toml_and_validation(tmp_path: Path) -> None:
     assert cfg.with_(limit=None, cron="1 1 * * *").limit == 5  # unset CLI flags keep the config's values
     for bad, msg in (({"settings": {"distractor": "x"}}, "distractor"),
                      ({"gates": {"nope": 1}}, r"unknown CompareGates field\(s\) \['nope'\]"),
-                     ({"audit_options": {"threads": 9}}, "not parameters of flows.audit"), ({"limit": 0}, "limit")):
+                     ({"audit_options": {"threads": 9}}, "not parameters of diffcam.flows.audit"), ({"limit": 0}, "limit")):
         with pytest.raises(ValueError, match=msg):
             OpsConfig(registry=str(tmp_path / "reg"), **bad)
     p.write_text('[ops]\nregistry = "x"\ntypo = 1\n')
@@ -96,7 +96,7 @@ def test_ops_config_from_toml_and_validation(tmp_path: Path) -> None:
 def test_deploy_dry_run_cli(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     (tmp_path / "reg").mkdir()
     r = CliRunner().invoke(app, ["deploy", "--registry", str(tmp_path / "reg"), "--store", str(tmp_path / "s"),
@@ -114,7 +114,7 @@ def test_deploy_dry_run_cli(tmp_path: Path) -> None:
 
 
 class FakeAudit:
-    """Stands in for flows.audit.audit: writes a fabricated run (tests.test_compare.fabricate).
+    """Stands in for diffcam.flows.audit.audit: writes a fabricated run (tests.test_compare.fabricate).
     A checkpoint folder named ``*-bad`` localises "circle" badly and gets a confirmed
     spurious flag; ``*-crash`` fails once (run row 'failed'), then succeeds on resume."""
 
@@ -144,10 +144,10 @@ class FakeAudit:
 
 @pytest.fixture
 def fake_audit(monkeypatch) -> FakeAudit:
-    import flows.audit
+    import diffcam.flows.audit
 
     fake = FakeAudit()
-    monkeypatch.setattr(flows.audit, "audit", fake)
+    monkeypatch.setattr(diffcam.flows.audit, "audit", fake)
     return fake
 
 
@@ -231,7 +231,7 @@ def test_event_flow_checks_containment_and_fails_on_regression(prefect_harness, 
 def test_sweep_cli(prefect_harness, fake_audit, make_dataset, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from diffcam.flows.cli import app
 
     reg = tmp_path / "registry"
     make_ckpt(reg / "line" / "v1", b"1")
@@ -347,7 +347,7 @@ class Loop:
                ts: float | None = None, path: str = "/hooks/mlflow") -> Any:
         import httpx
 
-        from flows.webhook import signature_header
+        from diffcam.flows.webhook import signature_header
 
         raw = json.dumps(body).encode()
         delivery = delivery or str(uuid.uuid4())
@@ -424,7 +424,7 @@ def ops_loop(root: Path, registry: Path, store: Path, dataset: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("ops-loop")
     registry, store = root / "registry", root / "store"
@@ -529,7 +529,7 @@ def test_deploy_registers_both_deployments_on_a_work_pool(loop: Loop) -> None:
     sweep = loop.deployment("diffcam-sweep", "pool-sweep")
     event = loop.deployment("diffcam-audit-checkpoint", "pool-on-registered")
     assert sweep["work_pool_name"] == event["work_pool_name"] == pool
-    assert sweep["entrypoint"] == "flows.deploy.audit_new_checkpoints"
+    assert sweep["entrypoint"] == "diffcam.flows.deploy.audit_new_checkpoints"
     assert [s["schedule"]["cron"] for s in sweep["schedules"]] == ["0 2 * * *"]
     autos = loop.post("/automations/filter", {})
     mine = [a for a in autos if any(act.get("deployment_id") == event["id"] for act in a["actions"])]

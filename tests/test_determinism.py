@@ -20,10 +20,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.paths import DEFAULT_MODEL
-from diffcam_core.settings import CamSettings
-from storage.schemas import table_from_rows
-from storage.store import Store, StoreCorruptError, file_sha256
+from diffcam.core.settings import CamSettings
+from diffcam.flows.paths import DEFAULT_MODEL
+from diffcam.storage.schemas import table_from_rows
+from diffcam.storage.store import Store, StoreCorruptError, file_sha256
 from tests.test_faults import VOLATILE, comparable
 from tests.test_store import fabricate_run
 
@@ -57,10 +57,10 @@ def _rows_from_worker(results: list[dict]) -> dict[str, list[dict]]:
 def test_same_inputs_same_bytes_across_workers_batches_and_shards(prefect_harness, make_dataset, tmp_path):
     """A flow run with 2 Ray workers, batches of 3 and shards of 4 equals an in-process worker
     run sample by sample; a second in-process worker (fresh model load) equals the first."""
-    from flows.audit import audit, code_version, model_hash
-    from storage.datasets import load_dataset
-    from tasks.plan import plan_shards
-    from tasks.worker import CamWorker
+    from diffcam.flows.audit import audit, code_version, model_hash
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.worker import CamWorker
 
     root = make_dataset(n=6)
     store = tmp_path / "store"
@@ -97,8 +97,8 @@ def test_same_inputs_same_bytes_across_workers_batches_and_shards(prefect_harnes
 
 
 def test_hashes_change_with_any_input_byte(tmp_path, make_dataset):
-    from flows.audit import model_hash
-    from storage.datasets import load_dataset
+    from diffcam.flows.audit import model_hash
+    from diffcam.storage.datasets import load_dataset
 
     model = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL, model)
@@ -117,7 +117,7 @@ def test_hashes_change_with_any_input_byte(tmp_path, make_dataset):
 
 
 def test_resume_with_a_changed_dataset_is_refused():
-    from flows.audit import AuditConfigError, _check_resume
+    from diffcam.flows.audit import AuditConfigError, _check_resume
 
     row = {"run_id": "r", "model_hash": "m", "dataset_hash": "d1",
            "config_json": json.dumps({"seed": 0, "audit": {"shard_size": 16, "limit": None}})}
@@ -135,8 +135,8 @@ def test_resume_with_a_changed_dataset_is_refused():
 
 
 def _verdict(tmp_path: Path, damage) -> tuple:
-    from flows.audit import validate_or_integrity_failure
-    from storage.validation import validate_run
+    from diffcam.flows.audit import validate_or_integrity_failure
+    from diffcam.storage.validation import validate_run
 
     st = Store(tmp_path / "store")
     fabricate_run(st, tmp_path / "ds")

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffcam_core.models.diffusion_gemma import PROJECTOR
-from diffcam_core.settings import GenerationSettings
-
+from diffcam.core.models.diffusion_gemma import PROJECTOR
+from diffcam.core.settings import GenerationSettings
 from tests.model_helpers import make_image, random_adapter
 
 

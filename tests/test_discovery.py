@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffcam_core.discovery import summarise_scans, window_cells_at, window_scan
-from diffcam_core.evidence import mask_on_grid
+from diffcam.core.bias.discovery import summarise_scans, window_cells_at, window_scan
+from diffcam.core.evidence import mask_on_grid
 
 GRID = (8, 8)
 CUE = (slice(0, 8), slice(56, 64))  # cell (0, 7) of a 64x64 image: the top-right corner

@@ -1,12 +1,12 @@
-"""Word-specificity measures and chance maps (diffcam_core.evidence) on hand-made cases."""
+"""Word-specificity measures and chance maps (diffcam.core.evidence) on hand-made cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffcam_core import evidence as ev
-from diffcam_core.metrics import validate_map
+from diffcam.core import evidence as ev
+from diffcam.core.metrics import validate_map
 
 
 def _box(shape, r0, r1, c0, c1):

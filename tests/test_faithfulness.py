@@ -1,4 +1,4 @@
-"""Faithfulness curves (diffcam_core.faithfulness) on a scripted model with a known answer.
+"""Faithfulness curves (diffcam.core.faithfulness) on a scripted model with a known answer.
 
 The scripted model "says" its word exactly when one known grid cell shows the object
 colour: its log-probability is high then and low on background. So the oracle map (that
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcam_core import faithfulness as fa
-from diffcam_core.evidence import oracle_map, random_map
+from diffcam.core import faithfulness as fa
+from diffcam.core.evidence import oracle_map, random_map
 
 GRID = (4, 4)
 CELL = (2, 1)  # the one cell the scripted model reads
@@ -121,11 +121,11 @@ def test_vanish_fraction_must_be_a_curve_point():
 
 def test_adapter_batched_scores_equal_the_attribution_pass():
     """canvas_log_probs on a batch equals the single-image attribution pass's log-probs."""
-    from diffcam_core.cam import attribution_canvas
-    from diffcam_core.models.base import load_adapter
-    from flows.paths import DEFAULT_MODEL
-    from diffcam_core.settings import GenerationSettings
-    from diffcam_core.synthetic import make_samples
+    from diffcam.core.cam import attribution_canvas
+    from diffcam.core.models.base import load_adapter
+    from diffcam.core.settings import GenerationSettings
+    from diffcam.core.synthetic import make_samples
+    from diffcam.flows.paths import DEFAULT_MODEL
 
     tiny_adapter = load_adapter(DEFAULT_MODEL)
     s = next(make_samples(1, 2))

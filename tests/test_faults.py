@@ -29,12 +29,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from diffcam_core.settings import CamSettings
-from flows.paths import DEFAULT_MODEL
-from storage import store as store_mod
-from storage.schemas import KEYS, METHODS, table_from_rows
-from storage.store import Store
+from diffcam.core.settings import CamSettings
+from diffcam.flows.paths import DEFAULT_MODEL
+from diffcam.storage import store as store_mod
+from diffcam.storage.schemas import KEYS, table_from_rows
+from diffcam.storage.store import Store
 from tests.test_store import build_rows
+
+#: The methods a default run writes (what these tables are built with).
+METHODS = tuple(CamSettings().methods)
 
 #: Columns that legitimately differ between two runs of the same inputs: wall-clock
 #: timings. Everything else (map bytes included) must be identical.
@@ -138,10 +141,10 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from storage import store as store_mod
-    from storage.catalog import write_catalog_file
-    from storage.schemas import table_from_rows
-    from storage.store import Store
+    from diffcam.storage import store as store_mod
+    from diffcam.storage.catalog import write_catalog_file
+    from diffcam.storage.schemas import table_from_rows
+    from diffcam.storage.store import Store
     from tests.test_store import build_rows
 
     target, kill_at = {target!r}, {kill_at}
@@ -225,9 +228,9 @@ def test_worker_faults_kill_poison_oom_hang(make_dataset, tmp_path):
     - the actors that used up their restart are replaced, and a second run on the same pool
       gives the very same rows as the first (restarts change nothing).
     """
-    from storage.datasets import load_dataset
-    from tasks.plan import plan_shards
-    from tasks.pool import CamPool, PoolConfig
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.pool import CamPool, PoolConfig
 
     root = make_dataset(n=8)
     ds = load_dataset(root)
@@ -286,9 +289,9 @@ def test_driver_sigkilled_at_random_points_resumes_to_the_uninterrupted_result(
     Then `diffcam audit` is SIGKILLed twice at random points
     (seeded: after a new commit, plus a random 0-0.8 s) and resumed; its final tables equal the
     reference, row for row, map bytes included — no duplicates, no missing samples."""
-    import tasks.shard
-    from flows.audit import audit
     from prefect.settings import PREFECT_API_URL
+
+    from diffcam.flows.audit import audit
 
     root = make_dataset(n=8, broken=(5,))
     ids = _manifest_ids(root)

@@ -13,12 +13,11 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcam_core.models.base import load_adapter
-from diffcam_core.settings import CamSettings, GenerationSettings
-from diffcam_core.synthetic import COLORS, SynthSettings, answer_groundings, make_samples
-from flows.cli import app
-from flows.paths import DEFAULT_MODEL
-
+from diffcam.core.models.base import load_adapter
+from diffcam.core.settings import CamSettings, GenerationSettings
+from diffcam.core.synthetic import COLORS, SynthSettings, answer_groundings, make_samples
+from diffcam.flows.cli import app
+from diffcam.flows.paths import DEFAULT_MODEL
 from tests.test_cam import _independent_projector_grads, _literal_map
 
 
@@ -62,7 +61,7 @@ def test_explain_cli_writes_documented_outputs_that_match_independent_values(tmp
     # Localisation against the generator's exact mask: the per-token gradient map of the
     # colour word puts more of its mass on the object than the object's area share.
     mask = dict(answer_groundings(s))[colour.text]
-    from diffcam_core.stats import map_stats
+    from diffcam.core.stats import map_stats
 
     st = map_stats(np.array(doc["words"][colour.index]["maps"]["token-gradnorm"]), mask)
     assert st["inside_frac"] > 2 * st["mask_area_share"]
@@ -82,7 +81,7 @@ def test_explain_cli_errors_are_actionable(tmp_path):
 def test_seeded_explain_is_reproducible():
     s = _sample()
     adapter = load_adapter(DEFAULT_MODEL)
-    from diffcam_core.cam import explain
+    from diffcam.core.cam import explain
 
     a = explain(adapter, Image.fromarray(s.image), s.prompt, CamSettings())
     b = explain(load_adapter(DEFAULT_MODEL), Image.fromarray(s.image), s.prompt, CamSettings())

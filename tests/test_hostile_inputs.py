@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcam_core.settings import CamSettings
-from storage.datasets import load_dataset
-from storage.images import SampleError, load_image, load_mask
-from storage.manifest import MAX_PROMPT_CHARS
-from storage.samples import LINE_PROBLEM_KINDS, ManifestError
-from storage.synthetic_writer import write_synthetic_dataset
-from tasks.plan import plan_shards
+from diffcam.core.settings import CamSettings
+from diffcam.storage.datasets import load_dataset
+from diffcam.storage.images import SampleError, load_image, load_mask
+from diffcam.storage.manifest import MAX_PROMPT_CHARS
+from diffcam.storage.samples import LINE_PROBLEM_KINDS, ManifestError
+from diffcam.storage.synthetic_writer import write_synthetic_dataset
+from diffcam.tasks.plan import plan_shards
 from tests.test_faults import VOLATILE
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -436,7 +436,7 @@ def test_manifest_lines_become_failure_rows_and_counts_reconcile(corpus):
     # no rejected path is ever handed to a worker or hashed
     assert all(str(root.parent / "outside") not in it["image_path"] for s in shards for it in s.items)
     # a planned failure is a valid failures row
-    from storage.schemas import table_from_rows
+    from diffcam.storage.schemas import table_from_rows
 
     table_from_rows("failures", [{**f, "run_id": "r"} for f in failed.values()])
 
@@ -475,11 +475,11 @@ def test_whole_corpus_through_the_audit_flow(prefect_harness, corpus, tmp_path):
     """One real audit over every case: it completes (status succeeded, GX passes), each case
     is where `Expect` says with its reason, the valid odd formats are audited, the clean
     samples' rows are exactly what a clean in-process audit gives, and counts reconcile."""
-    from flows.audit import audit
-    from flows.paths import DEFAULT_MODEL
-    from storage.schemas import table_from_rows
-    from storage.store import Store
-    from tasks.worker import CamWorker
+    from diffcam.flows.audit import audit
+    from diffcam.flows.paths import DEFAULT_MODEL
+    from diffcam.storage.schemas import table_from_rows
+    from diffcam.storage.store import Store
+    from diffcam.tasks.worker import CamWorker
 
     root, expect = corpus
     store = tmp_path / "store"
@@ -532,8 +532,8 @@ def test_cli_lists_the_bad_lines_before_the_run(corpus, monkeypatch, tmp_path):
     """`diffcam audit` names every bad manifest line (they will be failure rows) and runs the rest."""
     from typer.testing import CliRunner
 
-    import flows.audit
-    from flows.cli import app
+    import diffcam.flows.audit
+    from diffcam.flows.cli import app
 
     root, expect = corpus
     seen = {}
@@ -544,7 +544,7 @@ def test_cli_lists_the_bad_lines_before_the_run(corpus, monkeypatch, tmp_path):
                 "shards_committed": [0], "shards_skipped": [], "run_dir": "d", "catalog": "c",
                 "report_html": "r", "summary_md": "s", "validation_failed": []}
 
-    monkeypatch.setattr(flows.audit, "audit", fake_audit)
+    monkeypatch.setattr(diffcam.flows.audit, "audit", fake_audit)
     res = CliRunner().invoke(app, ["audit", "--dataset", str(root), "--store", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert seen["dataset"] == str(root)

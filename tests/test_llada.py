@@ -18,16 +18,11 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
 
-from diffcam_core import cam
-from diffcam_core.models.base import families, load_adapter
-from diffcam_core.models.llada import (
-    IMAGE_NEWLINE_INDEX,
-    IMAGE_TOKEN_INDEX,
-    LladaVAdapter,
-    LladaVModel,
-    num_transfer_tokens,
-)
-from diffcam_core.settings import CamSettings, GenerationSettings
+from diffcam.core import cam
+from diffcam.core.models.base import families, load_adapter
+from diffcam.core.models.llada import LladaVAdapter, num_transfer_tokens
+from diffcam.core.models.llada_modeling import IMAGE_NEWLINE_INDEX, IMAGE_TOKEN_INDEX, LladaVModel
+from diffcam.core.settings import CamSettings, GenerationSettings
 
 SPECIALS = ["<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>", "<|mdm_mask|>", "<|eot_id|>",
             "<|start_header_id|>", "<|end_header_id|>"]

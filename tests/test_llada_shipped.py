@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcam_core.synthetic import SynthSettings, make_samples
-from flows.cli import app
+from diffcam.core.synthetic import SynthSettings, make_samples
+from diffcam.flows.cli import app
 
 LLADA_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llada-shapes"
 
@@ -46,7 +46,7 @@ def test_explain_reports_the_models_grid_and_steps(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_audit_and_bench_method_run_on_the_llada_model(model_dir, make_dataset, prefect_harness, tmp_path):
-    from storage.store import Store
+    from diffcam.storage.store import Store
 
     root = make_dataset(n=4)
     store = tmp_path / "store"

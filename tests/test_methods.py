@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffcam_core import methods
-from diffcam_core.cam import attribute, explain
-from diffcam_core.methods import ATTRIBUTION, IMAGE_FEATURES, TARGET, GradientMethod, Needs, register_method
-from diffcam_core.models.base import IMAGE_FEATURES as IMAGE_FEATURES_KIND
-from diffcam_core.settings import CamSettings, GenerationSettings
-
+from diffcam.core import methods
+from diffcam.core.cam import attribute, explain
+from diffcam.core.methods import ATTRIBUTION, IMAGE_FEATURES, TARGET, GradientMethod, Needs, register_method
+from diffcam.core.models.base import IMAGE_FEATURES as IMAGE_FEATURES_KIND
+from diffcam.core.settings import CamSettings, GenerationSettings
 from tests.model_helpers import make_image, random_adapter
 from tests.test_cam import _decoder_calls
 

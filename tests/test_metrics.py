@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcam_core import metrics as M
+from diffcam.core import metrics as M
 
 
 def frozen(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:

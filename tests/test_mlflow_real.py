@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.ledger import AuditLedger
-from flows.paths import DEFAULT_MODEL
-from flows.registry import FolderRegistry
-from storage.store import Store
+from diffcam.flows.ledger import AuditLedger
+from diffcam.flows.paths import DEFAULT_MODEL
+from diffcam.flows.registry import FolderRegistry
+from diffcam.storage.store import Store
 from tests.mlflow_venv import MLFLOW_VERSION, mlflow_python
 from tests.test_deploy import _free_port, _wait_http, ops_loop, stop_process_group
 
@@ -61,7 +61,7 @@ print(MlflowClient(uri).create_model_version("shapes", source=f"runs:/{run}/mode
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the first run builds MLflow's virtualenv (~1 min); later runs ~1.5 min
 def test_mlflow_registration_is_audited(tmp_path: Path) -> None:
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     python = mlflow_python()
     registry, store = tmp_path / "mlartifacts", tmp_path / "store"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.datasets import load_dataset
-from storage.samples import Sample
-from storage.schemas import table_from_rows
-from tasks.plan import item_sample, plan_shards, work_item
+from diffcam.storage.datasets import load_dataset
+from diffcam.storage.samples import Sample
+from diffcam.storage.schemas import table_from_rows
+from diffcam.tasks.plan import item_sample, plan_shards, work_item
 
 
 def _samples(n: int, problem_at: tuple[int, ...] = ()) -> list[Sample]:

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from diffcam_core.settings import CamSettings
-from storage.store import Store
+from diffcam.core.settings import CamSettings
+from diffcam.storage.store import Store
 from tests.test_deploy import _free_port
 
 BIN = Path(sys.executable).parent
@@ -95,7 +95,7 @@ def _driver_env(prefect_api: str, **extra: str) -> dict[str, str]:
 def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_head, tmp_path: Path) -> None:
     from prefect.settings import PREFECT_API_URL
 
-    from storage.synthetic_writer import write_synthetic_dataset
+    from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     api = PREFECT_API_URL.value()  # the session's Prefect server: no temporary one per command
     dataset = write_synthetic_dataset(tmp_path / "ds", 2, 5)
@@ -133,7 +133,7 @@ def test_audit_on_a_ray_start_head_cluster_with_token_auth(prefect_harness, ray_
 
 
 def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
-    from tasks.ray_cluster import RayClusterError, check_ray_cluster
+    from diffcam.tasks.ray_cluster import RayClusterError, check_ray_cluster
 
     port = _free_port()  # nobody listens there
     t0 = time.time()
@@ -149,7 +149,7 @@ def test_unreachable_or_malformed_ray_address_fails_at_once() -> None:
 
 
 def test_pool_stats_line_names_every_counter() -> None:
-    from tasks.pool import POOL_STATS, CamPool, PoolConfig
+    from diffcam.tasks.pool import POOL_STATS, CamPool, PoolConfig
 
     pool = CamPool(PoolConfig(model_dir="unused", settings=CamSettings()))
     pool.n_workers = 2
@@ -169,8 +169,8 @@ def test_ray_init_failures_on_unchecked_addresses_say_what_to_set(monkeypatch, r
     """``auto`` / ``ray://`` addresses go straight to ray.init: its failure is reworded."""
     import ray
 
-    from tasks.pool import CamPool, PoolConfig
-    from tasks.ray_cluster import RayClusterError
+    from diffcam.tasks.pool import CamPool, PoolConfig
+    from diffcam.tasks.ray_cluster import RayClusterError
 
     if isinstance(raised, RuntimeError):  # what Ray raises for a refused token
         raised = ray.exceptions.AuthenticationError(str(raised))

@@ -8,7 +8,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from diffcam_core import refine as R
+from diffcam.core import refine as R
 from tests import literal_reference as L
 
 SEEDS = (0, 1, 2)

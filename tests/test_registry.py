@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from flows.audit import model_hash
-from flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
-from flows.registry import FolderRegistry, HashCache, PathNotAllowed, contained_path, open_source
-from storage.store import RUN_ID_RE, Store
+from diffcam.flows.audit import model_hash
+from diffcam.flows.ledger import AuditLedger, AuditRecord, new_audit_run_id, settings_key
+from diffcam.flows.registry import FolderRegistry, HashCache, PathNotAllowed, contained_path, open_source
+from diffcam.storage.store import RUN_ID_RE, Store
 
 
 def make_ckpt(folder: Path, weights: bytes = b"w0", age_s: float = 3600.0) -> Path:
@@ -145,16 +145,16 @@ def test_unknown_scheme_names_the_known_ones(tmp_path: Path) -> None:
 
 
 def test_hash_cache_rehashes_only_changed_folders(registry: Path, tmp_path: Path, monkeypatch) -> None:
-    import flows.audit
+    import diffcam.flows.audit
 
     calls: list[Path] = []
-    real = flows.audit.model_hash
+    real = diffcam.flows.audit.model_hash
 
     def counting(p):
         calls.append(Path(p))
         return real(p)
 
-    monkeypatch.setattr(flows.audit, "model_hash", counting)
+    monkeypatch.setattr(diffcam.flows.audit, "model_hash", counting)
     cache_file = tmp_path / "cache.json"
     FolderRegistry(registry, hash_cache=HashCache(cache_file)).list_checkpoints()
     assert len(calls) == 3
@@ -167,7 +167,7 @@ def test_hash_cache_rehashes_only_changed_folders(registry: Path, tmp_path: Path
 
 
 def test_settings_key_fills_defaults_and_ignores_nothing_that_matters() -> None:
-    from diffcam_core.settings import CamSettings
+    from diffcam.core.settings import CamSettings
 
     h0, _ = settings_key(None, None)
     assert settings_key({}, None)[0] == h0 == settings_key(CamSettings().model_dump(), None)[0]
@@ -179,7 +179,7 @@ def test_settings_key_fills_defaults_and_ignores_nothing_that_matters() -> None:
 
 
 def test_run_ids_are_valid_and_readable() -> None:
-    rid = new_audit_run_id("my model/line", "v 12", datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc))
+    rid = new_audit_run_id("my model/line", "v 12", datetime(2026, 11, 26, 8, 0, tzinfo=UTC))
     assert RUN_ID_RE.match(rid) and rid.startswith("my-model-line-v-12-20261126T080000-")
 
 
@@ -194,7 +194,7 @@ def _rec(run_id: str, model_hash: str = "m1", line: str = "shapes", trigger: str
 def _set_status(store: Store, run_id: str, status: str, started: datetime | None = None, n_results: int = 1) -> None:
     row = {"run_id": run_id, "model_uri": "file:///m", "model_hash": "m", "dataset_uri": "file:///d",
            "dataset_hash": "d", "config_json": "{}", "code_version": "test",
-           "started_at": started or datetime.now(timezone.utc), "status": status, "n_samples": 1,
+           "started_at": started or datetime.now(UTC), "status": status, "n_samples": 1,
            "n_results": n_results}
     if run_id in store.runs():
         store.update_run(run_id, status=status, n_results=n_results)
@@ -242,7 +242,7 @@ def test_failed_run_is_resumed_under_its_own_id(ledger: AuditLedger) -> None:
 
 
 def test_stale_claim_is_resumed(ledger: AuditLedger) -> None:
-    then = datetime.now(timezone.utc) - timedelta(hours=13)
+    then = datetime.now(UTC) - timedelta(hours=13)
     ledger.claim(_rec("r1"), now=then)
     _set_status(ledger.store, "r1", "running")
     c = ledger.claim(_rec("r2"))
@@ -258,7 +258,7 @@ def test_release_only_drops_claims_without_a_run_row(ledger: AuditLedger) -> Non
 
 
 def test_previous_is_the_last_finished_audit_of_the_same_line_dataset_settings(ledger: AuditLedger) -> None:
-    t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
     for i, (rid, mh, line, status) in enumerate([
         ("a1", "m1", "shapes", "succeeded"), ("a2", "m2", "shapes", "succeeded"), ("a3", "m3", "shapes", "failed"),
         ("b1", "m9", "other", "succeeded"), ("a3v", "m6", "shapes", "validation_failed"),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from storage import queries
-from storage.report import DEFAULT_SECTIONS, THUMB_PX, Section, SectionContent, build_report
-from storage.store import Store
-from storage.validation import ValidationResult
+from diffcam.storage import queries
+from diffcam.storage.report import DEFAULT_SECTIONS, THUMB_PX, Section, SectionContent, build_report
+from diffcam.storage.store import Store
+from diffcam.storage.validation import ValidationResult
 from tests.test_store import fabricate_run
 
 
@@ -116,7 +116,7 @@ def test_run_without_masks_or_rows(tmp_path: Path) -> None:
 
 
 def test_faithfulness_ranking_names_the_best_method_and_the_objectness_bar():
-    from storage.report import faithfulness_ranking
+    from diffcam.storage.report import faithfulness_ranking
 
     rows = [
         {"method": "oracle-like", "n_words": 10, "vanish_rate": 0.9, "deletion_auc": 0.3, "insertion_auc": 0.8},

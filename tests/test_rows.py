@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffcam_core import metrics
-from diffcam_core.stats import map_stats
-from diffcam_core.types import SampleExplanation, WordMaps, WordSpan
-from storage.images import SampleError
-from storage.schemas import KEYS, dequantize_map, table_from_rows
-from tasks.plan import Shard
-from tasks.rows import failure_row, failure_stage, ground_words, map_columns, sample_row, token_map_rows
-
+from diffcam.core import metrics
+from diffcam.core.stats import map_stats
+from diffcam.core.types import SampleExplanation, WordMaps, WordSpan
+from diffcam.storage.images import SampleError
+from diffcam.storage.schemas import KEYS, dequantize_map, table_from_rows
+from diffcam.tasks.plan import Shard
+from diffcam.tasks.rows import failure_row, failure_stage, ground_words, map_columns, sample_row, token_map_rows
 
 # ----------------------------------------------------------------------- grounding
 
@@ -162,7 +161,7 @@ def test_word_mask_count_must_match():
 def _raise(exc: BaseException) -> BaseException:
     try:
         raise exc
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - the helper exists to catch whatever it raised
         return e
 
 
@@ -208,7 +207,7 @@ def _shard() -> Shard:
 
 
 def test_assemble_tables_puts_every_sample_in_exactly_one_table():
-    from tasks.shard import assemble_tables
+    from diffcam.tasks.shard import assemble_tables
 
     tables = assemble_tables("r", _shard(), [_result("d", True), _result("b", False), _result("a", True)])
     assert tables["samples"].column("sample_id").to_pylist() == ["a", "d"]  # manifest order
@@ -224,14 +223,14 @@ def test_assemble_tables_puts_every_sample_in_exactly_one_table():
     ([_result("a", True), _result("b", True), _result("d", True), _result("c", True)], "duplicated"),
 ])
 def test_assemble_tables_refuses_to_lose_or_duplicate(results, match):
-    from tasks.shard import assemble_tables
+    from diffcam.tasks.shard import assemble_tables
 
     with pytest.raises(RuntimeError, match=match):
         assemble_tables("r", _shard(), results)
 
 
 def test_result_must_be_exactly_one_of_sample_or_failure():
-    from tasks.shard import assemble_tables
+    from diffcam.tasks.shard import assemble_tables
 
     bad = {**_result("a", True), "failures": _result("a", False)["failures"]}
     with pytest.raises(RuntimeError, match="exactly one"):

@@ -8,8 +8,8 @@ import numpy as np
 import pydantic
 import pytest
 
-from diffcam_core import metrics as M
-from diffcam_core import stats as S
+from diffcam.core import metrics as M
+from diffcam.core import stats as S
 
 
 def frozen(a: np.ndarray) -> np.ndarray:
@@ -82,7 +82,8 @@ def test_border_ring_and_corners() -> None:
     assert expected > 1
 
 
-@pytest.mark.parametrize("side,cells,share", [(8, 1, 28 / 64), (16, 2, 1 - 144 / 256), (24, 3, 1 - 324 / 576), (32, 4, 1 - 576 / 1024)])
+@pytest.mark.parametrize("side,cells,share",
+                         [(8, 1, 28 / 64), (16, 2, 1 - 144 / 256), (24, 3, 1 - 324 / 576), (32, 4, 1 - 576 / 1024)])
 def test_band_is_the_same_share_of_the_image_on_every_grid(side, cells, share) -> None:
     assert S.band_cells(side, 0.125) == cells
     band = S.border_mask((side, side))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,22 +20,33 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from storage import schemas, store as store_mod
-from storage.schemas import (
-    KEYS, METHODS, TABLES, dequantize_map, empty_table, make_flag_id, quantize_map, table_from_rows,
+from diffcam.core.settings import CamSettings
+from diffcam.storage import schemas
+from diffcam.storage import store as store_mod
+from diffcam.storage.schemas import (
+    KEYS,
+    TABLES,
+    dequantize_map,
+    empty_table,
+    make_flag_id,
+    quantize_map,
+    table_from_rows,
 )
-from storage.store import Store
+from diffcam.storage.store import Store
+
+#: The methods a default run writes (what these tables are built with).
+METHODS = tuple(CamSettings().methods)
 
 GRID = 4
 IMG = 32
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 # ------------------------------------------------------------------ fabrication
 
 
 def map_stats(m: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-    """Plain per-map statistics (a simple stand-in for diffcam_core.stats)."""
+    """Plain per-map statistics (a simple stand-in for diffcam.core.stats)."""
     h, w = m.shape
     mx = float(m.max())
     out: dict[str, Any] = {"zero_map": mx <= 0, "has_mask": mask is not None}

@@ -1,4 +1,4 @@
-"""Tests for diffcam_core.synthetic: determinism, exact masks, answer order, cues, parsing."""
+"""Tests for diffcam.core.synthetic: determinism, exact masks, answer order, cues, parsing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from diffcam_core.inpaint import dilate
-from diffcam_core.synthetic import (
+from diffcam.core.inpaint import dilate
+from diffcam.core.synthetic import (
     COLORS,
     CUE_COLORS,
     SHAPES,
@@ -323,7 +323,7 @@ def test_crowded_settings_fail_loudly():
 
 
 def test_unnamed_objects_are_grey_unnamed_and_apart():
-    from diffcam_core.synthetic import SynthSettings, make_samples
+    from diffcam.core.synthetic import SynthSettings, make_samples
 
     st = SynthSettings(unnamed_objects=(1, 2))
     seen = 0
@@ -342,7 +342,7 @@ def test_unnamed_objects_are_grey_unnamed_and_apart():
 def test_unnamed_objects_off_keeps_the_dataset_stream():
     import hashlib
 
-    from diffcam_core.synthetic import SynthSettings, make_samples
+    from diffcam.core.synthetic import SynthSettings, make_samples
 
     a = [hashlib.sha256(s.image.tobytes()).hexdigest() for s in make_samples(5, 2)]
     b = [hashlib.sha256(s.image.tobytes()).hexdigest() for s in make_samples(5, 2, SynthSettings(unnamed_objects=(0, 0)))]
@@ -350,7 +350,7 @@ def test_unnamed_objects_off_keeps_the_dataset_stream():
 
 
 def test_swap_objects_exchanges_places_and_rebuilds_the_answer():
-    from diffcam_core.synthetic import COLORS, make_samples, swap_objects
+    from diffcam.core.synthetic import COLORS, make_samples, swap_objects
 
     done = 0
     for s in make_samples(30, 2):

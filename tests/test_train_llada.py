@@ -1,4 +1,4 @@
-"""`tasks/train_llada.py`: the LLaDA objective, training, saving in the LLaDA-V layout, determinism.
+"""`training/llada.py`: the LLaDA objective, training, saving in the LLaDA-V layout, determinism.
 
 Everything runs at toy size (4x4 image tokens, a 2-layer LM of hidden 32) on a handful of
 synthetic images; the shipped size is only built by `scripts/train_llada_shipped.py`.
@@ -17,15 +17,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffcam_core.models.base import load_adapter
-from diffcam_core.models.llada import LladaVAdapter
-from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import SHAPES, SynthObject, SynthSample, SynthSettings, make_samples, vocabulary
-from tasks.train_llada import (
-    LladaSpec,
+from diffcam.core.models.base import load_adapter
+from diffcam.core.models.llada import LladaVAdapter
+from diffcam.core.settings import GenerationSettings
+from diffcam.core.synthetic import SHAPES, SynthObject, SynthSample, SynthSettings, make_samples, vocabulary
+from diffcam.training.gemma import Stage, training_seeds
+from diffcam.training.llada import (
     LladaTrainSettings,
     VisionStage,
-    build_adapter,
     encode_examples,
     heldout_examples,
     llada_loss,
@@ -35,7 +34,7 @@ from tasks.train_llada import (
     token_shape_labels,
     train_llada,
 )
-from tasks.train_tiny import Stage, training_seeds
+from diffcam.training.tiny_llada import LladaSpec, build_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = LladaSpec(image_size=32, patch_size=8, vision_hidden=16, vision_heads=2, text_hidden=32, text_layers=2,
@@ -149,7 +148,7 @@ def test_saved_checkpoint_loads_through_the_registry_and_generates(tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["steps"] == SPEC.steps and generation["gen_length"] == SPEC.gen_length
     record = json.loads((out / "diffcam_tiny.json").read_text())
-    assert record["train"]["spec"] == SPEC.to_dict() and record["heldout"] == {"seed": 2, "n": 2}
+    assert record["train"]["spec"] == SPEC.model_dump() and record["heldout"] == {"seed": 2, "n": 2}
     assert set(record["heldout_eval"]) >= {"color_word_acc", "shape_word_acc", "commit_steps"}
     assert report["recipe_run"]["stages"][0]["train_seed"] == 1
     assert training_seeds(out) == [1]
@@ -240,7 +239,7 @@ def test_a_recipe_with_a_vision_stage_records_it_and_keeps_its_images_off_the_he
 
 def test_a_saved_checkpoint_is_continued_with_its_spec_record_and_seeds(tmp_path):
     first = tmp_path / "first"
-    spec = LladaSpec(**{**SPEC.to_dict(), "vision_layers": 2})
+    spec = LladaSpec(**{**SPEC.model_dump(), "vision_layers": 2})
     run_llada_stages([Stage(steps=2, lr=2e-3, train_seed=1)], first, SYNTH, _settings(), spec, n_train=8, n_heldout=2)
     out = tmp_path / "continued"
     with pytest.raises(ValueError, match="keeps its own spec"):  # SPEC has 1 tower layer, the checkpoint 2
@@ -271,11 +270,11 @@ def test_heldout_seed_may_not_be_a_training_seed(tmp_path):
 
 
 def test_spec_overrides_refuse_unknown_fields_and_bad_schedules():
-    assert LladaSpec.from_overrides({"text_layers": 6}).text_layers == 6
-    with pytest.raises(ValueError, match=r"unknown LladaSpec fields \['txt_layers'\]"):
-        LladaSpec.from_overrides({"txt_layers": 6})
-    with pytest.raises(ValueError, match="must be a non-negative int"):
-        LladaSpec.from_overrides({"patch_size": "4"})
+    assert LladaSpec.model_validate({"text_layers": 6}).text_layers == 6
+    with pytest.raises(ValueError, match=r"unknown LladaSpec field\(s\) \['txt_layers'\]"):
+        LladaSpec.model_validate({"txt_layers": 6})
+    with pytest.raises(ValueError, match="Input should be a valid integer"):
+        LladaSpec.model_validate({"patch_size": "4"})
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         LladaSpec(image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="not a multiple of block_length"):

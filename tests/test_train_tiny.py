@@ -13,11 +13,10 @@ from safetensors.numpy import load_file
 from transformers import DiffusionGemmaForBlockDiffusion
 from typer.testing import CliRunner
 
-from diffcam_core.models.tiny import TinyModelSpec, build_config, build_tokenizer, init_position_table
-from diffcam_core.synthetic import SynthSettings, make_samples, vocabulary
-from flows.cli import app
-from storage.synthetic_writer import write_synthetic_dataset
-from tasks.train_tiny import (
+from diffcam.core.synthetic import SynthSettings, make_samples, vocabulary
+from diffcam.flows.cli import app
+from diffcam.storage.synthetic_writer import write_synthetic_dataset
+from diffcam.training.gemma import (
     Stage,
     TrainExample,
     TrainSettings,
@@ -26,6 +25,7 @@ from tasks.train_tiny import (
     train_tiny,
     training_seeds,
 )
+from diffcam.training.tiny_gemma import TinyModelSpec, build_config, build_tokenizer, init_position_table
 
 WORDS = ["a", "and", "red", "circle"]
 TABLE = "model.encoder.vision_tower.patch_embedder.position_embedding_table"
@@ -46,14 +46,38 @@ def test_position_table_is_ones_by_default_and_random_when_asked():
 
 
 def test_spec_overrides_refuse_unknown_fields():
-    assert TinyModelSpec.from_overrides({"max_soft_tokens": 280}).max_soft_tokens == 280
-    with pytest.raises(ValueError, match="unknown TinyModelSpec fields \\['pach_size'\\]"):
-        TinyModelSpec.from_overrides({"pach_size": 2})
-    with pytest.raises(ValueError, match="patch_size must be a non-negative int, got '2'"):
-        TinyModelSpec.from_overrides({"patch_size": "2"})
-    assert TinyModelSpec.from_overrides({"position_init_std": 1}).position_init_std == 1
-    with pytest.raises(ValueError, match="JSON object"):
-        TinyModelSpec.from_overrides([1, 2])
+    assert TinyModelSpec.model_validate({"max_soft_tokens": 280}).max_soft_tokens == 280
+    with pytest.raises(ValueError, match="unknown TinyModelSpec field\\(s\\) \\['pach_size'\\]"):
+        TinyModelSpec.model_validate({"pach_size": 2})
+    with pytest.raises(ValueError, match="patch_size\n  Input should be a valid integer"):
+        TinyModelSpec.model_validate({"patch_size": "2"})  # strict: a string is not a number
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        TinyModelSpec.model_validate({"text_layers": -1})
+    assert TinyModelSpec.model_validate({"position_init_std": 1}).position_init_std == 1
+    with pytest.raises(ValueError, match="valid dictionary"):
+        TinyModelSpec.model_validate([1, 2])
+
+
+def test_spec_text_is_a_file_a_json_object_or_key_value_pairs(tmp_path):
+    from diffcam.training.overrides import read_overrides
+
+    (tmp_path / "s.toml").write_text("text_layers = 6\nposition_init_std = 0.5\n")
+    (tmp_path / "s.json").write_text('{"text_layers": 6, "position_init_std": 0.5}')
+    want = {"text_layers": 6, "position_init_std": 0.5}
+    assert read_overrides(str(tmp_path / "s.toml")) == want
+    assert read_overrides(str(tmp_path / "s.json")) == want
+    assert read_overrides('{"text_layers": 6, "position_init_std": 0.5}') == want
+    assert read_overrides("text_layers=6, position_init_std=0.5") == want
+    assert read_overrides("projector=mlp2x_gelu,vision_identity_init=false") == {
+        "projector": "mlp2x_gelu", "vision_identity_init": False}
+    assert read_overrides(None) == {} and read_overrides("  ") == {}
+    for bad, match in (("text_layers", "key=value"), ("=3", "key=value"), (str(tmp_path / "no.toml"), "no such spec"),
+                       ("[1, 2]", "key=value")):
+        with pytest.raises(ValueError, match=match):
+            read_overrides(bad)
+    # the same text gives the same validated spec
+    assert TinyModelSpec.model_validate(read_overrides("text_layers=6,position_init_std=0.5")) == \
+        TinyModelSpec.model_validate(read_overrides(str(tmp_path / "s.toml")))
 
 
 @dataclass
@@ -135,7 +159,7 @@ def test_train_tiny_is_deterministic_and_records_its_recipe(tmp_path, tiny_data)
 def test_train_tiny_refuses_bad_spec_and_spec_with_init_from(tmp_path, tiny_data):
     data, held = tiny_data
     bad = _train(tmp_path / "x", data, held, "--spec", '{"patch": 2}')
-    assert bad.exit_code == 2 and "unknown TinyModelSpec fields ['patch']" in bad.output
+    assert bad.exit_code == 2 and "unknown TinyModelSpec field(s) ['patch']" in bad.output
     bad_json = _train(tmp_path / "y", data, held, "--spec", "{patch")
     assert bad_json.exit_code == 2 and "--spec" in bad_json.output
     both = _train(tmp_path / "z", data, held, "--spec", '{"position_init_std": 0.5}', "--init-from", str(tmp_path))
@@ -170,7 +194,8 @@ def test_stages_in_one_process_equal_stage_by_stage_commands(tmp_path):
     d2 = write_synthetic_dataset(tmp_path / "d2", 16, 3, SynthSettings())
     common = ["--batch-size", "4", "--threads", "1"]
     r1 = CliRunner().invoke(app, ["train-tiny", "--data", str(d1), "--heldout", str(held), "--out", str(tmp_path / "s1"),
-                                  "--steps", "3", "--lr", "1e-3", "--seed", "0", "--spec", json.dumps(spec.to_dict()), *common])
+                                  "--steps", "3", "--lr", "1e-3", "--seed", "0", "--spec", json.dumps(spec.model_dump()),
+                                  *common])
     assert r1.exit_code == 0, r1.output
     r2 = CliRunner().invoke(app, ["train-tiny", "--data", str(d2), "--heldout", str(held), "--out", str(tmp_path / "s2"),
                                   "--steps", "2", "--lr", "5e-4", "--seed", "1", "--init-from", str(tmp_path / "s1"), *common])
@@ -194,7 +219,8 @@ def test_stages_in_one_process_equal_stage_by_stage_commands(tmp_path):
 
 def test_stages_refuse_a_heldout_seed_that_is_also_trained_on(tmp_path):
     with pytest.raises(ValueError, match="held-out seed 2 is also a training seed"):
-        run_train_stages([Stage(1, 1e-3, 2)], tmp_path / "x", SynthSettings(), TrainSettings(), heldout_seed=2)
+        run_train_stages([Stage(steps=1, lr=1e-3, train_seed=2)], tmp_path / "x", SynthSettings(), TrainSettings(),
+                         heldout_seed=2)
     assert not (tmp_path / "x").exists()
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.schemas import METHODS
-from storage.store import Store
-from storage.validation import ValidationResult, validate_run
+from diffcam.core.settings import CamSettings
+from diffcam.storage.store import Store
+from diffcam.storage.validation import ValidationResult, validate_run
 from tests.test_store import fabricate_run
+
+#: The methods a default run writes (what these tables are built with).
+METHODS = tuple(CamSettings().methods)
 
 
 def _validate(

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from flows.deploy import EVENT_REGISTERED, PAYLOAD_FIELDS, PayloadError, validate_payload
-from flows.webhook import ReplayCache, WebhookSettings, create_app, signature_header
+from diffcam.flows.deploy import EVENT_REGISTERED, PAYLOAD_FIELDS, PayloadError, validate_payload
+from diffcam.flows.webhook import ReplayCache, WebhookSettings, create_app, signature_header
 from tests.test_registry import make_ckpt
 
 SECRET = "s3cret-for-tests-0123456789"
@@ -294,7 +294,7 @@ def receiver_log() -> Any:
     logger = logging.getLogger("diffcam.webhook")
     saved = (logger.level, list(logger.handlers), logger.propagate)
     buf = io.StringIO()
-    from flows.webhook import configure_logging
+    from diffcam.flows.webhook import configure_logging
 
     configure_logging("info", stream=buf)
     yield buf
@@ -385,7 +385,7 @@ def test_accepted_and_ignored_deliveries_are_logged_at_info_with_their_id(env, r
 
 
 def test_configure_logging_refuses_an_unknown_level() -> None:
-    from flows.webhook import configure_logging
+    from diffcam.flows.webhook import configure_logging
 
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         configure_logging("loud")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from diffcam_core.words import is_function_word, normalise_word
-from tasks.rows import ground_words
+from diffcam.core.words import is_function_word, normalise_word
+from diffcam.tasks.rows import ground_words
 
 
 @pytest.mark.parametrize("raw, normal", [("Circle", "circle"), (" red,", "red"), ("(the", "the"), ('"Square."', "square"),

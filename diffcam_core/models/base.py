@@ -17,11 +17,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from diffcam_core.types import WordSpan
+from diffcam.core.types import WordSpan
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class AttributionPass(Protocol):
 
 
 class ModelAdapter(Protocol):
-    """Everything the core (`diffcam_core.cam`, faithfulness, the tasks) calls on a family."""
+    """Everything the core (`diffcam.core.cam`, faithfulness, the tasks) calls on a family."""
 
     family: str
     grid_info: dict[str, Any]
@@ -187,7 +187,7 @@ class ModelAdapter(Protocol):
         ...
 
 
-_FAMILIES: dict[str, Callable[..., ModelAdapter]] = {}
+_FAMILIES: dict[str, type[ModelAdapter]] = {}
 
 
 def register_family(model_type: str):
@@ -202,7 +202,7 @@ def register_family(model_type: str):
 
 def families() -> list[str]:
     """`model_type`s with an adapter: the built-in families and any registered since."""
-    from diffcam_core.models import import_families
+    from diffcam.core.models import import_families
 
     import_families()
     return sorted(_FAMILIES)
@@ -219,7 +219,7 @@ def load_adapter(model_dir: str | Path, device: str = "cpu", trust_remote_code: 
     code shipped in the folder is not imported unless ``trust_remote_code=True`` is passed
     explicitly (no CLI command passes it; the built-in family refuses it).
     """
-    from diffcam_core.models import import_families
+    from diffcam.core.models import import_families
 
     import_families()
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import cast
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, Gemma4ImageProcessorPil
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, Gemma4ImageProcessorPil, PreTrainedConfig
 from transformers.cache_utils import DynamicCache
+from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -37,11 +39,19 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from diffcam_core.models.base import (IMAGE_FEATURES, Generation, ImageSpan, Layer, LayerTable, captured_outputs,
-                                      check_captured, register_family)
-from diffcam_core.settings import GenerationSettings
-from diffcam_core.types import WordSpan
-from diffcam_core.words import is_function_word, segment_words
+from diffcam.core.models.base import (
+    IMAGE_FEATURES,
+    Generation,
+    ImageSpan,
+    Layer,
+    LayerTable,
+    captured_outputs,
+    check_captured,
+    register_family,
+)
+from diffcam.core.settings import GenerationSettings
+from diffcam.core.types import WordSpan
+from diffcam.core.words import is_function_word, segment_words
 
 PROJECTOR = "projector"
 
@@ -56,10 +66,13 @@ class DiffusionGemmaAdapter(LayerTable):
         self.image_processor = image_processor
         self.config = model.config
         self.device = next(model.parameters()).device
-        n_layers = self.config.text_config.num_hidden_layers
+        # the config's __post_init__ turns dict sub-configs into config objects
+        text_config = cast(DiffusionGemmaTextConfig, self.config.text_config)
+        vision_config = cast(PreTrainedConfig, self.config.vision_config)
+        n_layers = text_config.num_hidden_layers
         self.grid_info = {
-            "patch_size": self.config.vision_config.patch_size,
-            "pooling_kernel_size": self.config.vision_config.pooling_kernel_size,
+            "patch_size": vision_config.patch_size,
+            "pooling_kernel_size": vision_config.pooling_kernel_size,
             "encoder_layers": n_layers,
         }
         # The layer sweep (benchmarks/bench_method.py) put every encoder layer below chance for
@@ -78,7 +91,7 @@ class DiffusionGemmaAdapter(LayerTable):
         for attr in ("image_token", "boi_token", "eoi_token"):
             if getattr(tokenizer, attr, None) is None:
                 raise ValueError(f"{model_dir}: tokenizer defines no {attr}; cannot place the image in the prompt")
-        return cls(model.to(device), tokenizer, image_processor)
+        return cls(model.to(device), tokenizer, image_processor)  # type: ignore[arg-type]  # transformers' wrapped `to` loses self
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, image, prompt: str) -> dict[str, torch.Tensor]:
@@ -111,7 +124,7 @@ class DiffusionGemmaAdapter(LayerTable):
         the grid is read off `image_position_ids` (x, y per patch, -1 for padding).
         """
         ids = inputs["input_ids"][0]
-        positions = torch.nonzero(ids == self.config.image_token_id).flatten().tolist()
+        positions = torch.nonzero(ids == cast(int, self.config.image_token_id)).flatten().tolist()
         pos = inputs["image_position_ids"][0]
         valid = pos[(pos >= 0).all(-1)]
         if not positions or valid.numel() == 0:
@@ -171,7 +184,7 @@ class DiffusionGemmaAdapter(LayerTable):
         cache = self.run_encoder(inputs)
         seq_len = inputs["input_ids"].shape[1]
         dec_pos = torch.arange(
-            seq_len, seq_len + self.config.canvas_length, dtype=torch.int32, device=self.device
+            seq_len, seq_len + cast(int, self.config.canvas_length), dtype=torch.int32, device=self.device
         ).unsqueeze(0)
         return cache, dec_pos
 
@@ -191,8 +204,8 @@ class DiffusionGemmaAdapter(LayerTable):
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("generate explains one sample at a time (batch size 1)")
         gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        vocab = self.config.text_config.vocab_size
-        length = self.config.canvas_length
+        vocab = cast(DiffusionGemmaTextConfig, self.config.text_config).vocab_size
+        length = cast(int, self.config.canvas_length)
         sampler = EntropyBoundSampler(
             EntropyBoundSamplerConfig(entropy_bound=float(settings.entropy_bound)),
             canvas_length=length,
@@ -207,22 +220,24 @@ class DiffusionGemmaAdapter(LayerTable):
         cache, dec_pos = self._encode(inputs)
         canvas = torch.randint(0, vocab, (1, length), generator=gen, device=self.device)
         self_cond = None
-        canvases, conds, argmaxes = [], [], []
+        canvases: list[torch.Tensor] = []
+        conds: list[torch.Tensor | None] = []
+        argmaxes: list[torch.Tensor] = []
         for cur_step in reversed(range(1, settings.max_denoising_steps + 1)):
             canvases.append(canvas.clone())
             conds.append(None if self_cond is None else self_cond.clone())
             logits = self._decode(cache, dec_pos, canvas, self_cond)
             step_t = torch.tensor(cur_step, dtype=torch.int32, device=self.device)
-            processed = temperature(inputs["input_ids"], logits, cur_step=step_t)
+            processed = temperature(inputs["input_ids"], logits, cur_step=step_t)  # type: ignore[arg-type]  # LongTensor, int
             probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
             denoised = torch.multinomial(probs.view(-1, vocab), 1, generator=gen).view(1, length)
             argmax = processed.argmax(-1)
-            accepted = sampler.accept_canvas(canvas, denoised, processed, step_t)
+            accepted = sampler.accept_canvas(canvas, denoised, processed, step_t)  # type: ignore[arg-type]  # LongTensor, int
             noise = torch.randint(0, vocab, (1, length), generator=gen, device=self.device)
-            canvas = torch.where(~sampler.accepted_token_mask, noise, accepted)
+            canvas = torch.where(~cast(torch.Tensor, sampler.accepted_token_mask), noise, accepted)  # set by accept_canvas
             argmaxes.append(argmax.clone())
             self_cond = processed.to(self.model.model.decoder.embed_tokens.weight.dtype)
-            if bool(stopper(argmax, processed).all()):
+            if bool(stopper(argmax, processed).all()):  # type: ignore[arg-type]  # transformers annotates LongTensor
                 break
 
         final = argmaxes[-1][0]
@@ -301,7 +316,7 @@ class DiffusionGemmaAdapter(LayerTable):
 
     # ------------------------------------------------------------------ attribution
     @contextlib.contextmanager
-    def attribution_pass(self, inputs: dict[str, torch.Tensor], layers: list[str]) -> Iterator["_Pass"]:
+    def attribution_pass(self, inputs: dict[str, torch.Tensor], layers: list[str]) -> Iterator[_Pass]:
         """Re-run the prefix pass with gradients; capture `layers` at the image positions.
 
         Hooks are registered for the duration of the block and always removed.

@@ -1,5 +1,8 @@
 """Family 2: LLaDA-V-style masked-diffusion dMLLMs (SigLIP tower → MLP projector → bidirectional LLaDA).
 
+This module is the family's adapter (input path, sampler, attribution pass); the `torch`
+module itself, `LladaVModel`, is `diffcam.core.models.llada_modeling`.
+
 The model is assembled from transformers' own modules, named so that a checkpoint in the
 published LLaDA-V layout (LLaVA-OneVision naming, LLaDA blocks renamed to Llama names by
 the LLaDA-V authors) loads with a strict state-dict match:
@@ -60,174 +63,44 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoTokenizer, SiglipVisionConfig
 from transformers.initialization import no_init_weights
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from diffcam_core.models.base import (IMAGE_FEATURES, Generation, ImageSpan, InputLimitError, Layer, LayerTable,
-                                      captured_outputs, check_captured, register_family)
-from diffcam_core.types import WordSpan
-from diffcam_core.words import is_function_word, segment_words
+from diffcam.core.models.base import (
+    IMAGE_FEATURES,
+    Generation,
+    ImageSpan,
+    InputLimitError,
+    Layer,
+    LayerTable,
+    captured_outputs,
+    check_captured,
+    register_family,
+)
+from diffcam.core.models.llada_modeling import (FAMILY, IMAGE_NEWLINE_INDEX, IMAGE_TOKEN_INDEX, LladaVModel,
+                                                text_config_from)
+from diffcam.core.types import WordSpan
+from diffcam.core.words import is_function_word, segment_words
 
-FAMILY = "llava_llada"
 PROJECTOR = "projector"
 #: `<|mdm_mask|>` on the released LLaDA / LLaDA-V tokenizers.
 MASK_TOKEN_ID = 126336
 MASK_TOKEN = "<|mdm_mask|>"
-#: LLaVA's placeholder id for an image token in `input_ids` (never embedded).
-IMAGE_TOKEN_INDEX = -200
-#: This adapter's placeholder for the `image_newline` slot that follows the image tokens.
-IMAGE_NEWLINE_INDEX = -201
 #: Text tokens that end an answer, besides the tokenizer's eos.
 STOP_TOKENS = ("<|eot_id|>",)
 #: Generation defaults of the LLaDA-V demo (one block as long as the answer).
 DEFAULT_GEN_LENGTH = 128
 DEFAULT_BLOCK_LENGTH = 128
-#: Top-level config.json fields that describe the LLaDA language model (LLaDA-V layout).
-_TEXT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "tie_word_embeddings",
-    "pad_token_id", "bos_token_id", "eos_token_id",
-)
-
-
-class _SiglipShell(nn.Module):
-    """The `vision_model` level of the checkpoint names: transformers 5.24's `SiglipVisionModel`
-    no longer has it (it renames keys on its own `from_pretrained`), LLaVA checkpoints do."""
-
-    def __init__(self, config: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.vision_model = SiglipVisionModel(config)
-
-
-class _VisionTowerHolder(nn.Module):
-    """LLaVA's tower wrapper: holds the SigLIP model as `.vision_tower` (hence the doubled name)."""
-
-    def __init__(self, config: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.vision_tower = _SiglipShell(config)
-
-
-def build_projector(kind: str, mm_hidden: int, hidden: int) -> nn.Module:
-    """The LLaVA projector named by `mm_projector_type` (`linear` or `mlp<N>x_gelu`)."""
-    if kind == "linear":
-        return nn.Linear(mm_hidden, hidden)
-    m = re.fullmatch(r"mlp(\d+)x_gelu", kind or "")
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"mm_projector_type {kind!r} is not supported; use 'linear' or 'mlp<N>x_gelu' "
-                         "(LLaDA-V: mlp2x_gelu)")
-    mods: list[nn.Module] = [nn.Linear(mm_hidden, hidden)]
-    for _ in range(int(m.group(1)) - 1):
-        mods += [nn.GELU(), nn.Linear(hidden, hidden)]
-    return nn.Sequential(*mods)
-
-
-class LladaVModel(nn.Module):
-    """SigLIP tower + projector + bidirectional Llama stack + LM head, in LLaDA-V's parameter layout."""
-
-    def __init__(self, text_config: LlamaConfig, vision_config: SiglipVisionConfig,
-                 projector_type: str = "mlp2x_gelu", image_newline: bool = False) -> None:
-        super().__init__()
-        text_config.is_causal = False
-        self.text_config = text_config
-        self.vision_config = vision_config
-        self.model = LlamaModel(text_config)
-        for layer in self.model.layers:
-            layer.self_attn.is_causal = False
-        self.model.vision_tower = _VisionTowerHolder(vision_config)
-        self.model.mm_projector = build_projector(projector_type, vision_config.hidden_size, text_config.hidden_size)
-        if image_newline:
-            self.model.image_newline = nn.Parameter(torch.zeros(text_config.hidden_size))
-        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        self.projector_type = projector_type
-
-    def save_pretrained(self, folder: str | Path, tokenizer=None, image_aspect_ratio: str = "square",
-                        generation: dict | None = None) -> Path:
-        """Write a folder `from_pretrained` reads: flat LLaDA-V config.json (+ `vision_config`),
-        model.safetensors in the published parameter layout, tokenizer, generation defaults."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tc = self.text_config
-        config = {
-            "architectures": ["LlavaLLaDAModelLM"],
-            "model_type": FAMILY,
-            **{k: getattr(tc, k) for k in _TEXT_FIELDS if k not in ("rope_theta", "rope_scaling")
-               and getattr(tc, k, None) is not None},
-            "rope_theta": float((tc.rope_parameters or {}).get("rope_theta", 10000.0)),
-            "mm_projector_type": self.projector_type,
-            "mm_hidden_size": self.vision_config.hidden_size,
-            "mm_patch_merge_type": "spatial_unpad" if hasattr(self.model, "image_newline") else "flat",
-            "image_aspect_ratio": image_aspect_ratio,
-            "vision_config": {k: v for k, v in self.vision_config.to_dict().items()
-                              if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                       "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps",
-                                       "vision_use_head")},
-        }
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
-        if generation:
-            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", "utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        return folder
-
-    @property
-    def siglip(self) -> SiglipVisionModel:
-        return self.model.vision_tower.vision_tower.vision_model
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, n_patches, hidden): SigLIP's last hidden state before post-layernorm, projected.
-
-        A tower with no transformer layers (patch embedding + positions only: image tokens
-        stay local, what a tiny model trained from scratch needs) has no hidden states to
-        return, so its embeddings are that last state.
-        """
-        pixels = pixel_values.to(self.lm_head.weight.dtype)
-        if not self.siglip.config.num_hidden_layers:
-            return self.model.mm_projector(self.siglip.embeddings(pixels))
-        out = self.siglip(pixel_values=pixels, output_hidden_states=True)
-        return self.model.mm_projector(out.hidden_states[-1])
-
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image features scattered in at the image placeholders."""
-        emb = self.model.embed_tokens(input_ids.clamp(min=0))
-        img = (input_ids == IMAGE_TOKEN_INDEX).unsqueeze(-1)
-        n_img = int(img.sum())
-        if n_img != image_features.shape[0] * image_features.shape[1]:
-            raise ValueError(f"{n_img} image placeholders for {tuple(image_features.shape[:2])} image features")
-        emb = emb.masked_scatter(img, image_features.to(emb.dtype).reshape(-1, emb.shape[-1]))
-        newline = (input_ids == IMAGE_NEWLINE_INDEX).unsqueeze(-1)
-        if bool(newline.any()):
-            emb = torch.where(newline, self.model.image_newline.to(emb.dtype), emb)
-        return emb
-
-    def canvas_logits(self, input_ids: torch.Tensor, image_features: torch.Tensor,
-                      canvas: torch.Tensor) -> torch.Tensor:
-        """(B, canvas_len, vocab) logits of one full pass over prompt (with image) + canvas."""
-        ids = torch.cat([input_ids, canvas], dim=1)
-        hidden = self.model(inputs_embeds=self.embed(ids, image_features)).last_hidden_state
-        return self.lm_head(hidden[:, -canvas.shape[1]:])
-
-
-def text_config_from(config: dict) -> LlamaConfig:
-    """The LLaDA language model's Llama config from the flat LLaDA-V config.json."""
-    fields = {k: config[k] for k in _TEXT_FIELDS if k in config and config[k] is not None}
-    cfg = LlamaConfig(**fields)
-    cfg.is_causal = False
-    return cfg
 
 
 def num_transfer_tokens(mask_count: int, steps: int) -> list[int]:
@@ -270,7 +143,7 @@ class LladaVAdapter(LayerTable):
                 stop.add(tid)
         self.stop_ids = stop
         vc = model.vision_config
-        self.grid_info = {
+        self.grid_info: dict[str, Any] = {
             "image_size": vc.image_size,
             "patch_size": vc.patch_size,
             "vision_layers": vc.num_hidden_layers,
@@ -376,7 +249,8 @@ class LladaVAdapter(LayerTable):
     @staticmethod
     def _image_processor(model_dir: Path, vision_cfg: SiglipVisionConfig) -> SiglipImageProcessorPil:
         """SigLIP's PIL/numpy processor (the default backend needs torchvision), sized to the tower."""
-        size = {"height": vision_cfg.image_size, "width": vision_cfg.image_size}
+        side = cast(int, vision_cfg.image_size)  # SigLIP towers are square: one int
+        size = {"height": side, "width": side}
         if (model_dir / "preprocessor_config.json").is_file():
             proc = SiglipImageProcessorPil.from_pretrained(model_dir)
             got = proc.size  # a SizeDict (attributes), a plain dict, or one int for a square
@@ -421,13 +295,15 @@ class LladaVAdapter(LayerTable):
             text = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + prompt}],
                                            add_generation_prompt=True, tokenize=False)
             head, _, tail = text.partition("<image>")
-            enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+            def enc(s: str) -> list[int]:
+                return tok(s, add_special_tokens=False)["input_ids"] if s else []
+
             return enc(head), enc(tail)
         head = [tok.bos_token_id] if tok.bos_token_id is not None else []
         return head, list(tok(prompt, add_special_tokens=False)["input_ids"])
 
     def _grid_of(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        p = self.model.vision_config.patch_size
+        p = cast(int, self.model.vision_config.patch_size)  # SigLIP's is one int
         h, w = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
         if h % p or w % p:
             raise ValueError(f"pixel size {h}x{w} is not a multiple of the patch size {p}")
@@ -461,7 +337,7 @@ class LladaVAdapter(LayerTable):
 
     def _module(self, layer: str) -> nn.Module:
         if layer == PROJECTOR:
-            return self.model.model.mm_projector
+            return cast(nn.Module, self.model.model.mm_projector)
         return self.model.siglip.encoder.layers[int(layer.split(".")[1])]
 
     # ------------------------------------------------------------------ generation
@@ -577,7 +453,7 @@ class LladaVAdapter(LayerTable):
 
     # ------------------------------------------------------------------ attribution
     @contextlib.contextmanager
-    def attribution_pass(self, inputs: dict[str, torch.Tensor], layers: list[str]) -> Iterator["_Pass"]:
+    def attribution_pass(self, inputs: dict[str, torch.Tensor], layers: list[str]) -> Iterator[_Pass]:
         """Image features with gradients, captured at `layers`; any canvas can be decoded on top.
 
         Hooks live for the duration of the block and are always removed.

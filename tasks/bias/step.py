@@ -1,26 +1,26 @@
 """The bias step of an audit (docs/BIAS.md): sample flags, dataset-level flags, counterfactuals.
 
-Thin layer over the pure `diffcam_core.bias_*` modules: load → call → write.
+Thin layer over the pure `diffcam.core.bias` modules: load → call → write.
 
 - `run_dataset_flags(store, run_id, model_dir, dataset_path, settings)`: after all shards.
-  Reads the run back (`tasks.bias_read`: the ``token_maps`` maps dequantised, the
+  Reads the run back (`diffcam.tasks.bias.read`: the ``token_maps`` maps dequantised, the
   ``samples``, the object masks re-read from the dataset manifest), runs
-  `diffcam_core.bias_dataset.analyse_word` / `dataset_flags` per (content word, method),
-  adds the saliency-free discovery scan's suspects (`tasks.bias_scan`),
+  `diffcam.core.bias.dataset.analyse_word` / `dataset_flags` per (content word, method),
+  adds the saliency-free discovery scan's suspects (`diffcam.tasks.bias.scan`),
   and confirms or refutes every ``clever_hans`` flag by a counterfactual
-  (`tasks.bias_counterfactual`). A refuted suspect is not raised (``keep_refuted``); every
+  (`diffcam.tasks.bias.counterfactual`). A refuted suspect is not raised (``keep_refuted``); every
   kept one adds `suspect_region` sample flags (the occurrences of the word its region
   reaches). Also computes the other sample-level flags from the stored maps (the
   worker writes none).
 - `write_dataset_flags(store, run_id, rows)`: commits the rows as shard ``"dataset"``
   (atomic; a second call for the same run is a no-op returning False).
 
-Flags travel as typed `diffcam_core.bias_flags.Flag` values; they become ``flags`` rows
+Flags travel as typed `diffcam.core.bias.flags.Flag` values; they become ``flags`` rows
 (region and evidence as stored text) once, at the end of `run_dataset_flags`, through
-`storage.schemas.flag_row`.
+`diffcam.storage.schemas.flag_row`.
 
-The report section is `tasks.bias_report.BIAS_SECTION`; the audit without Ray/Prefect is
-`tasks.audit_in_process`.
+The report section is `diffcam.tasks.bias.report.BIAS_SECTION`; the audit without Ray/Prefect is
+`diffcam.evaluation.audit_in_process`.
 """
 
 from __future__ import annotations
@@ -36,20 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_centre import CentreSample, run_centre_bias, run_centre_flags, run_naming_flag
-from diffcam_core.bias_dataset import WordSample, all_dataset_flags, analyse_word
-from diffcam_core.bias_flags import REGION_KINDS, Flag, as_hallucinated_object
-from diffcam_core.words import normalise_word
-from diffcam_core.bias_sample import region_sample_flags, sample_flags
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import cell_coverage
-from diffcam_core.stats import map_stats
-from storage.schemas import flag_row
-from tasks.answers import Answerer, local_answerer
-from tasks.bias_counterfactual import counterfactual, region_counterfactuals
-from tasks.bias_read import load_run_maps, object_masks
-from tasks.bias_scan import flag_analysis, scan_suspects
-from tasks.scan import Scanner, local_scanner
+from diffcam.core.bias.centre import CentreSample, run_centre_bias, run_centre_flags, run_naming_flag
+from diffcam.core.bias.dataset import WordSample, all_dataset_flags, analyse_word
+from diffcam.core.bias.flags import REGION_KINDS, Flag, as_hallucinated_object
+from diffcam.core.bias.sample import region_sample_flags, sample_flags
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import cell_coverage
+from diffcam.core.stats import map_stats
+from diffcam.core.words import normalise_word
+from diffcam.storage.schemas import flag_row
+from diffcam.tasks.answers import Answerer, local_answerer
+from diffcam.tasks.bias.counterfactual import counterfactual, region_counterfactuals
+from diffcam.tasks.bias.read import load_run_maps, object_masks
+from diffcam.tasks.bias.scan import flag_analysis, scan_suspects
+from diffcam.tasks.scan import Scanner, local_scanner
 
 __all__ = [
     "analyse_run",
@@ -75,7 +75,7 @@ def analyse_run(
     """Pure part of the dataset step: sample-level flags and per-(word, method) analyses
     (`all_dataset_flags` turns those into dataset-level flags). Returns (sample_flags,
     grounding, analyses) where grounding[sid] = {"word_masks": [...], "all": [...]}."""
-    from tasks.rows import ground_words
+    from diffcam.tasks.rows import ground_words
 
     grounding: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[WordSample]] = defaultdict(list)
@@ -135,7 +135,7 @@ def late_refutations(dflags: Sequence[Flag], settings: BiasSettings) -> dict[str
 
 def centre_samples(run: Mapping[str, Any], grounding: Mapping[str, Mapping[str, Any]],
                    settings: BiasSettings) -> list[CentreSample]:
-    """The inputs of `diffcam_core.bias_centre.run_centre_bias`: per sample, the content
+    """The inputs of `diffcam.core.bias.centre.run_centre_bias`: per sample, the content
     words' maps of the dataset methods, each object's coverage and whether it is named."""
     out = []
     for sid in sorted(run["words"]):
@@ -178,17 +178,17 @@ def run_dataset_flags(
 ) -> list[dict[str, Any]]:
     """The dataset-level bias step of one run (= one checkpoint); returns ``flags`` rows.
 
-    ``dataset_path``: the dataset folder or manifest, or the `storage.samples.Dataset` the
+    ``dataset_path``: the dataset folder or manifest, or the `diffcam.storage.samples.Dataset` the
     flow already loaded (not read again); None: the run's ``dataset_uri``.
     The counterfactuals regenerate answers through ``answerer(generation settings)``
-    (`tasks.answers`: the flow passes its Ray workers' `pool_answerer`), else through a
+    (`diffcam.tasks.answers`: the flow passes its Ray workers' `pool_answerer`), else through a
     loaded ``adapter``, else through the model in ``model_dir`` loaded here on ``device``
     (`local_answerer`); none of them: ``clever_hans`` flags keep ``confirmed`` None and
-    their evidence says why. The discovery scan (`tasks.bias_scan`, on when
+    their evidence says why. The discovery scan (`diffcam.tasks.bias.scan`, on when
     ``settings.scan_max_samples`` > 0 and a word has ``min_word_samples`` occurrences) adds
     its `clever_hans` suspects (``evidence["found_by"] == "scan"``, method None) before the
     counterfactuals, through ``scanner(generation settings, attribution step, window size)``
-    (`tasks.scan`: the flow passes `pool_scanner`), else the same ``adapter`` / model; with
+    (`diffcam.tasks.scan`: the flow passes `pool_scanner`), else the same ``adapter`` / model; with
     no model, or a given ``adapter`` that can answer but not score (no ``canvas_log_probs``:
     the tests' scripted stand-ins), it is not run and ``info["scan"]`` and the log say so.
     Nothing is loaded or started unless a suspect or the scan needs it.
@@ -200,8 +200,8 @@ def run_dataset_flags(
     what the scan did), ``counterfactual_s``, ``n_samples``, ``n_dataset_flags``,
     ``n_sample_flags`` and ``refuted`` (word, method, region, score of each refuted suspect).
     """
-    from diffcam_core.settings import CamSettings
-    from storage.datasets import load_dataset
+    from diffcam.core.settings import CamSettings
+    from diffcam.storage.datasets import load_dataset
 
     log = log or _quiet
     if sample_level not in ("always", "never"):
@@ -238,7 +238,7 @@ def run_dataset_flags(
     scan: Scanner | None = None
     if scanning or any(f.kind == "clever_hans" for f in dflags):  # a model is needed: get it once
         if adapter is None and model_dir is not None and (answerer is None or (scanning and scanner is None)):
-            from diffcam_core.models.base import load_adapter
+            from diffcam.core.models.base import load_adapter
 
             adapter = load_adapter(model_dir, device=device)
         if answerer is None and adapter is not None:
@@ -250,7 +250,7 @@ def run_dataset_flags(
         if scanning and scanner is not None:
             scan = scanner(cam.generation, cam.attribution_step, settings.hotspot_size)
 
-    t_scan = time.perf_counter()  # the discovery scan's suspects join the saliency ones (tasks.bias_scan)
+    t_scan = time.perf_counter()  # the discovery scan's suspects join the saliency ones (diffcam.tasks.bias.scan)
     tm.update(n_scanned_images=0, n_scan_suspects=0, scan=None)
     if scan is not None:
         found, scan_info = scan_suspects(scan, analyses, run["samples"], images, objects, dflags, settings, log=log)
@@ -336,6 +336,6 @@ def run_dataset_flags(
 def write_dataset_flags(store: Any, run_id: str, rows: Sequence[Mapping[str, Any]]) -> bool:
     """Commit ``rows`` as the run's ``dataset`` shard of ``flags`` (atomic). False when
     the run already has a dataset shard (nothing written: a re-run never duplicates)."""
-    from storage.schemas import table_from_rows
+    from diffcam.storage.schemas import table_from_rows
 
     return store.commit_shard(run_id, DATASET_SHARD, {"flags": table_from_rows("flags", list(rows))})

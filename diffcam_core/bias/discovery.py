@@ -9,7 +9,7 @@ across the word's images and while it holds none of the word's objects, is a can
 cue.
 
 Pure: the model comes in as the same ``score_images`` callable the faithfulness curves use
-(`diffcam_core.faithfulness.adapter_scorer`), so a scripted model can stand in for it.
+(`diffcam.core.faithfulness.adapter_scorer`), so a scripted model can stand in for it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffcam_core.evidence import background_colour
-from diffcam_core.faithfulness import perturbed
+from diffcam.core.evidence import background_colour
+from diffcam.core.faithfulness import perturbed
 
 __all__ = ["window_cells_at", "window_scan", "ScanResult", "summarise_scans"]
 
@@ -39,7 +39,7 @@ def window_scan(image: np.ndarray, grid: tuple[int, int], win: tuple[int, int],
                 score_images: Callable[[list[np.ndarray]], np.ndarray]) -> np.ndarray:
     """Drop of the word's score (intact − erased, nats) for every window position.
 
-    Returns (h − win_h + 1, w − win_w + 1), top-left indexed like `diffcam_core.bias_windows.window_sums`;
+    Returns (h − win_h + 1, w − win_w + 1), top-left indexed like `diffcam.core.bias.windows.window_sums`;
     positive = the word is less likely without that window. One batched call scores the
     intact image and every erased one.
     """
@@ -78,7 +78,7 @@ class ScanResult:
 def summarise_scans(drops: Sequence[np.ndarray], object_cover: Sequence[np.ndarray], win: tuple[int, int],
                     min_drop: float = 1.0, object_overlap_max: float = 0.0) -> ScanResult:
     """Combine one word's scans. ``object_cover[i]``: share of each grid cell covered by the
-    word's object(s) in image i (`diffcam_core.evidence.mask_on_grid`); a window counts as
+    word's object(s) in image i (`diffcam.core.evidence.mask_on_grid`); a window counts as
     off-object when its covered share is at most ``object_overlap_max`` in every image."""
     if len(drops) == 0 or len(drops) != len(object_cover):
         raise ValueError(f"need one object cover per scan, got {len(drops)} scans and {len(object_cover)} covers")

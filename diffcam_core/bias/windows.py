@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from diffcam_core.metrics import validate_mask
+from diffcam.core.metrics import validate_mask
 
 __all__ = ["EPS", "as_mask", "cell_coverage", "hotspot", "unit_mass", "window_box", "window_cells", "window_max",
            "window_sums"]

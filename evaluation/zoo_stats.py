@@ -103,7 +103,7 @@ def fit_thresholds(calibration: Sequence[Mapping[str, Any]], defaults: Mapping[s
       max(persist − persist_both, vanish − vanish_control), None if untested);
     - ``other_cf_diffs``: cf_diff of every other tested candidate of that audit;
     - ``centre_score``: the largest run-level centre score against the object prior over
-      its map methods (`diffcam_core.bias_centre`).
+      its map methods (`diffcam.core.bias.centre`).
 
     Rules: a saliency gate = (1 − margin) × the smallest value among relying calibration
     models' cue candidates (so every one of them passes, with room); relying models whose

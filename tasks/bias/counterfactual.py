@@ -10,8 +10,8 @@ the largest share of their map in the region, whose original answer contains the
 "The word persists without its object (and only while the region is there)", or "the word
 vanishes when only the region is erased (and not when any other patch is)". Both
 differences are controls: a model that says the word whatever you erase confirms nothing.
-Images are erased with `diffcam_core.inpaint` and the model re-generates with the run's own
-generation settings, through an answerer (`tasks.answers`: a model in this process or the
+Images are erased with `diffcam.core.inpaint` and the model re-generates with the run's own
+generation settings, through an answerer (`diffcam.tasks.answers`: a model in this process or the
 audit's Ray workers). The edited images of several samples go to it together, so a pool
 spreads them over its workers; which regenerations run is decided exactly as one sample at
 a time would: the other variants of a sample only when its original answer has the word,
@@ -27,19 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_flags import Flag
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_verdict import NAMED_AS_OBJECT, WORD_CHANGED, answer_change, dependence_verdict
-from diffcam_core.bias_windows import cell_coverage, window_box, window_cells, window_sums
-from diffcam_core.inpaint import box_mask, erase_mask, erase_region_around
-from diffcam_core.words import normalise_word
-from tasks.answers import Answerer
+from diffcam.core.bias.flags import Flag
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.verdict import NAMED_AS_OBJECT, WORD_CHANGED, answer_change, dependence_verdict
+from diffcam.core.bias.windows import cell_coverage, window_box, window_sums
+from diffcam.core.inpaint import box_mask, erase_mask, erase_region_around
+from diffcam.core.words import normalise_word
+from diffcam.tasks.answers import Answerer
 
 __all__ = ["counterfactual", "region_counterfactuals", "words_of", "erase_box", "control_box", "sample_verdict"]
 
-#: The run's samples rows by id (`tasks.bias_read.load_run_maps`: prompt, answer, ...).
+#: The run's samples rows by id (`diffcam.tasks.bias.read.load_run_maps`: prompt, answer, ...).
 Samples = Mapping[str, Mapping[str, Any]]
-#: Each sample's objects: [(word, boolean mask, mask path)] (`tasks.bias_read.object_masks`).
+#: Each sample's objects: [(word, boolean mask, mask path)] (`diffcam.tasks.bias.read.object_masks`).
 Objects = Mapping[str, list[tuple[str, np.ndarray, str | None]]]
 #: Samples whose edited images are held and sent at once by `region_counterfactuals`
 #: (bounds the memory of a large dataset; enough to keep a pool's workers busy).
@@ -84,7 +84,7 @@ def control_box(box: Sequence[float], grid: tuple[int, int],
 
 def sample_verdict(vanished_region: bool, vanished_control: bool | None, change: str,
                    change_control: str | None) -> str:
-    """One tested sample's own verdict on a region (`diffcam_core.bias_verdict`):
+    """One tested sample's own verdict on a region (`diffcam.core.bias.verdict`):
     "shortcut" (the word went, a real object's word changed, and not under the control
     erasure), "named_as_object" (a phrase about no real object went, and not under the
     control), else "none": the sample's own counterfactual shows no dependence."""
@@ -124,7 +124,7 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
     regenerations are exactly those of testing them one by one up to ``cf_max_samples``.
     Returns the evidence dict: rule, rates, confirmed, and per tested sample its answers
     under every condition, image path, mask paths and boxes (enough to redraw them)."""
-    from storage.images import load_image
+    from diffcam.storage.images import load_image
 
     ev = flag.evidence
     word = normalise_word(flag.word)
@@ -207,7 +207,7 @@ def counterfactual(answer: Answerer, flag: Flag, samples: Samples, images: Mappi
     return {
         "rule": "confirmed iff persist - persist_both >= cf_confirm_min or vanish - vanish_control >= cf_confirm_min "
                 "or the verdict is named_as_object; finding hallucinated_object when the verdict says so or when "
-                "confirmed and its named score is above its shortcut score (diffcam_core.bias_verdict)",
+                "confirmed and its named score is above its shortcut score (diffcam.core.bias.verdict)",
         "finding": finding, "verdict": verdict,
         "cf_confirm_min": t, "n_tested": len(tested), "n_generations": n_gen,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -233,9 +233,9 @@ def region_counterfactuals(answer: Answerer, flag: Flag, samples: Samples, image
     erased shows no dependence on this region. Samples whose answer lacks the word are not
     tested (nothing can vanish). The samples go to ``answer`` ``REGION_WAVE`` at a time.
     Returns ({sample_id: test}, summary);
-    `diffcam_core.bias_sample.region_sample_flags` turns the tests into flags.
+    `diffcam.core.bias.sample.region_sample_flags` turns the tests into flags.
     """
-    from storage.images import load_image
+    from diffcam.storage.images import load_image
 
     word = normalise_word(flag.word)
     ev = flag.evidence

@@ -1,6 +1,6 @@
 """Centre bias of a whole run, measured against where its objects really are.
 
-The word-level `centre_bias` (`diffcam_core.bias_dataset.centre_bias_index`) compares a
+The word-level `centre_bias` (`diffcam.core.bias.dataset.centre_bias_index`) compares a
 word's maps with *that word's* objects. A model that only ever names the object in the
 middle passes it: its "circle" maps sit on the circles it names, which are central. The
 bias is in which objects get named, and it shows only against the objects the images
@@ -20,21 +20,22 @@ its own (`run_naming_flag`, method None): on the cue zoo's centre-biased model t
 score stayed below 0 (its maps are *less* central than its objects) while the naming gap
 was 0.30, so a model can be centre-biased in what it says without its maps showing it.
 
-Pure: arrays in, numbers and `Flag`s out. The task (`tasks.bias`) gathers the inputs.
+Pure: arrays in, numbers and `Flag`s out. The task (`diffcam.tasks.bias.step`) gathers the inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
-from diffcam_core.bias_flags import Flag, make_flag, round6
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import unit_mass
-from diffcam_core.metrics import upsample_bilinear
-from diffcam_core.stats import centre_mask
+from diffcam.core.bias.flags import Flag, make_flag, round6
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import unit_mass
+from diffcam.core.metrics import upsample_bilinear
+from diffcam.core.stats import centre_mask
 
 __all__ = ["CentreSample", "naming_z", "run_centre_bias", "run_centre_flags", "run_naming_flag"]
 
@@ -59,7 +60,7 @@ def _on(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return a if a.shape == grid else np.maximum(upsample_bilinear(a, grid), 0.0)
 
 
-def run_centre_bias(samples: Sequence[CentreSample], settings: BiasSettings = BiasSettings()) -> dict[str, dict]:
+def run_centre_bias(samples: Sequence[CentreSample], settings: BiasSettings = BiasSettings()) -> dict[str, dict | None]:
     """Per method: the run's centre statistic (module docstring). Maps on another grid than
     the run's most common one are resampled to it; zero maps and object-less images are
     left out and counted. A method with no map or no object gets None."""
@@ -67,7 +68,7 @@ def run_centre_bias(samples: Sequence[CentreSample], settings: BiasSettings = Bi
     if not grids:
         return {}
     vals, counts = np.unique(np.array(grids), axis=0, return_counts=True)
-    grid = tuple(int(v) for v in vals[int(np.argmax(counts))])
+    grid = cast(tuple[int, int], tuple(int(v) for v in vals[int(np.argmax(counts))]))
     c = centre_mask(grid, settings.stats_settings)
     priors = []
     central_named = central_total = off_named = off_total = 0
@@ -94,7 +95,7 @@ def run_centre_bias(samples: Sequence[CentreSample], settings: BiasSettings = Bi
     naming["naming_gap"] = (None if naming["central_named_share"] is None or naming["off_centre_named_share"] is None
                             else naming["central_named_share"] - naming["off_centre_named_share"])
     methods = sorted({m for s in samples for m in s.maps})
-    out: dict[str, dict] = {}
+    out: dict[str, dict | None] = {}
     for method in methods:
         ps = [q for s in samples for m in s.maps.get(method, ()) if (q := unit_mass(_on(m, grid))) is not None]
         if not ps or prior is None:

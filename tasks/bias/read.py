@@ -28,7 +28,7 @@ def load_run_maps(store: Any, run_id: str, methods: Sequence[str]) -> dict[str, 
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from storage.schemas import dequantize_map
+    from diffcam.storage.schemas import dequantize_map
 
     tm = store.read_table("token_maps", run_id).select(
         ["sample_id", "word_index", "word", "is_function", "method", "grid_h", "grid_w", "map", "map_max"])
@@ -50,7 +50,7 @@ def load_run_maps(store: Any, run_id: str, methods: Sequence[str]) -> dict[str, 
 
 def object_masks(dataset: Any, sample_ids: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray, str | None]]]:
     """(word, bool mask, mask path) per manifest object entry, for the samples of the run."""
-    from storage.images import SampleError
+    from diffcam.storage.images import SampleError
 
     by_id = {s.sample_id: s for s in dataset.samples}
     out = {}

@@ -3,7 +3,7 @@
 Is the word's mean map more central than its objects (`centre_bias`), does the map
 ignore where the object is (`ignores_object`, opt-in: the mask-shuffle gap is ≈ 0), and
 is there a cluster of maps whose mass sits consistently on a region off the word's
-objects, more than other words' maps do (`clever_hans`, `diffcam_core.bias_clusters`)?
+objects, more than other words' maps do (`clever_hans`, `diffcam.core.bias.clusters`)?
 A `clever_hans` suspect is then confirmed or refuted by a counterfactual (done by the
 task, which owns the model). Zero maps have no mass distribution: they are left out of
 the statistics and counted in the evidence.
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from diffcam_core.bias_clusters import cluster_word_maps, suspect_regions
-from diffcam_core.bias_flags import Flag, format_region, make_flag, round6
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import EPS, unit_mass
-from diffcam_core.metrics import upsample_bilinear
-from diffcam_core.stats import centre_mask
+from diffcam.core.bias.clusters import cluster_word_maps, suspect_regions
+from diffcam.core.bias.flags import Flag, format_region, make_flag, round6
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import EPS, unit_mass
+from diffcam.core.metrics import upsample_bilinear
+from diffcam.core.stats import centre_mask
 
 __all__ = [
     "WordSample", "word_mean_map", "mean_mask_map", "centre_bias_index", "content_independence",
@@ -146,8 +146,8 @@ def analyse_word(word: str, method: str, items: Sequence[WordSample],
     maps = [_on_grid(it.map, grid) for it in keep]
     ps = np.array([m / m.sum() for m in maps]) if maps else np.zeros((0, *grid))
     cov = [None if it.coverage is None else _on_grid(it.coverage, grid).clip(0, 1) for it in keep]
-    objc = [None if (it.objects_coverage if it.objects_coverage is not None else it.coverage) is None
-            else _on_grid(it.objects_coverage if it.objects_coverage is not None else it.coverage, grid).clip(0, 1)
+    objc = [None if (oc := it.objects_coverage if it.objects_coverage is not None else it.coverage) is None
+            else _on_grid(oc, grid).clip(0, 1)
             for it in keep]
     res: dict[str, Any] = {"word": word, "method": method, "grid": list(grid), "n": len(items),
                            "n_zero": len(items) - len(keep), "sample_ids": [it.sample_id for it in keep],
@@ -156,11 +156,12 @@ def analyse_word(word: str, method: str, items: Sequence[WordSample],
     res["mean_map"] = ps.mean(0) if len(ps) else None
     with_mask = [i for i, c in enumerate(cov) if c is not None and c.sum() > 0]
     res["n_masked"] = len(with_mask)
-    res["mean_mask_map"] = mean_mask_map([cov[i] for i in with_mask]) if with_mask else None
+    masked_cov = cast(list[np.ndarray], [cov[i] for i in with_mask])  # with_mask holds only non-None coverages
+    res["mean_mask_map"] = mean_mask_map(masked_cov) if with_mask else None
     res["centre_bias"] = (centre_bias_index(ps[with_mask].mean(0), res["mean_mask_map"], settings)
                           if with_mask else None)
     res["content_independence"] = content_independence(list(ps))
-    res["shuffle"] = (mask_shuffle_gap([ps[i] for i in with_mask], [cov[i] for i in with_mask], settings.shuffle_seed)
+    res["shuffle"] = (mask_shuffle_gap([ps[i] for i in with_mask], masked_cov, settings.shuffle_seed)
                       if len(with_mask) >= 2 else None)
     if len(ps) >= settings.min_word_samples:
         cl = cluster_word_maps(list(ps), settings)
@@ -234,7 +235,7 @@ def dataset_flags(analysis: Mapping[str, Any], settings: BiasSettings = BiasSett
             h, w = grid
             rows = np.nonzero(cmask.any(1))[0]
             cols = np.nonzero(cmask.any(0))[0]
-            box = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+            box: tuple[float, ...] = (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
             out.append(make_flag("centre_bias", cb["score"], settings.centre_bias_threshold, ev, word=word,
                              method=method, region=box))
     if settings.flag_ignores_object and sh is not None and sh["n"] >= settings.min_word_samples \

@@ -13,43 +13,50 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from diffcam_core.models.diffusion_gemma import DiffusionGemmaAdapter
-from diffcam_core.models.tiny import (
+from diffcam.core.models.diffusion_gemma import DiffusionGemmaAdapter
+from diffcam.core.settings import GenerationSettings, Settings
+from diffcam.core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
+from diffcam.training.tiny_gemma import (
     TinyModelSpec,
     build_config,
     build_image_processor,
     build_tokenizer,
     init_position_table,
 )
-from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 2400
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    self_cond_prob: float = 0.5
-    seed: int = 0
-    threads: int = 2
+class LoopSettings(Settings):
+    """What every training loop of both families takes: schedule, seed, threads, device."""
+
+    steps: int = Field(default=2400, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0)
+    warmup: int = Field(default=100, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    seed: int = Field(default=0, ge=0)
+    threads: int = Field(default=2, ge=1)
     minutes: float | None = None
-    device: str = "cpu"  # noise and batches are drawn on the CPU either way, so only float rounding differs
-    # torch.compile the step's forward passes (encoder, self-conditioning, decoder, loss).
-    # Same objective, same batches and noise; fused kernels round differently, so a compiled
-    # run reproduces a compiled run (same threads), not an eager one (docs/TRAINING.md §2).
+    device: str = "cpu"  # noise, masks and batches are drawn on the CPU either way: only float rounding differs
+    # torch.compile the step's forward passes and loss. Same objective, same batches and noise;
+    # fused kernels round differently, so a compiled run reproduces a compiled run (same
+    # threads), not an eager one (docs/TRAINING.md §2).
     compile: bool = False
+
+
+class TrainSettings(LoopSettings):
+    """The DiffusionGemma loop: self-conditioning is trained on this share of the batches."""
+
+    self_cond_prob: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -159,10 +166,11 @@ def training_seeds(folder: Path) -> list[int]:
 def _checkpoint_spec(folder: Path) -> TinyModelSpec | None:
     """The TinyModelSpec a checkpoint was built from, None if unknown (a later stage records
     its first stage's spec, so the chain is walked)."""
-    return next((TinyModelSpec(**r["train"]["spec"]) for r in _stage_records(folder) if (r.get("train") or {}).get("spec")), None)
+    specs = ((r.get("train") or {}).get("spec") for r in _stage_records(folder))
+    return next((TinyModelSpec.model_validate(spec) for spec in specs if spec), None)
 
 
-def stage_record(info: dict, previous: dict | None, stage: "Stage", n_train: int, synth: SynthSettings,
+def stage_record(info: dict, previous: dict | None, stage: Stage, n_train: int, synth: SynthSettings,
                  heldout_seed: int, n_heldout: int, heldout_eval: dict) -> dict:
     """One training stage's record in a checkpoint's `diffcam_tiny.json`; earlier stages nest
     under ``previous_stage`` (what `training_seeds` walks)."""
@@ -219,7 +227,7 @@ def train_tiny(
         if missing:
             raise ValueError(f"tokenizer of the continued model lacks words of this dataset: {missing}")
     elif init_from is not None:
-        from diffcam_core.models.base import load_adapter
+        from diffcam.core.models.base import load_adapter
 
         if spec != TinyModelSpec():
             raise ValueError("a spec describes a new model; --init-from continues an existing one, whose architecture is fixed")
@@ -294,9 +302,10 @@ def train_tiny(
         "final_token_acc": float(np.mean(log["acc"][-50:])),
         "n_train": len(train),
         "train_data_sha256": examples_sha256(train),
-        "settings": asdict(settings),
-        "spec": None if spec is None else spec.to_dict(),
-        "init_from": None if init_from is None else "(previous stage, in memory)" if isinstance(init_from, DiffusionGemmaAdapter) else str(init_from),
+        "settings": settings.model_dump(),
+        "spec": None if spec is None else spec.model_dump(),
+        "init_from": (None if init_from is None else "(previous stage, in memory)"
+                      if isinstance(init_from, DiffusionGemmaAdapter) else str(init_from)),
     }
     return adapter, info
 
@@ -361,8 +370,8 @@ def save_checkpoint(adapter: DiffusionGemmaAdapter, out_dir: Path, meta: dict) -
 
 def load_examples(data_dir: Path) -> tuple[list[TrainExample], dict]:
     """Examples from a synthetic dataset folder, in manifest order (needs the `answer` field)."""
-    from storage.datasets import load_dataset
-    from storage.images import load_image
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.images import load_image
 
     ds = load_dataset(data_dir)
     examples = []
@@ -393,7 +402,8 @@ def run_train_tiny(
         prev_meta = Path(init_from) / "diffcam_tiny.json"
         previous = json.loads(prev_meta.read_text()) if prev_meta.is_file() else None
     adapter, info = train_tiny(examples, vocab, settings, spec=spec, progress=progress, init_from=init_from)
-    report = {"train": info, "previous_stage": previous, "dataset": {"path": str(data_dir), **{k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}}}
+    data_meta = {k: meta[k] for k in ("seed", "n", "settings", "cue") if k in meta}
+    report = {"train": info, "previous_stage": previous, "dataset": {"path": str(data_dir), **data_meta}}
     if heldout is not None:
         held, _ = load_examples(Path(heldout))
         report["heldout_eval"] = evaluate_answers(adapter, held, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)})
@@ -401,32 +411,32 @@ def run_train_tiny(
     return report
 
 
-@dataclass(frozen=True)
-class Stage:
+class Stage(Settings):
     """One stage of a multi-stage recipe: fresh synthetic data and its own schedule.
 
     Why stages: on this task a model that has seen a 12,000-image set many times gains most
     from a new set at a lower peak rate (docs/TRAINING.md §2).
     """
 
-    steps: int
-    lr: float
-    train_seed: int  # seed of this stage's synthetic training set (`diffcam data synth --seed`)
-    seed: int = 0  # training seed: batches and noise (and initialisation in the first stage)
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    train_seed: int = Field(ge=0)  # seed of this stage's synthetic training set (`diffcam data synth --seed`)
+    seed: int = Field(default=0, ge=0)  # training seed: batches and noise (and initialisation in the first stage)
 
     @classmethod
-    def parse(cls, text: str) -> "Stage":
+    def parse(cls, text: str) -> Stage:
         """`STEPS:LR:TRAIN_SEED[:SEED]`, e.g. `2250:2e-3:1:0`."""
         parts = text.split(":")
         if len(parts) not in (3, 4):
             raise ValueError(f"stage {text!r}: expected STEPS:LR:TRAIN_SEED[:SEED], e.g. 2250:2e-3:1:0")
         try:
-            stage = cls(int(parts[0]), float(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
+            values = (int(parts[0]), float(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
         except ValueError:
             raise ValueError(f"stage {text!r}: STEPS, TRAIN_SEED and SEED are integers, LR a number") from None
-        if stage.steps < 1 or stage.lr <= 0 or stage.train_seed < 0 or stage.seed < 0:
-            raise ValueError(f"stage {text!r}: steps >= 1, lr > 0 and seeds >= 0 are required")
-        return stage
+        try:
+            return cls(**dict(zip(("steps", "lr", "train_seed", "seed"), values)))
+        except ValueError:
+            raise ValueError(f"stage {text!r}: steps >= 1, lr > 0 and seeds >= 0 are required") from None
 
 
 def run_train_stages(
@@ -460,7 +470,7 @@ def run_train_stages(
     adapter, report = None, None
     for k, st in enumerate(stages, start=1):
         train = [TrainExample(s.image, s.prompt, s.answer) for s in make_samples(n_train, st.train_seed, synth)]
-        settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
+        settings = base.with_(steps=st.steps, lr=st.lr, seed=st.seed)
         adapter, info = train_tiny(
             train, words, settings, spec=spec, init_from=adapter,
             progress=None if progress is None else (lambda s, loss, acc, k=k: progress(k, s, loss, acc)),
@@ -472,7 +482,7 @@ def run_train_stages(
         if stage_dir is not None and k < len(stages):
             save_checkpoint(adapter, Path(stage_dir) / f"stage{k}", report)
     report["recipe_run"] = {
-        "stages": [asdict(st) for st in stages],
+        "stages": [st.model_dump() for st in stages],
         "wall_seconds": round(time.time() - t0, 1),
         "threads": base.threads,
         "compile": base.compile,

@@ -12,7 +12,7 @@ Erasing a region can change an answer in two ways that mean different things to 
 
 Both are dependences; a flag that mixes them up tells the auditor the wrong story (a clean
 model that reads a logo as an extra object is not "relying on a shortcut"). The rules here
-compare answers as multisets of content words (`diffcam_core.words`: function words left
+compare answers as multisets of content words (`diffcam.core.words`: function words left
 out), so they need no parser for the answer's phrases. Pure: answers in, verdict out.
 """
 
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from diffcam_core.words import is_function_word, normalise_word
+from diffcam.core.words import is_function_word, normalise_word
 
 __all__ = ["UNCHANGED", "NAMED_AS_OBJECT", "WORD_CHANGED", "content_words", "answer_change", "dependence_verdict"]
 

@@ -2,20 +2,28 @@
 not fitted to: printed by the report next to the flags.
 
 A flag is only as trustworthy as its calibration, and an auditor reading a run cannot see
-it in the numbers of that run. The figures below are copied from the committed cue-zoo
-evaluation (`benchmarks/results/cue_zoo_full.json`, `python benchmarks/cue_zoo.py eval`);
-`tests/test_bias_calibration.py` recomputes them from that file, so they cannot drift from
-it silently. docs/BIAS.md explains the fitting rule and the split.
+it in the numbers of that run. The held-out figures of the kinds the cue zoo judges are
+written from the committed evaluation (`benchmarks/results/cue_zoo_full.json`,
+`python benchmarks/cue_zoo.py eval`) each time a report is built, never copied into code, so a
+new evaluation changes the report by itself. docs/BIAS.md explains the fitting rule and the split.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Calibration", "CALIBRATION", "ZOO_RESULTS", "calibration_rows", "heldout_summary"]
+__all__ = ["Calibration", "CALIBRATION", "ZOO_RESULTS", "ZOO_KINDS", "calibration_rows", "heldout_summary",
+           "load_zoo_results"]
 
+#: The repository checkout this package runs from (tasks/bias/ is two folders down).
+_REPO = Path(__file__).resolve().parents[2]
 #: The evaluation the held-out figures come from (repository path).
 ZOO_RESULTS = "benchmarks/results/cue_zoo_full.json"
+#: The kinds whose held-out figures come from that evaluation (`heldout_summary`).
+ZOO_KINDS = ("clever_hans", "hallucinated_object", "centre_bias", "suspect_region")
 
 _SHIPPED = "the shipped pair (models/tiny-shapes-cue, models/tiny-shapes) on synthetic seeds 2 and 3"
 
@@ -28,7 +36,8 @@ class Calibration:
     kind: str
     thresholds: tuple[str, ...]
     calibrated_on: str
-    heldout: str
+    #: None: written from the cue-zoo evaluation (`heldout_summary`).
+    heldout: str | None = None
 
 
 CALIBRATION: dict[str, Calibration] = {c.kind: c for c in (
@@ -38,15 +47,14 @@ CALIBRATION: dict[str, Calibration] = {c.kind: c for c in (
          "scan_min_hit_rate", "scan_min_drop"),
         f"{_SHIPPED}; checked (not refitted) on the cue zoo's calibration split, seed 2 "
         "(the zoo had one relying calibration model, so every fitted gate kept its default)",
-        ("cue zoo, 12 held-out audits (seed 5): recall 2 of 3 relying cue models [0.21, 0.94], precision "
-         "2 of 2 flags [0.34, 1.00], 0 shortcut flags on 3 clean audits"),
+        None,
     ),
     Calibration(
         "hallucinated_object",
         ("cf_confirm_min",),
-        "the verdict rule of diffcam_core.bias_verdict (no threshold of its own): the shipped clean model "
+        "the verdict rule of diffcam.core.bias.verdict (no threshold of its own): the shipped clean model "
         "with an unseen 12-px purple marker, seed 2",
-        "cue zoo: found on 0 of 1 held-out audits whose model names the marker as an object",
+        None,
     ),
     Calibration(
         "centre_bias",
@@ -56,15 +64,13 @@ CALIBRATION: dict[str, Calibration] = {c.kind: c for c in (
         "without a biased model but after the zoo's first evaluation showed the map score missing one; map "
         "score: default 0.15 (the zoo's calibration split has no centre-biased model to fit it on); word-level "
         "index: synthetic centre-sitting maps",
-        ("cue zoo: 1 of 2 held-out centre models measured centre-biased, flagged; 0 centre flags on "
-         "models that are not"),
+        None,
     ),
     Calibration(
         "suspect_region",
         ("cf_confirm_min", "off_object_threshold", "member_enrichment_min"),
         f"{_SHIPPED}; raised only when the sample's own erase test shows dependence",
-        ("cue zoo, pooled over held-out models: 55 true, 1 false, 70 missed (precision [0.91, 1.00], "
-         "recall [0.36, 0.53])"),
+        None,
     ),
     Calibration(
         "off_object",
@@ -124,14 +130,24 @@ def heldout_summary(result: dict) -> dict[str, str]:
     }
 
 
-def calibration_rows(kinds: list[str]) -> list[dict[str, str]]:
-    """Report rows for the flag kinds of a run, in the order given; unknown kinds say so."""
+def load_zoo_results(root: Path = _REPO) -> dict[str, Any] | None:
+    """The committed cue-zoo evaluation, or None where this installation does not carry it."""
+    path = root / ZOO_RESULTS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def calibration_rows(kinds: list[str], zoo_result: dict[str, Any] | None) -> list[dict[str, str]]:
+    """Report rows for the flag kinds of a run, in the order given; unknown kinds say so.
+    ``zoo_result``: the cue-zoo evaluation the zoo-judged kinds' held-out figures are written from."""
+    summary = heldout_summary(zoo_result) if zoo_result is not None else {}
     out = []
     for kind in kinds:
         c = CALIBRATION.get(kind)
         if c is None:
             out.append({"kind": kind, "thresholds": "–", "calibrated on": "no calibration record", "held-out": "–"})
-        else:
-            out.append({"kind": kind, "thresholds": ", ".join(c.thresholds), "calibrated on": c.calibrated_on,
-                        "held-out": c.heldout})
+            continue
+        heldout = c.heldout if c.heldout is not None else summary.get(
+            kind, f"not available: {ZOO_RESULTS} is not in this installation")
+        out.append({"kind": kind, "thresholds": ", ".join(c.thresholds), "calibrated on": c.calibrated_on,
+                    "held-out": heldout})
     return out

@@ -28,120 +28,39 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, SiglipVisionConfig
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from pydantic import Field
 
-from diffcam_core.models.base import load_adapter
-from diffcam_core.models.llada import MASK_TOKEN, LladaVAdapter, LladaVModel
-from diffcam_core.settings import GenerationSettings
-from diffcam_core.synthetic import COLORS, SHAPES, SynthSample, SynthSettings, make_samples, vocabulary
-from tasks.train_tiny import (Stage, TrainExample, evaluate_answers, examples_sha256, stage_record,
-                              training_seeds, warmup_cosine_adamw)
+from diffcam.core.models.base import load_adapter
+from diffcam.core.models.llada import LladaVAdapter
+from diffcam.core.settings import GenerationSettings, Settings
+from diffcam.core.synthetic import COLORS, SHAPES, SynthSample, SynthSettings, make_samples, vocabulary
+from diffcam.training.gemma import (
+    LoopSettings,
+    Stage,
+    TrainExample,
+    evaluate_answers,
+    examples_sha256,
+    stage_record,
+    training_seeds,
+    warmup_cosine_adamw,
+)
+from diffcam.training.tiny_llada import LladaSpec, build_adapter
 
-PAD, EOS, BOS, UNK = "<pad>", "<|endoftext|>", "<|startoftext|>", "<unk>"
-#: LLaDA's names for eos / bos / mask, so the adapter finds them the way it does on released checkpoints.
-SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, MASK_TOKEN)
-RECORD = "diffcam_tiny.json"  # same name and layout as the DiffusionGemma record (`tasks.train_tiny.training_seeds` reads it)
-
-
-@dataclass(frozen=True)
-class LladaSpec:
-    """Architecture and generation defaults of the tiny LLaDA-V model; recorded with the checkpoint.
-
-    `vision_layers`: SigLIP encoder layers. transformers 5.24 accepts 0 in the config, but then
-    `SiglipVisionModel` returns an empty `hidden_states` tuple and `LladaVModel.image_features`
-    (which reads `hidden_states[-1]`) fails, so the smallest tower that loads today has 1 layer.
-    `vision_identity_init` zeroes that layer's two residual branches (attention out_proj, MLP
-    fc2), so at step 0 every image token is its own patch embedding + position and locality
-    is only lost if training pays for it.
-    `steps` / `block_length`: LLaDA sampler defaults written to generation_config.json; with
-    `steps == gen_length` one token is committed per step, so the words of an answer get
-    different commit steps.
-    """
-
-    image_size: int = 64
-    patch_size: int = 4
-    vision_hidden: int = 64
-    vision_layers: int = 1
-    vision_heads: int = 2
-    vision_identity_init: bool = True
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 4
-    intermediate: int = 384
-    projector: str = "mlp2x_gelu"
-    max_positions: int = 512
-    gen_length: int = 16
-    block_length: int = 16
-    steps: int = 16
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
-        n_blocks = self.gen_length // self.block_length
-        if self.steps < n_blocks or self.steps % n_blocks:
-            raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks {n_blocks}")
-        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
-            raise ValueError(f"text_hidden {self.text_hidden} / text_heads {self.text_heads} / text_kv_heads "
-                             f"{self.text_kv_heads} must divide evenly")
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(f"vision_hidden {self.vision_hidden} is not a multiple of vision_heads {self.vision_heads}")
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_overrides(cls, overrides: dict) -> "LladaSpec":
-        """The default spec with some fields replaced; unknown names and wrong types are errors."""
-        if not isinstance(overrides, dict):
-            raise ValueError(f"expected a JSON object of LladaSpec fields, got {type(overrides).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise ValueError(f"unknown LladaSpec fields {unknown}; known: {sorted(known)}")
-        for name, value in overrides.items():
-            want = type(getattr(cls, name))
-            if want is bool:
-                ok = isinstance(value, bool)
-            elif want is str:
-                ok = isinstance(value, str)
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            if not ok:
-                raise ValueError(f"LladaSpec.{name} must be a {'non-negative ' if want is int else ''}"
-                                 f"{want.__name__}, got {value!r}")
-        return cls(**overrides)
+#: Same name and layout as the DiffusionGemma record (`diffcam.training.gemma.training_seeds` reads it).
+RECORD = "diffcam_tiny.json"
 
 
-@dataclass(frozen=True)
-class LladaTrainSettings:
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    eps: float = 1e-3  # t ~ U(eps, 1), LLaDA's lower bound: no example is trained with nothing masked on purpose
-    seed: int = 0
-    threads: int = 2
-    minutes: float | None = None
-    device: str = "cpu"  # masks and batches are drawn on the CPU either way
-    # torch.compile the forward + loss. Same batches and masks; fused kernels round
-    # differently, so a compiled run reproduces a compiled run (same threads), not an eager one.
-    compile: bool = False
+class LladaTrainSettings(LoopSettings):
+    """The LLaDA loop: the masking schedule's lower bound, held-out scoring, a frozen tower."""
+
+    steps: int = Field(default=1500, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    eps: float = Field(default=1e-3, gt=0.0, lt=1.0)  # t ~ U(eps, 1), LLaDA's lower bound: nothing is trained unmasked
     # Score `evaluate` (a held-out subset) every this many steps; 0 = never. Generation draws
     # no random numbers from the training generators, so it does not change the weights.
     eval_every: int = 0
@@ -150,8 +69,7 @@ class LladaTrainSettings:
     freeze_vision: bool = False
 
 
-@dataclass(frozen=True)
-class VisionStage:
+class VisionStage(Settings):
     """Pretraining of the SigLIP tower alone, before the language model sees it.
 
     Released LLaDA-V checkpoints start from a pretrained SigLIP; a tiny tower trained from
@@ -161,61 +79,20 @@ class VisionStage:
     quarter of it), with a linear head that is thrown away afterwards.
     """
 
-    steps: int
-    lr: float
-    train_seed: int  # synthetic images of this seed (`diffcam data synth --seed`)
-    seed: int = 0  # batches and the head's initialisation
-    batch_size: int = 64
-    warmup: int = 50
-    weight_decay: float = 0.01
-    min_coverage: float = 0.25  # share of a patch an object must cover for the token to carry its shape
+    steps: int = Field(ge=0)  # 0: the untrained tower, scored only
+    lr: float = Field(gt=0.0)
+    train_seed: int = Field(ge=0)  # synthetic images of this seed (`diffcam data synth --seed`)
+    seed: int = Field(default=0, ge=0)  # batches and the head's initialisation
+    batch_size: int = Field(default=64, ge=1)
+    warmup: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    min_coverage: float = Field(default=0.25, ge=0.0, le=1.0)  # share of a patch an object must cover to carry its shape
 
     @classmethod
-    def parse(cls, text: str) -> "VisionStage":
+    def parse(cls, text: str) -> VisionStage:
         """`STEPS:LR:TRAIN_SEED[:SEED]`, e.g. `800:2e-3:1:0` (the same form as a training `--stage`)."""
         st = Stage.parse(text)
-        return cls(st.steps, st.lr, st.train_seed, st.seed)
-
-
-def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: the special tokens, then every word of `words` (sorted)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in sorted(set(words)):
-        vocab.setdefault(w, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS,
-                                   unk_token=UNK, additional_special_tokens=[MASK_TOKEN])
-
-
-def build_model(spec: LladaSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LladaVModel:
-    """A random-initialised `LladaVModel` of `spec` (seeded: same seed, same weights)."""
-    torch.manual_seed(seed)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.intermediate,
-                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                       num_key_value_heads=spec.text_kv_heads, max_position_embeddings=spec.max_positions,
-                       rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       bos_token_id=tokenizer.bos_token_id)
-    vision = SiglipVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-                                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                                image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False)
-    model = LladaVModel(text, vision, spec.projector, image_newline=False)
-    if spec.vision_identity_init:
-        with torch.no_grad():
-            for layer in model.siglip.encoder.layers:
-                for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
-                    lin.weight.zero_()
-                    lin.bias.zero_()
-    return model
-
-
-def build_adapter(spec: LladaSpec, words: Sequence[str], seed: int) -> LladaVAdapter:
-    """Model + tokenizer + SigLIP processor, wrapped in the family's adapter (its input path)."""
-    tokenizer = build_tokenizer(words)
-    processor = SiglipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
-    model = build_model(spec, tokenizer, seed)
-    return LladaVAdapter(model, tokenizer, processor, image_aspect_ratio="square", gen_length=spec.gen_length,
-                         block_length=spec.block_length)
+        return cls(steps=st.steps, lr=st.lr, train_seed=st.train_seed, seed=st.seed)
 
 
 def encode_examples(adapter: LladaVAdapter, examples: Sequence[TrainExample]) -> list[dict[str, torch.Tensor]]:
@@ -370,8 +247,8 @@ def train_llada(
         "trajectory_eval_seconds": round(eval_seconds, 1),
         "n_train": len(train),
         "train_data_sha256": examples_sha256(train),
-        "settings": asdict(settings),
-        "spec": spec.to_dict(),
+        "settings": settings.model_dump(),
+        "spec": spec.model_dump(),
         "objective": "LLaDA SFT: t~U(eps,1) per example, answer tokens masked w.p. t, CE on masked / t, "
                      "sum / (batch x gen_length); image and prompt never masked",
         "init_from": None if init_from is None else "(previous stage, in memory)",
@@ -456,7 +333,7 @@ def pretrain_vision_tower(adapter: LladaVAdapter, train: Sequence[SynthSample], 
     if progress and losses:
         progress(len(losses) - 1, float(np.mean(losses[-50:])), accuracy)
     return {
-        "stage": asdict(stage),
+        "stage": stage.model_dump(),
         "objective": "per-token cross-entropy: background or the shape of the object covering >= min_coverage "
                      "of the token's patch, linear head on the tower's last hidden state (head discarded)",
         "train_seconds": round(seconds, 1),
@@ -489,7 +366,7 @@ class _Recording:
 
 
 def evaluate_llada(adapter, examples: Sequence[TrainExample], steps: int) -> dict:
-    """Held-out scores (`tasks.train_tiny.evaluate_answers`, which only needs `prepare` / `generate`,
+    """Held-out scores (`diffcam.training.gemma.evaluate_answers`, which only needs `prepare` / `generate`,
     so any family's adapter works) plus how commit steps spread over the words of each answer."""
     rec = _Recording(adapter)
     out = evaluate_answers(rec, examples, {"color": frozenset(COLORS), "shape": frozenset(SHAPES)},
@@ -563,7 +440,7 @@ def run_llada_stages(
 ) -> dict:
     """Train through `stages` in one process (fresh synthetic data per stage), score every stage on
     the same held-out set, save the last stage to `out_dir`; the record chains the stages
-    (`previous_stage`) like `tasks.train_tiny.run_train_stages`. `progress(stage, step, loss, acc)`.
+    (`previous_stage`) like `diffcam.training.gemma.run_train_stages`. `progress(stage, step, loss, acc)`.
     With `base.eval_every`, the first `n_trajectory` held-out images are also scored during training
     (`on_eval(stage, point)` sees each point). With `vision_stage`, a new tower is first pretrained
     on its own (`pretrain_vision_tower`, recorded as `recipe_run.vision_stage`); set
@@ -579,10 +456,10 @@ def run_llada_stages(
     seen: set[int] = set()
     if init_from is not None:
         adapter, report = _load_for_continuing(Path(init_from))
-        recorded = LladaSpec(**report["train"]["spec"])
+        recorded = LladaSpec.model_validate(report["train"]["spec"])
         if spec is not None and spec != recorded:
-            raise ValueError(f"init_from {init_from} keeps its own spec {recorded.to_dict()}; "
-                             f"a different spec ({spec.to_dict()}) cannot change a trained model")
+            raise ValueError(f"init_from {init_from} keeps its own spec {recorded.model_dump()}; "
+                             f"a different spec ({spec.model_dump()}) cannot change a trained model")
         spec = recorded
         seen = set(training_seeds(Path(init_from)))
     spec = spec if spec is not None else LladaSpec()
@@ -607,7 +484,7 @@ def run_llada_stages(
             progress=vision_progress)
     for k, st in enumerate(stages, start=1):
         train = [_example(s) for s in samples_of(st.train_seed, n_train)]
-        settings = replace(base, steps=st.steps, lr=st.lr, seed=st.seed)
+        settings = base.with_(steps=st.steps, lr=st.lr, seed=st.seed)
         adapter, info = train_llada(train, words, settings, spec, init_from=adapter,
                                     progress=None if progress is None else
                                     (lambda s, loss, acc, k=k: progress(k, s, loss, acc)),
@@ -619,7 +496,7 @@ def run_llada_stages(
         report = stage_record(info, report, st, n_train, synth, heldout_seed, n_heldout, ev)
     report["recipe_run"] = {
         "continued_from": None if init_from is None else str(init_from),
-        "stages": [asdict(st) for st in stages],
+        "stages": [st.model_dump() for st in stages],
         "vision_stage": vision_record,
         "freeze_vision": base.freeze_vision,
         "wall_seconds": round(time.time() - t0, 1),

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import EPS, hotspot, window_box, window_cells, window_max, window_sums
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import EPS, hotspot, window_box, window_cells, window_max, window_sums
 
 __all__ = ["ClusterResult", "cluster_word_maps", "suspect_regions"]
 

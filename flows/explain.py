@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffcam_core.cam import explain
-from diffcam_core.metrics import upsample_bilinear
-from diffcam_core.models.base import load_adapter
-from diffcam_core.settings import CamSettings, GenerationSettings
-from diffcam_core.stats import map_stats
-from storage.images import load_image
-from storage.report import heat_colors
+from diffcam.core.cam import explain
+from diffcam.core.metrics import upsample_bilinear
+from diffcam.core.models.base import load_adapter
+from diffcam.core.settings import CamSettings, GenerationSettings
+from diffcam.core.stats import map_stats
+from diffcam.storage.images import load_image
+from diffcam.storage.report import heat_colors
 
 
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.Image:

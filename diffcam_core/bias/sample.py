@@ -15,13 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_flags import Flag, make_flag, round6
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import (
-    EPS, as_mask, cell_coverage, hotspot, window_box, window_cells, window_max, window_sums,
+from diffcam.core.bias.flags import Flag, make_flag, round6
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import (
+    EPS,
+    as_mask,
+    cell_coverage,
+    hotspot,
+    window_box,
+    window_cells,
+    window_max,
+    window_sums,
 )
-from diffcam_core.metrics import validate_map, validate_mask
-from diffcam_core.stats import border_mask, gini
+from diffcam.core.metrics import validate_map, validate_mask
+from diffcam.core.stats import border_mask, gini
 
 __all__ = ["sample_flags", "region_sample_flags"]
 
@@ -68,7 +75,7 @@ def sample_flags(
         a = validate_map(word_maps[method])
         grid = a.shape
         base = {"sample_id": sample_id, "word_index": int(word_index), "word": word, "method": method}
-        ident = dict(sample_id=sample_id, word_index=int(word_index), word=word, method=method)
+        ident: dict[str, Any] = dict(sample_id=sample_id, word_index=int(word_index), word=word, method=method)
         peak = float(a.max())
         if peak <= settings.zero_max:
             ev = {**base, "rule": "score <= threshold", "map_max": peak, "grid": list(grid),
@@ -98,6 +105,7 @@ def sample_flags(
                   "peak_cell": [pr, pc], "inside_frac": round6(st.get("inside_frac")), "obj_iou": round6(st.get("obj_iou")),
                   "masks_avoided": len(masks)}
         if cov is not None:
+            assert mask is not None  # cov is computed from mask (cov_cache above)
             inside = float((p * cov).sum())
             hs = hotspot(p, win, off)
             if hs is not None:
@@ -147,10 +155,10 @@ def region_sample_flags(flag: Flag, analysis: Mapping[str, Any],
       window's area share of its mass in the flag's region — the test that makes a
       cluster member "consistent" — and the sample was not tested; or
     - counterfactual: ``tests[sample_id]`` (the sample regenerated with only the region
-      erased, and with a control window erased instead, `tasks.bias_counterfactual.region_counterfactuals`)
+      erased, and with a control window erased instead, `diffcam.tasks.bias.counterfactual.region_counterfactuals`)
       shows a dependence its control erasure does not: the word vanishes as a real
       object's word changes (verdict "shortcut"), or a phrase about no real object goes
-      (verdict "named_as_object", `diffcam_core.bias_verdict`).
+      (verdict "named_as_object", `diffcam.core.bias.verdict`).
     A tested sample whose own counterfactual shows neither is never flagged, however
     salient the region: the answer does not depend on it. Evidence ``verdict``: one of
     those two, or "saliency_only" (not tested).

@@ -1,6 +1,6 @@
 """The audit without Ray or Prefect, for benchmarks and tests on a laptop.
 
-Not the production path (that is flows/audit.py): one `tasks.worker.CamWorker` called
+Not the production path (that is flows/audit.py): one `diffcam.tasks.worker.CamWorker` called
 in-process, shards committed with `Store`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,16 @@ def audit_in_process(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Audit ``dataset_path`` with ``model_dir`` into ``store`` without Ray or Prefect:
-    one `tasks.worker.CamWorker` called in-process, shards committed with `Store`.
+    one `diffcam.tasks.worker.CamWorker` called in-process, shards committed with `Store`.
     For benchmarks and tests; returns timings. The run row is written (status
     ``succeeded`` at the end); an existing run id raises (use a new one)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from diffcam_core.settings import CamSettings, run_settings
-    from storage.datasets import load_dataset
-    from storage.schemas import table_from_rows
-    from tasks.plan import plan_shards
-    from tasks.worker import CamWorker
+    from diffcam.core.settings import CamSettings, run_settings
+    from diffcam.storage.datasets import load_dataset
+    from diffcam.storage.schemas import table_from_rows
+    from diffcam.tasks.plan import plan_shards
+    from diffcam.tasks.worker import CamWorker
 
     log = log or _quiet
     cam = cam_settings or CamSettings()
@@ -53,7 +54,7 @@ def audit_in_process(
     store.write_run({
         "run_id": run_id, "model_uri": Path(model_dir).resolve().as_uri(), "model_hash": "in-process",
         "dataset_uri": ds.uri, "dataset_hash": ds.content_hash, "config_json": json.dumps(config, sort_keys=True),
-        "code_version": "in-process", "started_at": datetime.now(timezone.utc), "status": "running",
+        "code_version": "in-process", "started_at": datetime.now(UTC), "status": "running",
         "n_samples": n, "n_shards": len(shards), "trigger": "manual",
     })
     t0 = time.perf_counter()
@@ -73,6 +74,6 @@ def audit_in_process(
             "samples": table_from_rows("samples", samples), "token_maps": table_from_rows("token_maps", maps),
             "failures": table_from_rows("failures", fails)})
         log(f"shard {shard.shard_id}: {len(samples)} ok, {len(fails)} failed ({time.perf_counter() - t1:.0f} s)")
-    store.update_run(run_id, status="succeeded", finished_at=datetime.now(timezone.utc), n_results=n_ok,
+    store.update_run(run_id, status="succeeded", finished_at=datetime.now(UTC), n_results=n_ok,
                      n_failures=n_fail)
     return {"load_s": t1 - t0, "explain_s": time.perf_counter() - t1, "n_ok": n_ok, "n_failures": n_fail}

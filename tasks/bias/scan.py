@@ -1,14 +1,14 @@
 """The bias step's saliency-free discovery: a window scan per word that proposes `clever_hans` suspects.
 
-The saliency suspects of `diffcam_core.bias_dataset` only test regions that a map lights; a
+The saliency suspects of `diffcam.core.bias.dataset` only test regions that a map lights; a
 cue the maps do not see is never tested. Here the model's behaviour proposes the regions
-(`diffcam_core.discovery`, docs/BIAS.md "Discovery scan in the audit"):
+(`diffcam.core.bias.discovery`, docs/BIAS.md "Discovery scan in the audit"):
 
-1. For each content word of the run (the words `tasks.bias.analyse_run` analysed) with at
+1. For each content word of the run (the words `diffcam.tasks.bias.step.analyse_run` analysed) with at
    least ``min_word_samples`` occurrences, take up to ``scan_max_samples`` samples whose
    stored answer has the word, in a fixed order (sha256 of the sample id: deterministic,
    unrelated to how the dataset is sorted).
-2. Scan them through a *scanner* (`tasks.scan`: the answer regenerated with the run's
+2. Scan them through a *scanner* (`diffcam.tasks.scan`: the answer regenerated with the run's
    generation settings, every window of ``hotspot_size`` erased in turn, the word re-scored
    on its attribution canvas). A sample whose regenerated answer lacks the word is not
    scanned (counted in ``n_not_reproduced``).
@@ -19,7 +19,7 @@ cue the maps do not see is never tested. Here the model's behaviour proposes the
 4. Each candidate becomes a `clever_hans` suspect `Flag` with ``method`` None (the scan uses
    no map) and ``evidence["found_by"] = "scan"``, unless a saliency suspect of the same word
    already names the same region (no duplicate). It then goes through the same
-   counterfactual as the saliency suspects (`tasks.bias_counterfactual.counterfactual`:
+   counterfactual as the saliency suspects (`diffcam.tasks.bias.counterfactual.counterfactual`:
    ``prototype`` is the positive mean-drop map, so the control window is one whose erasure
    did not lower the word; ``sample_ids`` are the scanned samples by their drop at the
    window, then the word's other samples), so it can be refuted.
@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_flags import Flag, format_region, make_flag, region_box, round6
-from diffcam_core.bias_settings import BiasSettings
-from diffcam_core.bias_windows import cell_coverage, window_box
-from diffcam_core.discovery import summarise_scans
-from diffcam_core.words import normalise_word
-from tasks.bias_counterfactual import Objects, Samples, words_of
-from tasks.scan import Scanner
+from diffcam.core.bias.discovery import summarise_scans
+from diffcam.core.bias.flags import Flag, format_region, make_flag, region_box, round6
+from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.bias.windows import cell_coverage, window_box
+from diffcam.core.words import normalise_word
+from diffcam.tasks.bias.counterfactual import Objects, Samples, words_of
+from diffcam.tasks.scan import Scanner
 
 __all__ = ["FOUND_BY", "scan_order", "scan_suspects", "flag_analysis", "scan_analysis"]
 
@@ -82,7 +82,7 @@ def scan_suspects(scan: Scanner, analyses: Mapping[tuple[str, str], Mapping[str,
     ``scan_words="unsuspected"`` their words are not scanned). Returns (flags, info): info
     has ``scan_s``, ``n_scanned_images``, ``n_scan_calls`` and per word what was scanned,
     found and skipped."""
-    from storage.images import load_image
+    from diffcam.storage.images import load_image
 
     info: dict[str, Any] = {"scan_s": 0.0, "n_scanned_images": 0, "n_scan_calls": 0, "words": {}}
     if settings.scan_max_samples <= 0:
@@ -178,7 +178,7 @@ def scan_suspects(scan: Scanner, analyses: Mapping[tuple[str, str], Mapping[str,
 
 
 def scan_analysis(flag: Flag, run_words: Mapping[str, Sequence[tuple[int, str, bool]]]) -> dict[str, Any]:
-    """The "analysis" `diffcam_core.bias_sample.region_sample_flags` reads, for a scan flag:
+    """The "analysis" `diffcam.core.bias.sample.region_sample_flags` reads, for a scan flag:
     every content occurrence of the flag's word in the run (`load_run_maps`'s ``words``),
     with all-zero maps. The scan has no map, so an occurrence is reached only by its own
     per-sample counterfactual (the word vanishes without the region and not without the

@@ -1,13 +1,13 @@
 """Flag values of the bias audit: one typed `Flag` per finding, built one way for every rule.
 
 A `Flag` holds the ``flags`` table's columns except ``run_id`` as values: ``flag_id``
-(deterministic, the recipe of `storage.schemas.make_flag_id`), ``sample_id`` (None at
+(deterministic, the recipe of `diffcam.storage.schemas.make_flag_id`), ``sample_id`` (None at
 dataset level), ``word_index``, ``word``, ``method``, ``kind``, ``score``, ``threshold``,
 ``confirmed`` (None: no counterfactual run), ``region`` (a box ``(x0, y0, x1, y1)`` in
 normalised image coordinates at the column's 4 decimals, or None) and ``evidence`` (the
 rule that fired, every number it used and the thresholds it compared them with, the
 sample ids). They become the stored text (``"x0,y0,x1,y1"``, sorted-key JSON) in one
-place only, where the rows are written: `storage.schemas.flag_row`.
+place only, where the rows are written: `diffcam.storage.schemas.flag_row`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ REGION_KINDS = ("clever_hans", "hallucinated_object")
 
 def flag_id(kind: str, sample_id: str | None = None, word_index: int | None = None, word: str | None = None,
             method: str | None = None, extra: str | None = None) -> str:
-    """Deterministic flag id; the recipe of `storage.schemas.make_flag_id` (a test checks they agree)."""
+    """Deterministic flag id; the recipe of `diffcam.storage.schemas.make_flag_id` (a test checks they agree)."""
     ident = json.dumps([kind, sample_id, word_index, word, method, extra], ensure_ascii=False)
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
@@ -43,7 +43,7 @@ def _box(box: Sequence[float]) -> tuple[float, float, float, float]:
 
 def format_region(box: Sequence[float]) -> str:
     """``"x0,y0,x1,y1"`` with 4 decimals: part of a `clever_hans` flag's id, as the
-    ``flags.region`` text (`storage.schemas.format_region`; a test checks they agree)."""
+    ``flags.region`` text (`diffcam.storage.schemas.format_region`; a test checks they agree)."""
     return ",".join(f"{v:.4f}" for v in _box(box))
 
 
@@ -84,7 +84,7 @@ def make_flag(kind: str, score: float, threshold: float, evidence: dict[str, Any
 
 def as_hallucinated_object(flag: Flag) -> Flag:
     """A `clever_hans` suspect whose counterfactual found the region *named as an object of
-    its own* (`diffcam_core.bias_verdict`), re-kinded: its own id, its own meaning, confirmed."""
+    its own* (`diffcam.core.bias.verdict`), re-kinded: its own id, its own meaning, confirmed."""
     extra = None if flag.region is None else format_region(flag.region)
     ev = {**flag.evidence, "found_as": "clever_hans suspect",
           "meaning": "the model reads this region as an object of its own: erasing it drops a phrase about no "

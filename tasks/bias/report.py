@@ -1,9 +1,9 @@
-"""The "Bias audit" section of the run report (`storage.report.Section`).
+"""The "Bias audit" section of the run report (`diffcam.storage.report.Section`).
 
 Flags by word, dataset-level flags with their evidence, cluster prototypes and mean maps
 as images, counterfactual before/after examples (re-drawn from the dataset images and
 the evidence; no model is run), top sample-level flags. Tables, formatting and images
-use `storage.report`'s helpers, so this section looks like the others.
+use `diffcam.storage.report`'s helpers, so this section looks like the others.
 """
 
 from __future__ import annotations
@@ -14,14 +14,23 @@ from typing import Any
 
 import numpy as np
 
-from diffcam_core.bias_flags import SAMPLE_KINDS
-from diffcam_core.inpaint import box_mask, erase_mask, erase_region_around
-from diffcam_core.words import normalise_word
-from storage.report import (
-    ReportContext, Section, SectionContent, esc, heat_colors, html_table, img_tag, md_table, png_bytes,
+from diffcam.core.bias.flags import SAMPLE_KINDS
+from diffcam.core.inpaint import box_mask, erase_mask, erase_region_around
+from diffcam.core.methods import methods_for
+from diffcam.core.words import normalise_word
+from diffcam.storage.report import (
+    ReportContext,
+    Section,
+    SectionContent,
+    esc,
+    heat_colors,
+    html_table,
+    img_tag,
+    md_table,
+    png_bytes,
 )
-from storage.schemas import parse_evidence, parse_region
-from tasks.bias_calibration import ZOO_RESULTS, calibration_rows
+from diffcam.storage.schemas import parse_evidence, parse_region
+from diffcam.tasks.bias.calibration import ZOO_RESULTS, calibration_rows, load_zoo_results
 
 __all__ = ["bias_section", "BIAS_SECTION"]
 
@@ -73,7 +82,7 @@ def _image_png(arr: np.ndarray, box: Sequence[float] | None = None) -> bytes:
 
 def _cf_images(ex: Mapping[str, Any], region: Sequence[float], ring_fraction: float) -> dict[str, bytes]:
     """Redraw a counterfactual example's images from the dataset files and the evidence."""
-    from storage.images import load_image, load_mask
+    from diffcam.storage.images import load_image, load_mask
 
     img = np.asarray(load_image(ex["image_path"]))
     H, W = img.shape[:2]
@@ -94,14 +103,14 @@ def _cf_images(ex: Mapping[str, Any], region: Sequence[float], ring_fraction: fl
     return out
 
 
-_MEAN_MAP_METHODS = ("diffusion-cam", "token-gradnorm", "token-gradxinput")
+_MEAN_MAP_METHODS = methods_for("bias-dataset")
 _MAX_MEAN_MAP_WORDS = 24
 
 
 def _word_mean_maps(ctx: ReportContext) -> str:
     """A table of mean maps (mass distributions averaged over the run), one row per content
     word, one column per audited map method; dataset-level flag regions are outlined."""
-    from storage.schemas import dequantize_map
+    from diffcam.storage.schemas import dequantize_map
 
     rows = ctx.con.execute(
         "SELECT word, method, grid_h, grid_w, map, map_max FROM token_maps "
@@ -141,7 +150,7 @@ def _word_mean_maps(ctx: ReportContext) -> str:
 
 def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str | None:
     """How faithful the maps the flags were raised on are, measured in this same run."""
-    from storage.queries import run_query
+    from diffcam.storage.queries import run_query
 
     rows = run_query(ctx.con, "faithfulness_table", run_id=ctx.run_id).to_pylist()
     ranked = [r for r in rows if r["vanish_rate"] is not None]
@@ -162,7 +171,7 @@ def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str
 
 
 def bias_section(ctx: ReportContext) -> SectionContent:
-    """The "Bias audit" report section (`storage.report.Section` builder).
+    """The "Bias audit" report section (`diffcam.storage.report.Section` builder).
 
     Everything shown comes from the ``flags`` table (scores, thresholds, regions and the
     evidence JSON) and the dataset files the evidence names; nothing is re-run."""
@@ -198,7 +207,7 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     if by_word:
         parts.append("<h3>Flags by word</h3>" + html_table(by_word, ["word", "method", "level", "kind", "n_flags"]))
         md.append(md_table(by_word, ["word", "method", "level", "kind", "n_flags"]))
-        cal = calibration_rows(list(dict.fromkeys(f["kind"] for f in flags)))
+        cal = calibration_rows(list(dict.fromkeys(f["kind"] for f in flags)), load_zoo_results())
         cal_cols = ["kind", "thresholds", "calibrated on", "held-out"]
         parts.append("<h3>Calibration behind these flags</h3><p>Which models and seeds chose each kind's "
                      f"thresholds, and how the kind did on models they were not fitted to ({esc(ZOO_RESULTS)}).</p>"

@@ -3,7 +3,7 @@
 The tiny model is a real `DiffusionGemmaForBlockDiffusion`, only small; it goes through
 exactly the same input path as a released checkpoint (tokenizer placeholders + the
 family's `Gemma4ImageProcessorPil`). Nothing here touches files: saving is the caller's
-job (`tasks/train_tiny.py`).
+job (`training/gemma.py`).
 
 Why these sizes (measured on the 2-core development machine): with a 2-layer vision tower a
 briefly trained tiny ViT keeps no locality and every CAM is at chance; with **0 vision
@@ -14,9 +14,8 @@ transformers 5.24).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import torch
+from pydantic import ConfigDict, NonNegativeFloat, NonNegativeInt
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     DiffusionGemmaConfig,
@@ -26,52 +25,37 @@ from transformers import (
 )
 from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
 
+from diffcam.core.settings import Settings
+
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>", "<boi>", "<eoi>")
 PAD, EOS, BOS, UNK, IMAGE, BOI, EOI = SPECIAL_TOKENS
 
 
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Architecture of the tiny model. Saved with the checkpoint (`diffcam_tiny.json`)."""
+class TinyModelSpec(Settings):
+    """Architecture of the tiny model. Saved with the checkpoint (`diffcam_tiny.json`); built from
+    JSON or TOML overrides with `model_validate` (strict: "4" is not an int, unknown fields refused)."""
 
-    image_size: int = 64
-    patch_size: int = 4
-    pooling_kernel_size: int = 2
-    max_soft_tokens: int = 70  # smallest value Gemma4ImageProcessor accepts; 64x64 -> 8x8 = 64 tokens
-    vision_hidden: int = 64
-    vision_layers: int = 0
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    head_dim: int = 32
-    intermediate: int = 256
-    num_experts: int = 2
-    moe_intermediate: int = 64
-    canvas_length: int = 16
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    image_size: NonNegativeInt = 64
+    patch_size: NonNegativeInt = 4
+    pooling_kernel_size: NonNegativeInt = 2
+    max_soft_tokens: NonNegativeInt = 70  # smallest value Gemma4ImageProcessor accepts; 64x64 -> 8x8 = 64 tokens
+    vision_hidden: NonNegativeInt = 64
+    vision_layers: NonNegativeInt = 0
+    text_hidden: NonNegativeInt = 128
+    text_layers: NonNegativeInt = 4
+    text_heads: NonNegativeInt = 4
+    text_kv_heads: NonNegativeInt = 2
+    head_dim: NonNegativeInt = 32
+    intermediate: NonNegativeInt = 256
+    num_experts: NonNegativeInt = 2
+    moe_intermediate: NonNegativeInt = 64
+    canvas_length: NonNegativeInt = 16
     # transformers initialises the Gemma 4 vision position table to ones, so every patch
     # starts with the same position code and the LM sees image layout only through the
     # token order. >0 draws the table from N(1, std) instead (see `init_position_table`).
-    position_init_std: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_overrides(cls, overrides: dict) -> "TinyModelSpec":
-        """The default spec with some fields replaced; unknown names are an error, not ignored."""
-        if not isinstance(overrides, dict):
-            raise ValueError(f"expected a JSON object of TinyModelSpec fields, got {type(overrides).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown TinyModelSpec fields {unknown}; known: {sorted(known)}")
-        for name, value in overrides.items():
-            want = type(getattr(cls, name))  # every field has a default: int or float
-            ok = isinstance(value, want) or (want is float and isinstance(value, int))
-            if isinstance(value, bool) or not ok or value < 0:
-                raise ValueError(f"TinyModelSpec.{name} must be a non-negative {want.__name__}, got {value!r}")
-        return cls(**overrides)
+    position_init_std: NonNegativeFloat = 0.0
 
 
 def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:

@@ -15,7 +15,7 @@ Columns: localisation (Obj-IoU, pointing, Contrast mean and median, Concentratio
 Contrast and Concentration also after min-max normalising every map, so methods that
 scale differently are compared alike); word specificity on images with two or more
 objects (multi-object pointing, specificity share, swap test); faithfulness on the first
-`faith_n` images (deletion and insertion AUC, vanish rate; `diffcam_core.faithfulness`).
+`faith_n` images (deletion and insertion AUC, vanish rate; `diffcam.core.faithfulness`).
 
 Honest protocol: every choice (layer, distractor, attribution step, DACG σ) is swept on
 images of `TUNING_SEED` and the table is reported on images of `REPORT_SEED`; the shipped
@@ -36,16 +36,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffcam_core import evidence, metrics
-from diffcam_core.cam import attribute, attribution_canvas
-from diffcam_core.faithfulness import adapter_scorer, word_faithfulness
-from diffcam_core.models.base import load_adapter
-from diffcam_core.refine import DEFAULT_SETTINGS, RefineSettings, akd_kernel_size, refine, refine_stack
-from diffcam_core.settings import CamSettings
-from diffcam_core.synthetic import SynthSettings, answer_groundings, make_samples, swap_objects
+from diffcam.core import evidence, metrics
+from diffcam.core.cam import attribute, attribution_canvas
+from diffcam.core.faithfulness import adapter_scorer, word_faithfulness
+from diffcam.core.methods import methods_for
+from diffcam.core.models.base import load_adapter
+from diffcam.core.refine import DEFAULT_SETTINGS, RefineSettings, akd_kernel_size, refine, refine_stack
+from diffcam.core.settings import CamSettings
+from diffcam.core.synthetic import SynthSettings, answer_groundings, make_samples, swap_objects
 
 ABLATION = ("+akd", "+dacg", "+cba", "+sicd")
-MODEL_METHODS = ("gradcam", "diffusion-cam-raw", *ABLATION, "diffusion-cam", "token-gradnorm")
+#: The table's map rows: the registered methods with the "method-table" role, each module of
+#: the refinement on its own (`ABLATION`, refine presets, not map methods) right after the raw map.
+MODEL_METHODS = tuple(x for m in methods_for("method-table") for x in ((m, *ABLATION) if m == "diffusion-cam-raw" else (m,)))
 ROW_METHODS = (*evidence.CHANCE_METHODS, *MODEL_METHODS)
 REPORT_SEED = 2
 TUNING_SEED = 11
@@ -235,8 +238,9 @@ def evaluate(adapter, samples, settings: CamSettings, methods: tuple[str, ...], 
         content = [w.word.commit_step for w in words if not w.word.is_function]
         if len(content) >= 2:
             distinct_commits.append(len(set(content)) == len(content))
-        f_maps = [maps[w.word.index]["diffusion-cam"] for w in words if w.word.is_function and "diffusion-cam" in maps.get(w.word.index, {})]
-        c_maps = [maps[w.word.index]["diffusion-cam"] for w in words if not w.word.is_function and "diffusion-cam" in maps.get(w.word.index, {})]
+        with_map = [w for w in words if "diffusion-cam" in maps.get(w.word.index, {})]
+        f_maps = [maps[w.word.index]["diffusion-cam"] for w in with_map if w.word.is_function]
+        c_maps = [maps[w.word.index]["diffusion-cam"] for w in with_map if not w.word.is_function]
         if f_maps and c_maps:
             func_iou.append(metrics.func_iou(f_maps, c_maps))
         if echo and (i + 1) % 25 == 0:
@@ -350,10 +354,10 @@ def refine_timing(answers: list[tuple[list[np.ndarray], int]]) -> dict[str, floa
     fast, slow, stacked, per_answer = [], [], [], []
     for maps, n_steps in answers:
         for m in maps:
-            fast.append(best_of(lambda: refine(m, "full", n_steps=n_steps)))
-            slow.append(best_of(lambda: literal.refine_full(m, n_steps)))
+            fast.append(best_of(lambda m=m, n_steps=n_steps: refine(m, "full", n_steps=n_steps)))
+            slow.append(best_of(lambda m=m, n_steps=n_steps: literal.refine_full(m, n_steps)))
         stack = np.stack(maps)
-        per_answer.append(best_of(lambda: refine_stack(stack, "full", n_steps=n_steps)))
+        per_answer.append(best_of(lambda stack=stack, n_steps=n_steps: refine_stack(stack, "full", n_steps=n_steps)))
         stacked.append(per_answer[-1] / len(maps))
     return {
         "vectorised_ms": 1e3 * median(fast),
@@ -507,8 +511,7 @@ def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = 
     methods = ROW_METHODS
     echo(f"evaluating {len(methods)} rows; faithfulness on the first {faith_n} images; swap test on every "
          "image with two or more objects ...")
-    table, info = evaluate(adapter, samples, base.with_(methods=("gradcam", "diffusion-cam-raw", "diffusion-cam",
-                                                                    "token-gradnorm")),
+    table, info = evaluate(adapter, samples, base.with_(methods=methods_for("method-table")),
                            methods, faith_n=faith_n, swap=True, echo=echo)
     out.update(generation=gen_info, main=table, main_info=info, rows=contract_rows(table),
                against_objectness=against_objectness(table))
@@ -532,8 +535,7 @@ def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = 
     if clutter_n:
         echo(f"\nclutter split: {clutter_n} images of seed {REPORT_SEED} with 1-2 unnamed grey shapes ...")
         csamples, cgen = generate_all(adapter, clutter_n, base, synth=CLUTTER)
-        ctable, cinfo = evaluate(adapter, csamples, base.with_(methods=("gradcam", "diffusion-cam-raw",
-                                                                           "diffusion-cam", "token-gradnorm")),
+        ctable, cinfo = evaluate(adapter, csamples, base.with_(methods=methods_for("method-table")),
                                  methods, synth=CLUTTER)
         out["clutter"] = {"n_images": clutter_n, "synth": CLUTTER.model_dump(mode="json"), "generation": cgen, "info": cinfo,
                           "rows": contract_rows(ctable), "against_objectness": against_objectness(ctable)}
@@ -542,7 +544,7 @@ def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = 
         echo(f"clutter generation: exact match {cgen['exact_match']:.3f}; matched words {cinfo['matched_words']}, "
              f"unmatched content words {cinfo['unmatched_content_words']}")
     answers = []
-    for s, gen, inputs in samples[:20]:
+    for _s, gen, inputs in samples[:20]:
         r = attribute(adapter, inputs, gen, base.with_(methods=("diffusion-cam-raw",)))
         if r.words:
             answers.append(([w.maps["diffusion-cam-raw"].astype(np.float64) for w in r.words], gen.n_steps))
@@ -552,7 +554,8 @@ def main(model: Path, n: int = 200, json_out: Path | None = None, sweep: bool = 
         echo(f"\nrefine(full) per map ({rt['maps']} maps, {rt['answers']} answers): literal {rt['literal_ms']:.3f} ms; "
              f"refine {rt['vectorised_ms']:.3f} ms ({rt['speedup']:.1f}x); refine_stack per answer "
              f"{rt['stack_ms_per_map']:.3f} ms ({rt['speedup_stack']:.1f}x), all maps {rt['stack_ms_per_map_overall']:.3f} ms "
-             f"(total literal / total stack time {rt['speedup_stack_overall']:.1f}x); whole answer {rt['stack_ms_per_answer']:.3f} ms = {share:.3f}% of the attribution pass")
+             f"(total literal / total stack time {rt['speedup_stack_overall']:.1f}x); "
+             f"whole answer {rt['stack_ms_per_answer']:.3f} ms = {share:.3f}% of the attribution pass")
     echo("\nMarkdown (docs/EVALUATION.md, README):\n" + markdown_rows(out["rows"]))
     if json_out:
         Path(json_out).write_text(json.dumps(out, indent=2, default=_json_default))

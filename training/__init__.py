@@ -1,0 +1,1 @@
+"""Training the tiny models diffcam ships: both families' architectures and their training loops."""
