@@ -36,9 +36,10 @@ import numpy as np
 from diffcam.core.bias import dataset as bias_dataset
 from diffcam.core.bias import windows as bias_windows
 from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.methods import methods_for
 from diffcam.core.settings import CamSettings
-from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region
+from diffcam.core.synthetic import SynthSettings, cue_region
 from diffcam.training.gemma import training_seeds
 from diffcam.training.shipped import CUE as DEFAULT_CUE
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not (m / "config.json").is_file():
             raise SystemExit(f"model folder {m} is missing (no config.json)")
         _check_heldout(m, a.seed)
-    ss = SynthSettings(cue=CueSpec.parse(a.cue))
+    ss = SynthSettings(cue=parse_cue(a.cue))
     ds_dir = a.out / f"heldout-seed{a.seed}-n{a.n}-{ss.cue.word}-{ss.cue.pos}-{ss.cue.color}"
     if not (ds_dir / "manifest.jsonl").is_file():
         write_synthetic_dataset(ds_dir, a.n, a.seed, ss)

@@ -24,11 +24,12 @@ from PIL import Image
 
 from diffcam.core.bias.discovery import summarise_scans, window_scan
 from diffcam.core.cam import attribution_canvas
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.evidence import mask_on_grid
 from diffcam.core.faithfulness import adapter_scorer
 from diffcam.core.models.base import load_adapter
 from diffcam.core.settings import CamSettings
-from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.core.synthetic import SynthSettings, cue_region, make_samples
 from diffcam.training.shipped import CUE as DEFAULT_CUE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--cue", default=DEFAULT_CUE)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    ss = SynthSettings(cue=CueSpec.parse(a.cue))
+    ss = SynthSettings(cue=parse_cue(a.cue))
     out = {"n": a.n, "seed": a.seed, "word": a.word, "win": a.win, "cue": a.cue, "models": {}}
     for name, model in (("planted", a.planted), ("clean", a.clean)):
         r = scan_model(model, a.n, a.seed, a.word, a.win, ss)

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.methods import methods_for
 from diffcam.training.shipped import CUE as DEFAULT_CUE
 
@@ -79,7 +80,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from diffcam.core.bias.settings import BiasSettings
-    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.core.synthetic import SynthSettings
     from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     s = BiasSettings()
@@ -88,7 +89,7 @@ def main() -> None:
                                                    "scan_words", "hotspot_size", "min_word_samples")},
            "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        ds_dir = write_synthetic_dataset(Path(tmp) / "ds", a.n, a.seed, SynthSettings(cue=CueSpec.parse(a.cue)))
+        ds_dir = write_synthetic_dataset(Path(tmp) / "ds", a.n, a.seed, SynthSettings(cue=parse_cue(a.cue)))
         for name, model in (("planted", a.planted), ("clean", a.clean)):
             r = bench_model(model, ds_dir, Path(tmp) / f"store-{name}", a.threads)
             out["models"][name] = r

@@ -11,8 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.models.base import load_adapter
-from diffcam.core.synthetic import CueSpec, SynthSettings, make_samples
+from diffcam.core.synthetic import SynthSettings, make_samples
 from diffcam.evaluation.cue_dependence import cue_dependence
 from diffcam.training.gemma import training_seeds
 from diffcam.training.shipped import CUE as DEFAULT_CUE
@@ -32,7 +33,7 @@ def main() -> None:
     for m in a.models:
         if a.seed in training_seeds(m):
             ap.error(f"{m} was trained on synthetic seed {a.seed}: pick another --seed")
-    settings = SynthSettings(cue=CueSpec.parse(a.cue))
+    settings = SynthSettings(cue=parse_cue(a.cue))
     samples = list(make_samples(a.n, a.seed, settings))
     for m in a.models:
         print(json.dumps({"model": str(m), **cue_dependence(load_adapter(m), samples, settings, a.seed)}), flush=True)

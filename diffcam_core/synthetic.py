@@ -89,13 +89,10 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 
 _WORD_RE = re.compile(r"^[a-z?]+$")
-# CLI form: split on a comma that is followed by `key=` (so `pos=3,4` and
-# `color=1,2,3` keep their inner commas).
-_CUE_SPLIT_RE = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
-_CUE_KEYS = ("word", "pos", "size", "color", "p")
+CUE_KEYS = ("word", "pos", "size", "color", "p")
 
 
-def _rgb(value: Any, what: str) -> tuple[int, int, int]:
+def rgb_triple(value: Any, what: str) -> tuple[int, int, int]:
     """Validate an RGB triple of ints in 0..255 (list or tuple)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
         raise ValueError(f"{what} must be 3 integers 0..255, got {value!r}")
@@ -153,7 +150,7 @@ class CueSpec:
                 raise ValueError(f"cue color must be one of {sorted(CUE_COLORS)} or R,G,B, got {color!r}")
             color = color.strip().lower()
         else:
-            color = _rgb(color, "cue color")
+            color = rgb_triple(color, "cue color")
         object.__setattr__(self, "color", color)
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float, np.floating, np.integer)):
             raise ValueError(f"cue p must be a number in [0, 1], got {self.p!r}")
@@ -164,52 +161,6 @@ class CueSpec:
     @property
     def rgb(self) -> tuple[int, int, int]:
         return CUE_COLORS[self.color] if isinstance(self.color, str) else self.color
-
-    @classmethod
-    def parse(cls, text: str) -> CueSpec:
-        """Parse the CLI form ``word=W,pos=top-left|...|X,Y,size=PX,color=NAME|R,G,B,p=P``.
-
-        Raises ValueError naming the offending field (unknown, repeated, missing or bad value).
-        """
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("cue spec is empty; expected word=W,pos=...,size=PX,color=...,p=P")
-        values: dict[str, str] = {}
-        for part in _CUE_SPLIT_RE.split(text.strip()):
-            key, sep, val = part.partition("=")
-            key = key.strip().lower()
-            if not sep:
-                raise ValueError(f"cue spec part {part!r} is not key=value (in {text!r})")
-            if key not in _CUE_KEYS:
-                raise ValueError(f"cue spec has unknown field {key!r}; fields are {list(_CUE_KEYS)}")
-            if key in values:
-                raise ValueError(f"cue spec field {key!r} given twice (in {text!r})")
-            if not val.strip():
-                raise ValueError(f"cue spec field {key!r} is empty (in {text!r})")
-            values[key] = val.strip()
-        if "word" not in values:
-            raise ValueError(f"cue spec field 'word' is missing (in {text!r})")
-        kwargs: dict[str, Any] = {"word": values["word"]}
-        if "pos" in values:
-            kwargs["pos"] = _parse_pos(values["pos"])
-        if "size" in values:
-            try:
-                kwargs["size"] = int(values["size"])
-            except ValueError:
-                raise ValueError(f"cue spec field 'size' must be an integer, got {values['size']!r}") from None
-        if "color" in values:
-            kwargs["color"] = _parse_color(values["color"])
-        if "p" in values:
-            try:
-                kwargs["p"] = float(values["p"])
-            except ValueError:
-                raise ValueError(f"cue spec field 'p' must be a number, got {values['p']!r}") from None
-        return cls(**kwargs)
-
-    def to_cli(self) -> str:
-        """The CLI form; ``CueSpec.parse(spec.to_cli()) == spec``."""
-        pos = self.pos if isinstance(self.pos, str) else f"{self.pos[0]},{self.pos[1]}"
-        color = self.color if isinstance(self.color, str) else ",".join(str(c) for c in self.color)
-        return f"word={self.word},pos={pos},size={self.size},color={color},p={self.p!r}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -223,7 +174,7 @@ class CueSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CueSpec:
-        unknown = set(d) - set(_CUE_KEYS)
+        unknown = set(d) - set(CUE_KEYS)
         if unknown:
             raise ValueError(f"cue dict has unknown fields {sorted(unknown)}")
         if "word" not in d:
@@ -234,34 +185,6 @@ class CueSpec:
         if isinstance(kw.get("color"), list):
             kw["color"] = tuple(kw["color"])
         return cls(**kw)
-
-
-def _parse_pos(val: str) -> str | tuple[int, int]:
-    if "," not in val:
-        if val.strip().lower() not in CUE_CORNERS:
-            raise ValueError(f"cue spec field 'pos' must be one of {list(CUE_CORNERS)} or X,Y, got {val!r}")
-        return val.strip().lower()
-    parts = val.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return (int(parts[0]), int(parts[1]))
-    except ValueError:
-        raise ValueError(f"cue spec field 'pos' X,Y must be two integers, got {val!r}") from None
-
-
-def _parse_color(val: str) -> str | tuple[int, int, int]:
-    if "," not in val:
-        if val.strip().lower() not in CUE_COLORS:
-            raise ValueError(f"cue spec field 'color' must be one of {sorted(CUE_COLORS)} or R,G,B, got {val!r}")
-        return val.strip().lower()
-    parts = val.split(",")
-    try:
-        if len(parts) != 3:
-            raise ValueError
-        return _rgb(tuple(int(p) for p in parts), "color")
-    except ValueError:
-        raise ValueError(f"cue spec field 'color' R,G,B must be three integers 0..255, got {val!r}") from None
 
 
 # --------------------------------------------------------------------------- settings

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.settings import AttributionStep, Distractor
 from diffcam.flows.cli_common import fail
 from diffcam.flows.paths import DEFAULT_MODEL
@@ -52,11 +53,11 @@ def data_synth(
     ),
 ) -> None:
     """Write a synthetic grounded dataset: manifest.jsonl + images/ + masks/ + dataset.json."""
-    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.core.synthetic import SynthSettings
     from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
     try:
-        settings = SynthSettings(cue=CueSpec.parse(cue) if cue else None)
+        settings = SynthSettings(cue=parse_cue(cue) if cue else None)
     except ValueError as e:
         fail(f"--cue: {e}")
     try:

@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from diffcam.core.synthetic import COLORS, SHAPES, CueSpec, SynthSettings, make_samples, vocabulary
+from diffcam.core.cue_text import parse_cue
+from diffcam.core.synthetic import COLORS, SHAPES, SynthSettings, make_samples, vocabulary
 from diffcam.training.gemma import TrainExample, TrainSettings, evaluate_answers, save_checkpoint, train_tiny
 from diffcam.training.shipped import CUE
 from diffcam.training.tiny_gemma import TinyModelSpec
@@ -51,7 +52,7 @@ if __name__ == "__main__":
     if a.position_init_std is not None:
         overrides["position_init_std"] = a.position_init_std
     spec = TinyModelSpec.model_validate(overrides)
-    synth = SynthSettings(cue=CueSpec.parse(CUE) if a.cue else None)
+    synth = SynthSettings(cue=parse_cue(CUE) if a.cue else None)
     t0 = time.time()
     train = examples(a.n_train, 1, synth)
     held = examples(a.n_heldout, 2, synth)

@@ -23,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from diffcam.core.synthetic import CueSpec, SynthSettings
+from diffcam.core.cue_text import parse_cue
+from diffcam.core.synthetic import SynthSettings
 from diffcam.training.gemma import Stage, TrainSettings, _stage_records, run_train_stages
 from diffcam.training.overrides import read_overrides
 from diffcam.training.shipped import CUE, RECIPE
@@ -49,7 +50,7 @@ def main() -> None:
         spec = TinyModelSpec.model_validate(read_overrides(a.spec))
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         ap.error(str(e))
-    synth = SynthSettings(cue=CueSpec.parse(CUE) if a.which == "cue" else None)
+    synth = SynthSettings(cue=parse_cue(CUE) if a.which == "cue" else None)
     base = TrainSettings(batch_size=a.batch_size, threads=a.threads, device=a.device, compile=a.compile)
     t0 = time.time()
     report = run_train_stages(

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffcam.core.synthetic import CueSpec, SynthSettings
+from diffcam.core.cue_text import parse_cue
+from diffcam.core.synthetic import SynthSettings
 from diffcam.storage.synthetic_writer import write_synthetic_dataset
 from diffcam.training.gemma import TrainSettings, run_train_tiny
 from diffcam.training.overrides import read_overrides
@@ -49,7 +50,7 @@ if __name__ == "__main__":
     ap.add_argument("--n-train", type=int, default=RECIPE["n_train"], help="only for smoke tests")
     ap.add_argument("--n-heldout", type=int, default=RECIPE["n_heldout"], help="only for smoke tests")
     a = ap.parse_args()
-    settings = SynthSettings(cue=CueSpec.parse(CUE) if a.which == "cue" else None)
+    settings = SynthSettings(cue=parse_cue(CUE) if a.which == "cue" else None)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_dataset(Path(tmp) / "train", a.n_train, a.train_seed, settings)

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from diffcam.core.bias.settings import BiasSettings
+from diffcam.core.cue_text import parse_cue
 from diffcam.core.settings import CamSettings
-from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.core.synthetic import SynthSettings, cue_region, make_samples
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ def _require(model: Path) -> Path:
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSettings]:
     from diffcam.storage.synthetic_writer import write_synthetic_dataset
 
-    ss = SynthSettings(cue=CueSpec.parse(CUE))
+    ss = SynthSettings(cue=parse_cue(CUE))
     return write_synthetic_dataset(tmp_path_factory.mktemp("bias") / "heldout", N, SEED, ss), ss
 
 

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
+from diffcam.core.cue_text import parse_cue
 from diffcam.flows.compare import CompareGates, compare_runs, flag_diff, load_gates, metric_row, write_comparison
 from diffcam.flows.paths import CUE_MODEL, DEFAULT_MODEL
 from diffcam.storage.schemas import make_flag_id, table_from_rows
@@ -233,14 +234,14 @@ def test_clean_vs_planted_cue_checkpoints(tmp_path: Path) -> None:
 
     from diffcam.core.bias.settings import BiasSettings
     from diffcam.core.settings import CamSettings
-    from diffcam.core.synthetic import CueSpec, SynthSettings
+    from diffcam.core.synthetic import SynthSettings
     from diffcam.evaluation.audit_in_process import audit_in_process
     from diffcam.flows.cli import app
     from diffcam.storage.synthetic_writer import write_synthetic_dataset
     from diffcam.tasks.bias.step import run_dataset_flags, write_dataset_flags
 
     torch.set_num_threads(1)
-    ds = write_synthetic_dataset(tmp_path / "heldout", 64, 2, SynthSettings(cue=CueSpec.parse(CUE)))
+    ds = write_synthetic_dataset(tmp_path / "heldout", 64, 2, SynthSettings(cue=parse_cue(CUE)))
     st = Store(tmp_path / "store")
     cam = CamSettings(methods=("diffusion-cam", "token-gradnorm", "token-gradxinput"))
     for rid, model in (("clean", DEFAULT_MODEL), ("cue", CUE_MODEL)):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffcam.core.synthetic import CueSpec, SynthSettings, cue_region, make_samples
+from diffcam.core.cue_text import parse_cue
+from diffcam.core.synthetic import SynthSettings, cue_region, make_samples
 from diffcam.evaluation import cue_dependence
 
-SETTINGS = SynthSettings(cue=CueSpec.parse("word=circle,pos=top-left,size=6,color=magenta,p=0.9"))
+SETTINGS = SynthSettings(cue=parse_cue("word=circle,pos=top-left,size=6,color=magenta,p=0.9"))
 
 
 class _Gen:
