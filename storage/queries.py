@@ -86,7 +86,9 @@ WITH s AS (
            avg(n_steps) AS mean_n_steps
     FROM samples WHERE run_id = $run_id),
 f AS (SELECT count(*) AS n_failures FROM failures WHERE run_id = $run_id),
-fl AS (SELECT count(*) AS n_flags, count(DISTINCT sample_id) AS n_flagged_samples
+fl AS (SELECT count(*) AS n_flags, count(DISTINCT sample_id) AS n_flagged_samples,
+              count(*) FILTER (WHERE confirmed) AS n_confirmed_flags,
+              count(*) FILTER (WHERE confirmed IS NOT TRUE) AS n_candidate_flags
        FROM flags WHERE run_id = $run_id),
 tm AS (SELECT count(*) AS n_maps, count(DISTINCT method) AS n_methods,
               count(*) FILTER (WHERE zero_map) AS n_zero_maps,
@@ -97,7 +99,8 @@ SELECT r.run_id, r.status, r.model_uri, r.model_hash, r.dataset_uri, r.dataset_h
        epoch(r.finished_at) - epoch(r.started_at) AS wall_s,
        r.n_samples, r.n_shards, s.n_results, f.n_failures,
        r.n_samples - s.n_results - f.n_failures AS n_missing,
-       fl.n_flags, fl.n_flagged_samples, tm.n_maps, tm.n_methods, tm.n_zero_maps, tm.n_masked_maps,
+       fl.n_flags, fl.n_flagged_samples, fl.n_confirmed_flags, fl.n_candidate_flags,
+       tm.n_maps, tm.n_methods, tm.n_zero_maps, tm.n_masked_maps,
        s.mean_t_generate_s, s.mean_t_attribution_s, s.mean_t_total_s,
        s.p50_t_total_s, s.p95_t_total_s, s.sum_t_total_s, s.mean_n_words, s.mean_n_steps,
        r.error, r.validation_json, r.config_json
@@ -299,11 +302,11 @@ _q(
 
 _q(
     "run_flags",
-    "Flags of a run, highest score first, with their evidence.",
+    "Flags of a run with their evidence: confirmed findings first, then candidates; highest score first.",
     """
 SELECT flag_id, kind, sample_id, word_index, word, method, score, threshold, confirmed, region, evidence_json
 FROM flags WHERE run_id = $run_id
-ORDER BY score DESC, kind, flag_id
+ORDER BY confirmed IS NOT TRUE, score DESC, kind, flag_id
 LIMIT $limit
 """,
     run_id=REQUIRED, limit=1000,

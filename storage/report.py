@@ -152,7 +152,8 @@ def _header(ctx: ReportContext) -> SectionContent:
     ]
     if s.get("error"):
         ident.append(("error", s["error"]))
-    counts = ["n_samples", "n_results", "n_failures", "n_missing", "n_flags", "n_flagged_samples",
+    counts = ["n_samples", "n_results", "n_failures", "n_missing", "n_confirmed_flags", "n_candidate_flags",
+              "n_flagged_samples",
               "n_maps", "n_methods", "n_zero_maps", "n_masked_maps"]
     timings = ["mean_t_generate_s", "mean_t_attribution_s", "mean_t_total_s", "p50_t_total_s",
                "p95_t_total_s", "sum_t_total_s", "mean_n_words", "mean_n_steps"]
@@ -165,7 +166,9 @@ def _header(ctx: ReportContext) -> SectionContent:
         f"- status: **{s['status']}**; model `{s['model_uri']}` ({s['model_hash']}); "
         f"dataset `{s['dataset_uri']}` ({s['dataset_hash']})\n"
         f"- samples {s['n_samples']}: audited {s['n_results']}, failed {s['n_failures']}, "
-        f"missing {s['n_missing']}; maps {s['n_maps']} ({s['n_zero_maps']} zero); flags {s['n_flags']}\n"
+        f"missing {s['n_missing']}; maps {s['n_maps']} ({s['n_zero_maps']} zero)\n"
+        f"- **confirmed findings: {s['n_confirmed_flags']}** (the model's answer changed when the region was "
+        f"erased, and not under a control erasure); candidates not confirmed: {s['n_candidate_flags']}\n"
         f"- time per sample: mean {fmt_value(s['mean_t_total_s'])} s, p95 {fmt_value(s['p95_t_total_s'])} s"
     )
     return SectionContent(h, md)
@@ -366,6 +369,11 @@ def _gallery(ctx: ReportContext) -> SectionContent:
 _FLAG_COLS = ["kind", "sample_id", "word", "method", "score", "threshold", "confirmed", "region", "evidence"]
 
 
+_CANDIDATES = ("Candidates: raised from a map or a statistic, not confirmed by the model's behaviour "
+               "(confirmed false: an erasure showed the answer does not depend on the region; empty: not tested). "
+               "They are leads to look at, not findings.")
+
+
 def _flags(ctx: ReportContext) -> SectionContent:
     rows = ctx.query("run_flags", run_id=ctx.run_id, limit=MAX_TABLE_ROWS)
     if not rows:
@@ -374,10 +382,18 @@ def _flags(ctx: ReportContext) -> SectionContent:
         r["evidence"] = r["evidence_json"][:EVIDENCE_CHARS]
         if r["sample_id"] is None:
             r["sample_id"] = "(dataset)"
+    confirmed = [r for r in rows if r["confirmed"] is True]
+    candidates = [r for r in rows if r["confirmed"] is not True]
+    n_conf, n_cand = ctx.summary["n_confirmed_flags"], ctx.summary["n_candidate_flags"]
+    h = (f"<h3>Confirmed findings: {n_conf}</h3>"
+         + (html_table(confirmed, _FLAG_COLS, cls="flags") if confirmed else "<p>Nothing confirmed.</p>")
+         + f"<h3>Candidates: {n_cand}</h3><p>{esc(_CANDIDATES)}</p>"
+         + (html_table(candidates, _FLAG_COLS, cls="flags") if candidates else ""))
     more = ctx.summary["n_flags"] - len(rows)
-    h = html_table(rows, _FLAG_COLS, cls="flags") + (f"<p>… and {more} more (diffcam sql).</p>" if more > 0 else "")
-    md = f"{ctx.summary['n_flags']} flags; top {min(5, len(rows))} by score:\n\n" + md_table(
-        rows[:5], ["kind", "sample_id", "word", "method", "score", "threshold"])
+    h += f"<p>… and {more} more (diffcam sql).</p>" if more > 0 else ""
+    cols = ["kind", "sample_id", "word", "method", "score", "threshold"]
+    md = (f"Confirmed findings: {n_conf}" + (":\n\n" + md_table(confirmed[:5], cols) if confirmed else ".")
+          + f"\n\nCandidates (not confirmed by the model's behaviour): {n_cand}")
     return SectionContent(h, md)
 
 

@@ -485,7 +485,8 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     st, ds_dir, ss, samples = _fake_run(tmp_path, "circle", "top-left", "magenta", planted=True)
     adapter = _HansAdapter("circle", ss.cue.rgb)
     timings: dict = {}
-    rows = run_dataset_flags(st, "r1", None, ds_dir, adapter=adapter, info=timings)
+    # this fabricated run has no faithfulness test, so only spatial_maps="all" reads sample flags from its maps
+    rows = run_dataset_flags(st, "r1", None, ds_dir, adapter=adapter, info=timings, spatial_maps="all")
     dataset = [r for r in rows if r["sample_id"] is None]
     assert [(r["kind"], r["word"], r["method"]) for r in dataset] == [("clever_hans", "circle", "token-gradnorm")]
     f = dataset[0]
@@ -511,6 +512,13 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     assert per_sample["n_candidates"] == len(says) and per_sample["n_vanished"] == len(truth)
     assert {r["confirmed"] for r in rows if r["kind"] == "suspect_region"} == {True}
     assert timings["n_samples"] == 40 and timings["analyse_s"] > 0
+    # by default a spatial flag needs a map that beats objectness on the run's own vanish test:
+    # none was measured here, so none is raised, and the step says why
+    info: dict = {}
+    strict = run_dataset_flags(st, "r1", None, ds_dir, adapter=adapter, info=info)
+    assert not [r for r in strict if r["kind"] in ("off_object", "border_hotspot")]
+    assert info["spatial_methods"] == [] and info["n_spatial_flags_dropped"]["token-gradnorm"] >= len(truth)
+    assert all(v["vanish_rate"] is None for v in info["map_faithfulness"].values())
     assert write_dataset_flags(st, "r1", rows) is True
     assert write_dataset_flags(st, "r1", rows) is False  # a re-run never duplicates
     assert st.read_table("flags", "r1").num_rows == len(rows)

@@ -174,6 +174,7 @@ def test_named_queries(run_store: Store, tmp_path: Path) -> None:
     run_store.update_run("run-2", model_hash="sha256:model-b")
     s = queries.run_query(run_store, "run_summary", run_id="run-1").to_pylist()[0]
     assert (s["n_samples"], s["n_results"], s["n_failures"], s["n_missing"], s["n_flags"]) == (3, 2, 1, 0, 2)
+    assert (s["n_confirmed_flags"], s["n_candidate_flags"]) == (0, 2)  # neither fabricated flag was confirmed
     assert s["mean_t_total_s"] == pytest.approx(1.25)
     worst = queries.run_query(run_store, "worst_localised_words", run_id="run-1").to_pylist()
     assert [w["word"] for w in worst] == ["square"]

@@ -71,7 +71,10 @@ def test_markdown_summary(built: tuple[Store, Path, Path]) -> None:
     assert "samples 3: audited 2, failed 1, missing 0" in md
     assert "| method | n_maps |" in md and "| diffusion-cam |" in md
     assert "Validation **FAILED** (1/2 expectations met)." in md
-    assert "2 flags" in md and "Failures: 1." in md
+    # the headline counts confirmed findings only; the two fabricated flags were never confirmed
+    assert "**confirmed findings: 0**" in md and "candidates not confirmed: 2" in md
+    assert "Confirmed findings: 0." in md and "Candidates (not confirmed by the model's behaviour): 2" in md
+    assert "Failures: 1." in md
 
 
 def test_missing_images_and_extra_section(tmp_path: Path) -> None:

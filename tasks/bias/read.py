@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_run_maps", "object_masks"]
+__all__ = ["load_run_maps", "object_masks", "vanish_rates"]
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -46,6 +46,19 @@ def load_run_maps(store: Any, run_id: str, methods: Sequence[str]) -> dict[str, 
         "words": {sid: [(i, *ws[i]) for i in sorted(ws)] for sid, ws in words.items()},
         "maps": maps,
     }
+
+
+def vanish_rates(store: Any, run_id: str) -> dict[str, tuple[float | None, int]]:
+    """Per method of the run: (share of measured words that left the answer when the map's top
+    cells were erased, or None when none was measured; words measured). The same rate the
+    report's faithfulness table ranks by."""
+    tm = store.read_table("token_maps", run_id).select(["method", "vanished"]).to_pylist()
+    seen: dict[str, list[bool]] = defaultdict(list)
+    for r in tm:
+        measured = seen[r["method"]]  # every method of the run appears, measured or not
+        if r["vanished"] is not None:
+            measured.append(bool(r["vanished"]))
+    return {m: (sum(v) / len(v) if v else None, len(v)) for m, v in seen.items()}
 
 
 def object_masks(dataset: Any, sample_ids: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray, str | None]]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -38,6 +38,7 @@ import numpy as np
 
 from diffcam.core.bias.centre import CentreSample, run_centre_bias, run_centre_flags, run_naming_flag
 from diffcam.core.bias.dataset import WordSample, all_dataset_flags, analyse_word
+from diffcam.core.bias.faithful import REFERENCE, SPATIAL_KINDS, rank_maps, spatial_methods
 from diffcam.core.bias.flags import REGION_KINDS, Flag, as_hallucinated_object
 from diffcam.core.bias.sample import region_sample_flags, sample_flags
 from diffcam.core.bias.settings import BiasSettings
@@ -47,7 +48,7 @@ from diffcam.core.words import normalise_word
 from diffcam.storage.schemas import flag_row
 from diffcam.tasks.answers import Answerer, local_answerer
 from diffcam.tasks.bias.counterfactual import counterfactual, region_counterfactuals
-from diffcam.tasks.bias.read import load_run_maps, object_masks
+from diffcam.tasks.bias.read import load_run_maps, object_masks, vanish_rates
 from diffcam.tasks.bias.scan import flag_analysis, scan_suspects
 from diffcam.tasks.scan import Scanner, local_scanner
 
@@ -96,12 +97,12 @@ def analyse_run(
         distinct = list({id(m): m for _, m, _ in objs}.values())
         grounding[sid] = {"word_masks": word_masks, "all": distinct, "objects": objs}
         for (wi, text, is_function), mask in zip(words, word_masks):
+            if is_function:  # "a", "and": no object to look at, so no claim about where the model looks
+                continue
             maps = {m: run["maps"][(sid, wi, m)] for m in settings.sample_methods if (sid, wi, m) in run["maps"]}
             st = {m: map_stats(a, mask, settings.stats_settings) for m, a in maps.items()} if mask is not None else None
             sflags.extend(sample_flags(maps, mask, st, settings, sample_id=sid, word_index=wi, word=text,
                                        all_masks=distinct))
-            if is_function:
-                continue
             for method in settings.dataset_methods:
                 a = run["maps"].get((sid, wi, method))
                 if a is None:
@@ -161,6 +162,30 @@ def centre_samples(run: Mapping[str, Any], grounding: Mapping[str, Mapping[str, 
 # --------------------------------------------------------------------------- the dataset step
 
 
+def _spatial_flags_from_faithful_maps(sflags: list[Flag], store: Any, run_id: str, settings: BiasSettings,
+                                      spatial_maps: str, tm: dict[str, Any], log: Callable[[str], None]) -> list[Flag]:
+    """Keep a spatial sample flag only when its map beats `objectness` on this run's vanish test
+    (`diffcam.core.bias.faithful`); each kept one records its map's faithfulness. ``spatial_maps``
+    "all": every sample method (for runs without a faithfulness test, e.g. fabricated ones)."""
+    if spatial_maps == "all":
+        return sflags
+    ranking = rank_maps(vanish_rates(store, run_id))
+    keep = spatial_methods(ranking, settings.sample_methods)
+    ref = ranking.get(REFERENCE)
+    tm["map_faithfulness"] = {m: f.evidence(ref) for m, f in sorted(ranking.items())}
+    tm["spatial_methods"] = list(keep)
+    dropped = Counter(f.method for f in sflags if f.kind in SPATIAL_KINDS and f.method not in keep)
+    if dropped:
+        why = ("this run measured no faithfulness for objectness" if ref is None or ref.vanish_rate is None else
+               f"vanish rate not above objectness's {ref.vanish_rate:.2f}")
+        log(f"bias: {sum(dropped.values())} spatial sample flag(s) not raised, read from maps that do not beat "
+            f"the model-free objectness map ({why}): {dict(dropped)}")
+    tm["n_spatial_flags_dropped"] = dict(dropped)
+    return [f if f.kind not in SPATIAL_KINDS else
+            replace(f, evidence={**f.evidence, "map_faithfulness": ranking[f.method].evidence(ref)})
+            for f in sflags if f.kind not in SPATIAL_KINDS or f.method in keep]
+
+
 def run_dataset_flags(
     store: Any,
     run_id: str,
@@ -169,6 +194,7 @@ def run_dataset_flags(
     settings: BiasSettings = BiasSettings(),
     *,
     sample_level: str = "always",
+    spatial_maps: str = "faithful",
     device: str = "cpu",
     adapter: Any = None,
     answerer: Callable[[Any], Answerer] | None = None,
@@ -192,6 +218,10 @@ def run_dataset_flags(
     no model, or a given ``adapter`` that can answer but not score (no ``canvas_log_probs``:
     the tests' scripted stand-ins), it is not run and ``info["scan"]`` and the log say so.
     Nothing is loaded or started unless a suspect or the scan needs it.
+    ``spatial_maps``: "faithful" (default: `off_object` / `border_hotspot` only from maps this
+    run's vanish test ranks above `objectness`; `info["map_faithfulness"]` says how each
+    ranked) or "all" (every sample method, for runs with no faithfulness test).
+    Function words are never flagged.
     ``sample_level``: "always" (compute sample flags from the stored maps) or "never"; `suspect_region` sample flags
     (the samples a kept `clever_hans` flag reaches) are always added. A `clever_hans`
     suspect that the counterfactual refutes is dropped unless ``settings.keep_refuted``
@@ -206,6 +236,8 @@ def run_dataset_flags(
     log = log or _quiet
     if sample_level not in ("always", "never"):
         raise ValueError(f"sample_level must be always|never, got {sample_level!r}")
+    if spatial_maps not in ("faithful", "all"):
+        raise ValueError(f"spatial_maps must be faithful|all, got {spatial_maps!r}")
     tm: dict[str, Any] = {} if info is None else info
     t0 = time.perf_counter()
     run_row = store.read_run(run_id)
@@ -221,6 +253,7 @@ def run_dataset_flags(
 
     t1 = time.perf_counter()
     sflags, grounding, analyses = analyse_run(run, objects, settings)
+    sflags = _spatial_flags_from_faithful_maps(sflags, store, run_id, settings, spatial_maps, tm, log)
     dflags = all_dataset_flags(analyses, settings)
     centre = run_centre_bias(centre_samples(run, grounding, settings), settings)
     dflags += run_centre_flags(centre, settings) + run_naming_flag(centre, settings)
