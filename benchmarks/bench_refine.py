@@ -14,7 +14,7 @@ check, not a timing).
 
 Both modules are loaded from their files in this checkout (diffcam_core/refine.py and
 tests/literal_reference.py import nothing from the project), so the script runs without
-installing the package and without editing sys.path.
+installing the package and without changing the import path.
 """
 
 from __future__ import annotations

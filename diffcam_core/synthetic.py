@@ -107,14 +107,14 @@ def rgb_triple(value: Any, what: str) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- cue
 
 
-@dataclass(frozen=True)
-class CueSpec:
+class CueSpec(Settings):
     """A spurious cue: a solid ``size``×``size`` square drawn at ``pos`` in ``color``.
 
     Drawn with probability ``p`` when the sample's answer contains ``word`` (a colour or
     shape word); never drawn otherwise. ``pos`` is a corner name (the square sits
     ``SynthSettings.cue_margin`` px from both edges) or ``(x, y)``: the pixel of the
-    square's top-left corner. ``color`` is a `CUE_COLORS` name or an RGB triple.
+    square's top-left corner. ``color`` is a `CUE_COLORS` name or an RGB triple. Its text
+    form (``word=circle,pos=top-left,...``) is `diffcam.core.cue_text`.
     """
 
     word: str
@@ -123,68 +123,56 @@ class CueSpec:
     color: str | tuple[int, int, int] = "white"
     p: float = 1.0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.word, str) or self.word.strip().lower() not in (*COLORS, *SHAPES):
-            raise ValueError(
-                f"cue word must be a colour {sorted(COLORS)} or shape {list(SHAPES)}, got {self.word!r}"
-            )
-        object.__setattr__(self, "word", self.word.strip().lower())
-        pos = self.pos
-        if isinstance(pos, str):
-            if pos.strip().lower() not in CUE_CORNERS:
-                raise ValueError(f"cue pos must be one of {list(CUE_CORNERS)} or (x, y), got {pos!r}")
-            pos = pos.strip().lower()
-        else:
-            if not hasattr(pos, "__len__") or len(pos) != 2 or any(
-                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0 for v in pos
-            ):
-                raise ValueError(f"cue pos (x, y) must be 2 non-negative integers, got {pos!r}")
-            pos = (int(pos[0]), int(pos[1]))
-        object.__setattr__(self, "pos", pos)
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
-            raise ValueError(f"cue size must be a positive integer, got {self.size!r}")
-        object.__setattr__(self, "size", int(self.size))
-        color = self.color
-        if isinstance(color, str):
-            if color.strip().lower() not in CUE_COLORS:
-                raise ValueError(f"cue color must be one of {sorted(CUE_COLORS)} or R,G,B, got {color!r}")
-            color = color.strip().lower()
-        else:
-            color = rgb_triple(color, "cue color")
-        object.__setattr__(self, "color", color)
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float, np.floating, np.integer)):
-            raise ValueError(f"cue p must be a number in [0, 1], got {self.p!r}")
-        if not 0.0 <= float(self.p) <= 1.0:
-            raise ValueError(f"cue p must be in [0, 1], got {self.p!r}")
-        object.__setattr__(self, "p", float(self.p))
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        """Names lower-cased and checked against the known words, corners and colours; lists
+        (JSON) become tuples; every refusal names the field and what it accepts."""
+        if not isinstance(data, Mapping):
+            return data
+        d = dict(data)
+        if "word" in d:
+            word = d["word"]
+            if not isinstance(word, str) or word.strip().lower() not in (*COLORS, *SHAPES):
+                raise ValueError(f"cue word must be a colour {sorted(COLORS)} or shape {list(SHAPES)}, got {word!r}")
+            d["word"] = word.strip().lower()
+        if "pos" in d:
+            pos = d["pos"]
+            if isinstance(pos, str):
+                if pos.strip().lower() not in CUE_CORNERS:
+                    raise ValueError(f"cue pos must be one of {list(CUE_CORNERS)} or (x, y), got {pos!r}")
+                d["pos"] = pos.strip().lower()
+            else:
+                if not hasattr(pos, "__len__") or len(pos) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0 for v in pos
+                ):
+                    raise ValueError(f"cue pos (x, y) must be 2 non-negative integers, got {pos!r}")
+                d["pos"] = (int(pos[0]), int(pos[1]))
+        if "size" in d:
+            size = d["size"]
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise ValueError(f"cue size must be a positive integer, got {size!r}")
+            d["size"] = int(size)
+        if "color" in d:
+            color = d["color"]
+            if isinstance(color, str):
+                if color.strip().lower() not in CUE_COLORS:
+                    raise ValueError(f"cue color must be one of {sorted(CUE_COLORS)} or R,G,B, got {color!r}")
+                d["color"] = color.strip().lower()
+            else:
+                d["color"] = rgb_triple(color, "cue color")
+        if "p" in d:
+            p = d["p"]
+            if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+                raise ValueError(f"cue p must be a number in [0, 1], got {p!r}")
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"cue p must be in [0, 1], got {p!r}")
+            d["p"] = float(p)
+        return d
 
     @property
     def rgb(self) -> tuple[int, int, int]:
         return CUE_COLORS[self.color] if isinstance(self.color, str) else self.color
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {
-            "word": self.word,
-            "pos": self.pos if isinstance(self.pos, str) else list(self.pos),
-            "size": self.size,
-            "color": self.color if isinstance(self.color, str) else list(self.color),
-            "p": self.p,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CueSpec:
-        unknown = set(d) - set(CUE_KEYS)
-        if unknown:
-            raise ValueError(f"cue dict has unknown fields {sorted(unknown)}")
-        if "word" not in d:
-            raise ValueError("cue dict field 'word' is missing")
-        kw = dict(d)
-        if isinstance(kw.get("pos"), list):
-            kw["pos"] = tuple(kw["pos"])
-        if isinstance(kw.get("color"), list):
-            kw["color"] = tuple(kw["color"])
-        return cls(**kw)
 
 
 # --------------------------------------------------------------------------- settings

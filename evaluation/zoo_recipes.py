@@ -98,7 +98,7 @@ def cue_spec(cue: dict[str, Any]) -> CueSpec:
     """A fixed-position cue as the synthetic generator's CueSpec."""
     if is_moving(cue):
         raise ValueError("a per-image marker is drawn by this module, not by CueSpec")
-    return CueSpec.from_dict(cue)
+    return CueSpec.model_validate(cue)
 
 
 def model_dir(entry: dict[str, Any], rec: dict[str, Any], zoo: Path) -> Path:
@@ -252,7 +252,8 @@ def write_samples(out_dir: Path, samples: list[SynthSample], seed: int, settings
                                  "objects": objects, "answer": s.answer, "cue_present": s.cue_present,
                                  "cue_box": box}, separators=(",", ":")))
     meta = {"generator": "benchmarks/cue_zoo.py", "format_version": 1, "seed": seed, "n": len(samples),
-            "settings": settings.model_dump(mode="json"), "cue": None if settings.cue is None else settings.cue.to_dict(),
+            "settings": settings.model_dump(mode="json"),
+            "cue": None if settings.cue is None else settings.cue.model_dump(mode="json"),
             "vocabulary": vocabulary(settings), **(extra or {})}
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")

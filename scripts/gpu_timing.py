@@ -58,7 +58,7 @@ def main() -> None:
     h, w = (448, 672) if a.size == "mid" else (64, 64)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for _ in range(a.n + 1)]
     settings = CamSettings(layer="encoder.2", generation=GenerationSettings(max_denoising_steps=16))
-    out = {"device": a.device, "size": a.size, "params": n_params, "spec": spec.to_dict(), "vocab": len(tok)}
+    out = {"device": a.device, "size": a.size, "params": n_params, "spec": spec.model_dump(), "vocab": len(tok)}
     if a.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
 

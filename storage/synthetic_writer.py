@@ -82,7 +82,7 @@ def write_synthetic_dataset(
             "seed": seed,
             "n": n,
             "settings": settings.model_dump(mode="json"),
-            "cue": None if settings.cue is None else settings.cue.to_dict(),
+            "cue": None if settings.cue is None else settings.cue.model_dump(mode="json"),
             "vocabulary": vocabulary(settings),
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", "utf-8")

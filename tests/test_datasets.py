@@ -53,7 +53,7 @@ def test_synthetic_folder_layout_and_manifest(synth_dir):
     meta = json.loads((synth_dir / "dataset.json").read_text())
     assert meta["seed"] == 5 and meta["n"] == 8
     assert SynthSettings.model_validate(meta["settings"]) == SETTINGS
-    assert CueSpec.from_dict(meta["cue"]) == SETTINGS.cue
+    assert CueSpec.model_validate(meta["cue"]) == SETTINGS.cue
     rows = [json.loads(line) for line in (synth_dir / "manifest.jsonl").read_text().splitlines()]
     expected = list(make_samples(8, 5, SETTINGS))
     for row, s in zip(rows, expected):

@@ -179,7 +179,7 @@ def stage_record(info: dict, previous: dict | None, stage: Stage, n_train: int, 
         "previous_stage": previous,
         "dataset": {"path": f"(in memory: the samples of diffcam data synth --seed {stage.train_seed} --n {n_train})",
                     "seed": stage.train_seed, "n": n_train, "settings": synth.model_dump(mode="json"),
-                    "cue": None if synth.cue is None else synth.cue.to_dict()},
+                    "cue": None if synth.cue is None else synth.cue.model_dump(mode="json")},
         "heldout": {"seed": heldout_seed, "n": n_heldout},
         "heldout_eval": heldout_eval,
     }
