@@ -170,6 +170,27 @@ def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str
             "section): " + "; ".join(parts) + ".")
 
 
+def _spatial_maps_line(ctx: ReportContext) -> str:
+    """Which maps this run's spatial sample flags may come from, and why (`diffcam.core.bias.faithful`)."""
+    from diffcam.core.bias.faithful import REFERENCE, rank_maps, spatial_methods
+    from diffcam.core.bias.settings import BiasSettings
+    from diffcam.storage.queries import run_query
+
+    rows = run_query(ctx.con, "faithfulness_table", run_id=ctx.run_id).to_pylist()
+    ranking = rank_maps({r["method"]: (r["vanish_rate"], r["n_words"]) for r in rows})
+    ref = ranking.get(REFERENCE)
+    if ref is None or ref.vanish_rate is None:
+        return (f"Spatial sample flags (off_object, border_hotspot) need a map that beats the model-free {REFERENCE} "
+                "map on this run's vanish test; the run measured none, so none were raised.")
+    keep = spatial_methods(ranking, BiasSettings().sample_methods)
+    rates = "; ".join(f"{m} {ranking[m].vanish_rate:.2f}" for m in BiasSettings().sample_methods
+                      if m in ranking and ranking[m].vanish_rate is not None)
+    return (f"Spatial sample flags (off_object, border_hotspot) are read only from maps whose vanish rate in this "
+            f"run beats {REFERENCE}'s ({ref.vanish_rate:.2f}): "
+            + (", ".join(keep) if keep else "none did, so none were raised")
+            + f" (sample-flag maps: {rates}). Function words are never flagged.")
+
+
 def bias_section(ctx: ReportContext) -> SectionContent:
     """The "Bias audit" report section (`diffcam.storage.report.Section` builder).
 
@@ -197,6 +218,9 @@ def bias_section(ctx: ReportContext) -> SectionContent:
     n_conf = sum(1 for f in dataset if f["confirmed"])
     verdict = (f"{len(dataset)} dataset-level flag(s) ({n_conf} confirmed by a counterfactual), "
                f"{len(sample)} sample-level flag(s).")
+    spatial = _spatial_maps_line(ctx)
+    parts.append(f"<p>{esc(spatial)}</p>")
+    md.append(spatial)
     parts.append(f"<p><b>{esc(verdict)}</b> Thresholds and their calibration: docs/BIAS.md; "
                  "every row's evidence_json holds the numbers it was decided on.</p>")
     md.append(verdict)
