@@ -36,7 +36,17 @@ import torch
 from diffcam.core import methods as registry
 from diffcam.core.evidence import cover_grid
 from diffcam.core.faithfulness import adapter_scorer, word_faithfulness
-from diffcam.core.methods import ATTRIBUTION, CHOSEN, CONTRASTIVE, FINAL, TARGET, GradientMethod, ImageMethod, WordSetMethod
+from diffcam.core.methods import (
+    ATTRIBUTION,
+    CHOSEN,
+    CONTRASTIVE,
+    FINAL,
+    TARGET,
+    GradientMethod,
+    ImageMethod,
+    ModelMethod,
+    WordSetMethod,
+)
 from diffcam.core.models.base import Generation
 from diffcam.core.settings import CamSettings
 from diffcam.core.types import SampleExplanation, WordMaps, WordSpan
@@ -67,6 +77,7 @@ def explain(
     pixels = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
     pixels = cover_grid(pixels, result.grid)  # a tiny upload still needs a pixel per grid cell
     result = with_chance_maps(result, pixels, settings.methods)
+    result = with_model_maps(adapter, result, pixels, prompt, generation, settings)
     t2 = time.perf_counter()
     result.timings.update({"generate_s": t1 - t0, "attribution_s": t2 - t1, "total_s": t2 - t0})
     if faithfulness and result.words:
@@ -86,6 +97,31 @@ def with_chance_maps(result: SampleExplanation, pixels: np.ndarray, methods) -> 
     words = tuple(replace(w, maps={**w.maps, **{name: maps[j] for name, maps in per_method.items()}})
                   for j, w in enumerate(result.words))
     return replace(result, words=words)
+
+
+def with_model_maps(adapter, result: SampleExplanation, pixels: np.ndarray, prompt: str, generation: Generation,
+                    settings: CamSettings) -> SampleExplanation:
+    """Add the maps of the model-drawn methods in ``settings.methods`` (`occlusion`) to every
+    word. Each word is re-scored on its own attribution canvas over the intact image and every
+    occluded one; the log-probabilities of an (image, canvas) pair are computed once and shared
+    by every word read on that canvas (one batched pass per canvas, not one per word)."""
+    from diffcam.core.bias.discovery import window_scan
+
+    want = [m for m in registry.resolve(settings.methods) if isinstance(m, ModelMethod)]
+    if not want or not result.words:
+        return result
+    cache: dict = {}
+    words = []
+    for w in result.words:
+        canvas, cond = attribution_canvas(generation, w.word, settings.attribution_step)
+        score, _ = adapter_scorer(adapter, prompt, canvas, cond, w.word, settings.generation, cache=cache,
+                                  canvas_key=str(_canvas_key(ATTRIBUTION, w.word, settings.attribution_step)))
+        added = {}
+        for m in want:
+            win = m.window(result.grid)
+            added[m.name] = m.drop_map(window_scan(pixels, result.grid, win, score), result.grid, win)
+        words.append(replace(w, maps={**w.maps, **added}))
+    return replace(result, words=tuple(words))
 
 
 def measure_faithfulness(adapter, pixels: np.ndarray, prompt: str, generation: Generation,

@@ -80,6 +80,17 @@ class WordSetMethod(MapMethod):
         raise NotImplementedError
 
 
+class ModelMethod(MapMethod):
+    """A map the model draws by answering perturbed images: it needs the model, not gradients
+    (computed by `diffcam.core.cam.with_model_maps` from the window drops it is given)."""
+
+    def drop_map(self, drops: np.ndarray, grid: tuple[int, int], win: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def window(self, grid: tuple[int, int]) -> tuple[int, int]:
+        raise NotImplementedError
+
+
 class ImageMethod(MapMethod):
     def image_maps(self, pixels: np.ndarray, grid: tuple[int, int], words: Sequence[WordSpan]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -251,3 +262,42 @@ class ObjectnessMap(ImageMethod):
 
     def image_maps(self, pixels, grid, words):
         return [evidence.objectness_map(pixels, grid).astype(np.float32)] * len(words)
+
+
+def occlusion_window(grid: tuple[int, int]) -> tuple[int, int]:
+    """The occluder, set from the grid: a quarter of each side, at least one cell (2x2 cells on
+    an 8x8 grid, 4x4 on 16x16), slid one cell at a time."""
+    return max(1, round(grid[0] / 4)), max(1, round(grid[1] / 4))
+
+
+def occlusion_map(drops: np.ndarray, grid: tuple[int, int], win: tuple[int, int]) -> np.ndarray:
+    """Cell map from window drops: each cell gets the mean of the positive drops (nats the word
+    loses when the window is painted over) of the windows that cover it, scaled to max 1; a word
+    that loses nothing under any window gets an all-zero map."""
+    d = np.maximum(np.asarray(drops, dtype=np.float64), 0.0)
+    h, w = int(grid[0]), int(grid[1])
+    if d.shape != (h - win[0] + 1, w - win[1] + 1):
+        raise ValueError(f"drops of shape {d.shape} do not fit a {win} window on a {h}x{w} grid")
+    total = np.zeros((h, w))
+    count = np.zeros((h, w))
+    for r in range(d.shape[0]):
+        for c in range(d.shape[1]):
+            total[r:r + win[0], c:c + win[1]] += d[r, c]
+            count[r:r + win[0], c:c + win[1]] += 1
+    return _scale_by_max(total / count).astype(np.float32)
+
+
+@register_method
+class OcclusionMap(ModelMethod):
+    """Occlusion: paint each window of cells with the background fill the counterfactuals use and
+    re-score every word on its attribution canvas; a cell is as hot as the score it costs the word.
+    A behavioural map (no gradients), so the faithfulness reference the gradient maps are read against."""
+
+    name = "occlusion"
+
+    def window(self, grid):
+        return occlusion_window(grid)
+
+    def drop_map(self, drops, grid, win):
+        return occlusion_map(drops, grid, win)
+

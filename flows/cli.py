@@ -152,6 +152,23 @@ def explain_cmd(
     typer.echo(f"wrote {out / 'explain.json'}")
 
 
+@app.command("methods")
+def methods_cmd() -> None:
+    """List every registered map method: its kind, where diffcam uses it by default, and what it is."""
+    from diffcam.core import methods as registry
+    from diffcam.core.settings import CamSettings
+
+    default = set(CamSettings().methods)
+    kinds = ((registry.GradientMethod, "gradient"), (registry.WordSetMethod, "refinement"),
+             (registry.ModelMethod, "model (no gradients)"), (registry.ImageMethod, "chance (no model)"))
+    for name in registry.method_names():
+        m = next(x for x in registry.resolve([name]) if x.name == name)
+        kind = next(label for cls, label in kinds if isinstance(m, cls))
+        uses = ", ".join(sorted(m.roles | ({"audit-default"} if name in default else set()))) or "opt-in"
+        doc = (type(m).__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:<18} {kind:<22} {uses:<56} {doc}")
+
+
 @bench_app.command("method")
 def bench_method_cmd(
     n: int = typer.Option(200, "--n", help="Held-out synthetic images."),

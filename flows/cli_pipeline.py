@@ -72,6 +72,12 @@ def audit_cmd(
     attribution_step: AttributionStep = typer.Option(
         "commit", "--attribution-step", help="Canvas the word is scored on: the word's commit step, or the final one."),
     seed: int = typer.Option(0, "--seed", help="Generation seed."),
+    methods: str | None = typer.Option(
+        None, "--methods",
+        help="Comma-separated map methods to compute (default: gradcam, diffusion-cam-raw, diffusion-cam, "
+             "token-gradnorm and the chance maps random, objectness). `diffcam methods` lists every registered "
+             "one, e.g. occlusion: a map drawn by the model answering occluded images (no gradients; costs one "
+             "scoring pass per occluder and canvas)."),
     faithfulness: float = typer.Option(
         0.1, "--faithfulness", min=0.0, max=1.0,
         help="Share of samples (picked by a hash of the sample id) whose content words get deletion/insertion "
@@ -112,8 +118,9 @@ def audit_cmd(
                         "table, the other lines are audited:\n" + "\n".join(shown)
                         + (f"\n  ... and {more} more" if more > 0 else ""), fg=typer.colors.YELLOW, err=True)
     try:
+        chosen = {} if methods is None else {"methods": tuple(m.strip() for m in methods.split(",") if m.strip())}
         settings = CamSettings(layer=layer, distractor=distractor, attribution_step=attribution_step,
-                               generation=GenerationSettings(seed=seed), faithfulness=faithfulness)
+                               generation=GenerationSettings(seed=seed), faithfulness=faithfulness, **chosen)
     except ValueError as e:
         fail(str(e))
 

@@ -287,6 +287,7 @@ def test_killed_worker_restarts_and_its_call_is_retried(make_dataset):
     (["audit", "--dataset", "/no/such/data"], "does not exist"),
     (["audit", "--run-id", "bad id"], "--run-id"),
     (["audit", "--distractor", "sideways"], "distractor"),
+    (["audit", "--methods", "diffusion-cam,heatmap"], "unknown method(s) ['heatmap']"),
     (["sql", "SELECT 1", "--store", "/no/such/store"], "no such store"),
     (["sql", "SELECT 1", "--format", "xml"], "--format"),
     (["report", "some-run", "--store", "/no/such/store"], "no such store"),
@@ -299,6 +300,20 @@ def test_cli_bad_input_exits_2_with_a_message(args, message):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
     assert message in res.output
+
+
+def test_cli_lists_every_registered_method_with_its_kind():
+    from typer.testing import CliRunner
+
+    from diffcam.core.methods import method_names
+    from diffcam.flows.cli import app
+
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    assert set(lines) == set(method_names())
+    assert "model (no gradients)" in lines["occlusion"] and "opt-in" in lines["occlusion"]
+    assert "audit-default" in lines["diffusion-cam"] and "chance (no model)" in lines["objectness"]
 
 
 def test_cli_rejects_a_broken_manifest_before_starting_anything(tmp_path):

@@ -77,7 +77,7 @@ def test_every_shipped_method_is_registered_with_its_kind():
     assert kinds == {
         "diffusion-cam-raw": "GradientMethod", "diffusion-cam": "WordSetMethod", "gradcam": "GradientMethod",
         "token-gradnorm": "GradientMethod", "token-gradxinput": "GradientMethod",
-        "random": "ImageMethod", "objectness": "ImageMethod",
+        "random": "ImageMethod", "objectness": "ImageMethod", "occlusion": "ModelMethod",
     }
 
 
