@@ -107,6 +107,24 @@ def rgb_triple(value: Any, what: str) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- cue
 
 
+def _xy(pos: Any) -> tuple[int, int]:
+    """A pixel position: 2 non-negative integers (list or tuple)."""
+    if not hasattr(pos, "__len__") or len(pos) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0 for v in pos
+    ):
+        raise ValueError(f"cue pos (x, y) must be 2 non-negative integers, got {pos!r}")
+    return (int(pos[0]), int(pos[1]))
+
+
+def _name_or(value: Any, names: list[str], what: str, other: str, parse: Any) -> Any:
+    """A known name (lower-cased) or, for anything but a string, ``parse(value)``."""
+    if not isinstance(value, str):
+        return parse(value)
+    if value.strip().lower() not in names:
+        raise ValueError(f"{what} must be one of {names} or {other}, got {value!r}")
+    return value.strip().lower()
+
+
 class CueSpec(Settings):
     """A spurious cue: a solid ``size``×``size`` square drawn at ``pos`` in ``color``.
 
@@ -137,30 +155,15 @@ class CueSpec(Settings):
                 raise ValueError(f"cue word must be a colour {sorted(COLORS)} or shape {list(SHAPES)}, got {word!r}")
             d["word"] = word.strip().lower()
         if "pos" in d:
-            pos = d["pos"]
-            if isinstance(pos, str):
-                if pos.strip().lower() not in CUE_CORNERS:
-                    raise ValueError(f"cue pos must be one of {list(CUE_CORNERS)} or (x, y), got {pos!r}")
-                d["pos"] = pos.strip().lower()
-            else:
-                if not hasattr(pos, "__len__") or len(pos) != 2 or any(
-                    isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0 for v in pos
-                ):
-                    raise ValueError(f"cue pos (x, y) must be 2 non-negative integers, got {pos!r}")
-                d["pos"] = (int(pos[0]), int(pos[1]))
+            d["pos"] = _name_or(d["pos"], list(CUE_CORNERS), "cue pos", "(x, y)", _xy)
         if "size" in d:
             size = d["size"]
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
                 raise ValueError(f"cue size must be a positive integer, got {size!r}")
             d["size"] = int(size)
         if "color" in d:
-            color = d["color"]
-            if isinstance(color, str):
-                if color.strip().lower() not in CUE_COLORS:
-                    raise ValueError(f"cue color must be one of {sorted(CUE_COLORS)} or R,G,B, got {color!r}")
-                d["color"] = color.strip().lower()
-            else:
-                d["color"] = rgb_triple(color, "cue color")
+            d["color"] = _name_or(d["color"], sorted(CUE_COLORS), "cue color", "R,G,B",
+                                  lambda v: rgb_triple(v, "cue color"))
         if "p" in d:
             p = d["p"]
             if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
