@@ -174,6 +174,38 @@ def _header(ctx: ReportContext) -> SectionContent:
     return SectionContent(h, md)
 
 
+def _verdict(ctx: ReportContext) -> SectionContent:
+    """What a release owner came to learn, first: confirmed findings, whether the tables can be
+    trusted, and what was not tested; each statement links to its evidence below."""
+    s = ctx.summary
+    flags = ctx.query("run_flags", run_id=ctx.run_id, limit=MAX_TABLE_ROWS)
+    confirmed = [f for f in flags if f["confirmed"] is True]
+    items: list[tuple[str, str]] = []  # (html, markdown)
+    if confirmed:
+        kinds = ", ".join(f"{f['kind']} on {f['word'] or 'the run'!r}"
+                          + ("" if f["sample_id"] is None else f" (sample {f['sample_id']})") for f in confirmed[:5])
+        more = f" and {len(confirmed) - 5} more" if len(confirmed) > 5 else ""
+        text = (f"{s['n_confirmed_flags']} confirmed finding(s): {kinds}{more}. Erasing the region changed the "
+                "model's answer and a control erasure of the same size did not.")
+        items.append((f'<span class="bad">{esc(text)}</span> <a href="#flags">evidence</a>', f"**{text}**"))
+    else:
+        text = "Nothing confirmed: no region was shown, by erasing it, to decide an answer."
+        items.append((f'<span class="ok">{esc(text)}</span> <a href="#flags">flags</a>', f"**{text}**"))
+    v = ctx.validation
+    vtext = ("not validated" if v is None else "passed" if v.success else f"FAILED ({len(v.failed)} expectation(s))")
+    items.append((f'Tables: validation {esc(vtext)}. <a href="#validation">validation</a>',
+                  f"Tables: validation {vtext}."))
+    data = (f"Data: {s['n_results']} of {s['n_samples']} samples audited, {s['n_failures']} failed, "
+            f"{s['n_missing']} missing.")
+    items.append((f'{esc(data)} <a href="#failures">failures</a>', data))
+    n_faith = sum(r["n_words"] or 0 for r in ctx.query("faithfulness_table", run_id=ctx.run_id)[:1])
+    untested = (f"Not confirmed: {s['n_candidate_flags']} candidate flag(s), leads rather than findings; "
+                f"map faithfulness measured on {n_faith} word(s).")
+    items.append((f'{esc(untested)} <a href="#faithfulness">faithfulness</a>', untested))
+    h = "<ul>" + "".join(f"<li>{h_}</li>" for h_, _ in items) + "</ul>"
+    return SectionContent(h, "\n".join(f"- {m}" for _, m in items))
+
+
 def _validation(ctx: ReportContext) -> SectionContent:
     v = ctx.validation
     if v is None:
@@ -413,6 +445,7 @@ def _failures(ctx: ReportContext) -> SectionContent:
 
 
 DEFAULT_SECTIONS: tuple[Section, ...] = (
+    Section("verdict", "Verdict", _verdict),
     Section("run", "Run", _header),
     Section("validation", "Validation", _validation),
     Section("methods", "Method table", _method_table),

@@ -133,3 +133,26 @@ def test_faithfulness_ranking_names_the_best_method_and_the_objectness_bar():
     assert "objectness map (50 %): oracle-like." in text
     assert "Lower deletion AUC than objectness (0.100): no attribution method." in text
     assert faithfulness_ranking([]) == ["No word was measured, so the maps cannot be ranked."]
+
+
+def test_the_verdict_comes_first_and_names_confirmed_findings(tmp_path: Path) -> None:
+    """The first section says what a release owner came to learn, with links to the evidence:
+    nothing confirmed on a run whose flags are all candidates; the confirmed finding itself
+    (kind, word) once a flag is confirmed."""
+
+    def confirm_dataset_flag(rows: dict) -> None:
+        rows["shards"]["dataset"]["flags"][0]["confirmed"] = True
+
+    for mutate, expected in ((None, "Nothing confirmed"), (confirm_dataset_flag, "1 confirmed finding(s): ")):
+        st = Store(tmp_path / f"store-{expected[:3]}")
+        fabricate_run(st, tmp_path / f"ds-{expected[:3]}", mutate=mutate)
+        html_path, md_path = build_report(st, "run-1", tmp_path / f"rep-{expected[:3]}")
+        page, md = html_path.read_text(), md_path.read_text()
+        assert page.index('id="verdict"') < page.index('id="run"')  # the first section
+        assert md.index("## Verdict") < md.index("## Run")
+        verdict = md[md.index("## Verdict"):md.index("## Run")]
+        assert expected in verdict and "Tables: validation" in verdict and "Data: 2 of 3 samples audited" in verdict
+        for anchor in ("#flags", "#validation", "#failures", "#faithfulness"):
+            assert f'href="{anchor}"' in page
+    assert "spatial-bias on 'square'" in verdict  # the confirmed dataset-level flag, named
+    assert "off-object" not in verdict  # the other flag is still a candidate, counted, not named
