@@ -182,11 +182,17 @@ def _verdict(ctx: ReportContext) -> SectionContent:
     confirmed = [f for f in flags if f["confirmed"] is True]
     items: list[tuple[str, str]] = []  # (html, markdown)
     if confirmed:
-        kinds = ", ".join(f"{f['kind']} on {f['word'] or 'the run'!r}"
-                          + ("" if f["sample_id"] is None else f" (sample {f['sample_id']})") for f in confirmed[:5])
-        more = f" and {len(confirmed) - 5} more" if len(confirmed) > 5 else ""
-        text = (f"{s['n_confirmed_flags']} confirmed finding(s): {kinds}{more}. Erasing the region changed the "
-                "model's answer and a control erasure of the same size did not.")
+        # dataset-level findings first (the claim about the checkpoint), then the samples they reach,
+        # one phrase per (kind, word) with its sample count
+        groups: dict[tuple[str, str, bool], int] = {}
+        for f in sorted(confirmed, key=lambda f: f["sample_id"] is not None):
+            key = (f["kind"], f["word"] or "the run", f["sample_id"] is None)
+            groups[key] = groups.get(key, 0) + 1
+        phrases = [f"{kind} on {word!r} " + ("(dataset level)" if dataset else f"in {n} sample(s)")
+                   for (kind, word, dataset), n in groups.items()]
+        text = (f"{s['n_confirmed_flags']} confirmed finding(s): {'; '.join(phrases[:6])}"
+                + (f"; and {len(phrases) - 6} more" if len(phrases) > 6 else "")
+                + ". Erasing the region changed the model's answer and a control erasure of the same size did not.")
         items.append((f'<span class="bad">{esc(text)}</span> <a href="#flags">evidence</a>', f"**{text}**"))
     else:
         text = "Nothing confirmed: no region was shown, by erasing it, to decide an answer."

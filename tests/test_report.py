@@ -154,5 +154,5 @@ def test_the_verdict_comes_first_and_names_confirmed_findings(tmp_path: Path) ->
         assert expected in verdict and "Tables: validation" in verdict and "Data: 2 of 3 samples audited" in verdict
         for anchor in ("#flags", "#validation", "#failures", "#faithfulness"):
             assert f'href="{anchor}"' in page
-    assert "spatial-bias on 'square'" in verdict  # the confirmed dataset-level flag, named
+    assert "spatial-bias on 'square' (dataset level)" in verdict  # the confirmed dataset-level flag, named
     assert "off-object" not in verdict  # the other flag is still a candidate, counted, not named
