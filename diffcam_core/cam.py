@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from diffcam.core import methods as registry
+from diffcam.core.bias.discovery import window_scan
 from diffcam.core.evidence import cover_grid
 from diffcam.core.faithfulness import adapter_scorer, word_faithfulness
 from diffcam.core.methods import (
@@ -105,8 +106,6 @@ def with_model_maps(adapter, result: SampleExplanation, pixels: np.ndarray, prom
     word. Each word is re-scored on its own attribution canvas over the intact image and every
     occluded one; the log-probabilities of an (image, canvas) pair are computed once and shared
     by every word read on that canvas (one batched pass per canvas, not one per word)."""
-    from diffcam.core.bias.discovery import window_scan
-
     want = [m for m in registry.resolve(settings.methods) if isinstance(m, ModelMethod)]
     if not want or not result.words:
         return result

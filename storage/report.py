@@ -204,7 +204,8 @@ def _verdict(ctx: ReportContext) -> SectionContent:
     data = (f"Data: {s['n_results']} of {s['n_samples']} samples audited, {s['n_failures']} failed, "
             f"{s['n_missing']} missing.")
     items.append((f'{esc(data)} <a href="#failures">failures</a>', data))
-    n_faith = sum(r["n_words"] or 0 for r in ctx.query("faithfulness_table", run_id=ctx.run_id)[:1])
+    faith = ctx.query("faithfulness_table", run_id=ctx.run_id)
+    n_faith = faith[0]["n_words"] if faith else 0  # every map is measured on the same words
     untested = (f"Not confirmed: {s['n_candidate_flags']} candidate flag(s), leads rather than findings; "
                 f"map faithfulness measured on {n_faith} word(s).")
     items.append((f'{esc(untested)} <a href="#faithfulness">faithfulness</a>', untested))

@@ -236,7 +236,7 @@ class BatchRun:
         call = self.calls.pop(ref)
         try:
             results = ray.get(ref)
-        except (RayActorError, RayError) as exc:
+        except RayError as exc:
             # RayActorError: the worker died (or was killed) during the call; another RayError:
             # raised out of process(), or a result that cannot be fetched. Either way the probe decides.
             self.pool.stats["worker_deaths" if isinstance(exc, RayActorError) else "task_errors"] += 1

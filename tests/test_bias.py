@@ -518,7 +518,7 @@ def test_task_end_to_end_confirms_and_reports(tmp_path: Path) -> None:
     strict = run_dataset_flags(st, "r1", None, ds_dir, adapter=adapter, info=info)
     assert not [r for r in strict if r["kind"] in ("off_object", "border_hotspot")]
     assert info["spatial_methods"] == [] and info["n_spatial_flags_dropped"]["token-gradnorm"] >= len(truth)
-    assert all(v["vanish_rate"] is None for v in info["map_faithfulness"].values())
+    assert info["map_faithfulness"] == {}  # no map of this fabricated run was measured
     assert write_dataset_flags(st, "r1", rows) is True
     assert write_dataset_flags(st, "r1", rows) is False  # a re-run never duplicates
     assert st.read_table("flags", "r1").num_rows == len(rows)

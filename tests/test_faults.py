@@ -138,9 +138,8 @@ def test_disk_full_while_updating_the_run_row_keeps_the_old_row(tmp_path, monkey
 # ----------------------------------------------------------------------------- commits: SIGKILL mid-commit
 
 _KILL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal
     from pathlib import Path
-    sys.path.insert(0, {repo!r})
     from diffcam.storage import store as store_mod
     from diffcam.storage.catalog import write_catalog_file
     from diffcam.storage.schemas import table_from_rows
@@ -182,9 +181,10 @@ def test_sigkill_at_any_commit_step_is_all_or_nothing(tmp_path):
     full = None
     for target, kill_at in KILL_STEPS:
         store = tmp_path / f"store-{target}-{kill_at}"
-        script = _KILL_SCRIPT.format(repo=str(REPO), target=target, kill_at=kill_at, store=str(store),
-                                     ds=str(tmp_path / "ds"))
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        script = _KILL_SCRIPT.format(target=target, kill_at=kill_at, store=str(store), ds=str(tmp_path / "ds"))
+        # run from the checkout: `python -c` imports the test helpers (tests.test_store) from the
+        # current folder, and diffcam from the installed package
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
         assert res.returncode == -signal.SIGKILL, (target, kill_at, res.stdout, res.stderr[-2000:])
         st = Store(store)
         visible = st.committed_shards("run-1")

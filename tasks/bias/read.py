@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_run_maps", "object_masks", "vanish_rates"]
+from diffcam.core.bias.faithful import MapFaithfulness, rank_maps
+
+__all__ = ["load_run_maps", "map_ranking", "object_masks"]
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -48,17 +50,13 @@ def load_run_maps(store: Any, run_id: str, methods: Sequence[str]) -> dict[str, 
     }
 
 
-def vanish_rates(store: Any, run_id: str) -> dict[str, tuple[float | None, int]]:
-    """Per method of the run: (share of measured words that left the answer when the map's top
-    cells were erased, or None when none was measured; words measured). The same rate the
-    report's faithfulness table ranks by."""
-    tm = store.read_table("token_maps", run_id).select(["method", "vanished"]).to_pylist()
-    seen: dict[str, list[bool]] = defaultdict(list)
-    for r in tm:
-        measured = seen[r["method"]]  # every method of the run appears, measured or not
-        if r["vanished"] is not None:
-            measured.append(bool(r["vanished"]))
-    return {m: (sum(v) / len(v) if v else None, len(v)) for m, v in seen.items()}
+def map_ranking(source: Any, run_id: str) -> dict[str, MapFaithfulness]:
+    """The run's maps ranked by vanish rate (`diffcam.core.bias.faithful.rank_maps`), from the same
+    query the report's Faithfulness section shows. ``source``: a `Store` or a catalog connection."""
+    from diffcam.storage.queries import run_query
+
+    rows = run_query(source, "faithfulness_table", run_id=run_id).to_pylist()
+    return rank_maps({r["method"]: (r["vanish_rate"], r["n_words"]) for r in rows})
 
 
 def object_masks(dataset: Any, sample_ids: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray, str | None]]]:

@@ -172,12 +172,11 @@ def _flag_method_faithfulness(ctx: ReportContext, methods: Sequence[str]) -> str
 
 def _spatial_maps_line(ctx: ReportContext) -> str:
     """Which maps this run's spatial sample flags may come from, and why (`diffcam.core.bias.faithful`)."""
-    from diffcam.core.bias.faithful import REFERENCE, rank_maps, spatial_methods
+    from diffcam.core.bias.faithful import REFERENCE, spatial_methods
     from diffcam.core.bias.settings import BiasSettings
-    from diffcam.storage.queries import run_query
+    from diffcam.tasks.bias.read import map_ranking
 
-    rows = run_query(ctx.con, "faithfulness_table", run_id=ctx.run_id).to_pylist()
-    ranking = rank_maps({r["method"]: (r["vanish_rate"], r["n_words"]) for r in rows})
+    ranking = map_ranking(ctx.con, ctx.run_id)
     ref = ranking.get(REFERENCE)
     if ref is None or ref.vanish_rate is None:
         return (f"Spatial sample flags (off_object, border_hotspot) need a map that beats the model-free {REFERENCE} "

@@ -38,7 +38,7 @@ import numpy as np
 
 from diffcam.core.bias.centre import CentreSample, run_centre_bias, run_centre_flags, run_naming_flag
 from diffcam.core.bias.dataset import WordSample, all_dataset_flags, analyse_word
-from diffcam.core.bias.faithful import REFERENCE, SPATIAL_KINDS, rank_maps, spatial_methods
+from diffcam.core.bias.faithful import REFERENCE, SPATIAL_KINDS, spatial_methods
 from diffcam.core.bias.flags import REGION_KINDS, Flag, as_hallucinated_object
 from diffcam.core.bias.sample import region_sample_flags, sample_flags
 from diffcam.core.bias.settings import BiasSettings
@@ -48,7 +48,7 @@ from diffcam.core.words import normalise_word
 from diffcam.storage.schemas import flag_row
 from diffcam.tasks.answers import Answerer, local_answerer
 from diffcam.tasks.bias.counterfactual import counterfactual, region_counterfactuals
-from diffcam.tasks.bias.read import load_run_maps, object_masks, vanish_rates
+from diffcam.tasks.bias.read import load_run_maps, map_ranking, object_masks
 from diffcam.tasks.bias.scan import flag_analysis, scan_suspects
 from diffcam.tasks.scan import Scanner, local_scanner
 
@@ -169,7 +169,7 @@ def _spatial_flags_from_faithful_maps(sflags: list[Flag], store: Any, run_id: st
     "all": every sample method (for runs without a faithfulness test, e.g. fabricated ones)."""
     if spatial_maps == "all":
         return sflags
-    ranking = rank_maps(vanish_rates(store, run_id))
+    ranking = map_ranking(store, run_id)
     keep = spatial_methods(ranking, settings.sample_methods)
     ref = ranking.get(REFERENCE)
     tm["map_faithfulness"] = {m: f.evidence(ref) for m, f in sorted(ranking.items())}
